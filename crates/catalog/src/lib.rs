@@ -1,0 +1,1 @@
+//! The catalog: accounts, tokens, plans, servers, backups, restores and jobs (issue 3).

@@ -1,0 +1,1 @@
+//! The backup engine: disks into a deduplicated, compressed, verifiable chunk store (issue 2).

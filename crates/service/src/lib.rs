@@ -1,0 +1,1 @@
+//! The HTTP service: VPS.org Backups API, auth, job runner, scheduler (issues 3, 4).
