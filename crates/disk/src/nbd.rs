@@ -1,0 +1,518 @@
+//! A small NBD client over UNIX sockets, and the `qemu-nbd` process it talks to.
+//!
+//! Why our own client: we need only the fixed-newstyle handshake with
+//! `NBD_OPT_GO` and five commands (READ, WRITE, WRITE_ZEROES, FLUSH, DISC)
+//! with simple replies; that is a few hundred lines, and the NBD crates on
+//! crates.io are either async-only or bind libnbd. There are no `/dev/nbd*`
+//! devices here, so `qemu-nbd` serves a socket in a private temp directory.
+//!
+//! Threads: one connection carries one request at a time, so [`NbdPool`]
+//! keeps several connections (each behind a mutex) and `qemu-nbd` is started
+//! with `--shared` to accept them all.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::DiskError;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_FLAG_ERROR: u32 = 1 << 31;
+const INFO_EXPORT: u16 = 0;
+
+const TFLAG_READ_ONLY: u16 = 1 << 1;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_WRITE_ZEROES: u16 = 6;
+
+/// Largest READ/WRITE payload per request. qemu-nbd accepts up to 32 MiB;
+/// staying well below keeps each connection's hold time short.
+const MAX_PAYLOAD: usize = 8 << 20;
+/// Largest WRITE_ZEROES length per request (the field is 32 bits).
+const MAX_ZERO_LEN: u64 = 1 << 30;
+
+/// One NBD connection in the transmission phase.
+struct NbdConnection {
+    sock: UnixStream,
+    size: u64,
+    flags: u16,
+    next_handle: u64,
+}
+
+fn proto_err(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+impl NbdConnection {
+    /// Connects and negotiates the default ("") export with NBD_OPT_GO.
+    fn connect(socket: &Path) -> io::Result<NbdConnection> {
+        let mut sock = UnixStream::connect(socket)?;
+        if read_u64(&mut sock)? != NBDMAGIC || read_u64(&mut sock)? != IHAVEOPT {
+            return Err(proto_err("not an NBD newstyle server"));
+        }
+        let server_flags = read_u16(&mut sock)?;
+        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(proto_err("server lacks fixed newstyle negotiation"));
+        }
+        let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        sock.write_all(&client_flags.to_be_bytes())?;
+
+        // NBD_OPT_GO: export name length, name (empty), no info requests
+        // (the server always sends NBD_INFO_EXPORT).
+        let mut opt = Vec::with_capacity(26);
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&6u32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        sock.write_all(&opt)?;
+
+        let mut export: Option<(u64, u16)> = None;
+        loop {
+            if read_u64(&mut sock)? != REPLY_MAGIC {
+                return Err(proto_err("bad option reply magic"));
+            }
+            let option = read_u32(&mut sock)?;
+            let reply = read_u32(&mut sock)?;
+            let len = read_u32(&mut sock)? as usize;
+            if option != OPT_GO {
+                return Err(proto_err(format!("reply to option {option}, expected GO")));
+            }
+            if len > 1 << 20 {
+                return Err(proto_err("oversized option reply"));
+            }
+            let mut data = vec![0u8; len];
+            sock.read_exact(&mut data)?;
+            match reply {
+                REP_ACK => break,
+                REP_INFO
+                    if data.len() >= 12
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+                {
+                    let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+                    let flags = u16::from_be_bytes([data[10], data[11]]);
+                    export = Some((size, flags));
+                }
+                r if r & REP_FLAG_ERROR != 0 => {
+                    return Err(proto_err(format!(
+                        "server refused the export (error {:#x}): {}",
+                        r,
+                        String::from_utf8_lossy(&data)
+                    )));
+                }
+                _ => {} // unknown informational reply: ignore, as the spec allows
+            }
+        }
+        let (size, flags) = export.ok_or_else(|| proto_err("server sent no export info"))?;
+        Ok(NbdConnection {
+            sock,
+            size,
+            flags,
+            next_handle: 1,
+        })
+    }
+
+    fn send_request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let mut req = [0u8; 28];
+        req[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req[4..6].copy_from_slice(&0u16.to_be_bytes());
+        req[6..8].copy_from_slice(&cmd.to_be_bytes());
+        req[8..16].copy_from_slice(&handle.to_be_bytes());
+        req[16..24].copy_from_slice(&offset.to_be_bytes());
+        req[24..28].copy_from_slice(&len.to_be_bytes());
+        self.sock.write_all(&req)?;
+        if !payload.is_empty() {
+            self.sock.write_all(payload)?;
+        }
+        Ok(handle)
+    }
+
+    /// Reads a simple reply header and fails on a server error.
+    fn recv_reply(&mut self, handle: u64) -> io::Result<()> {
+        let mut hdr = [0u8; 16];
+        self.sock.read_exact(&mut hdr)?;
+        let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
+        let error = u32::from_be_bytes(hdr[4..8].try_into().expect("4 bytes"));
+        let got = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(proto_err(format!("bad reply magic {magic:#x}")));
+        }
+        if got != handle {
+            return Err(proto_err(format!(
+                "reply for request {got}, expected {handle}"
+            )));
+        }
+        if error != 0 {
+            // NBD error values are Linux errno values.
+            return Err(io::Error::from_raw_os_error(error as i32));
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let handle = self.send_request(CMD_READ, offset, buf.len() as u32, &[])?;
+        self.recv_reply(handle)?;
+        self.sock.read_exact(buf)
+    }
+
+    fn write(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let handle = self.send_request(CMD_WRITE, offset, buf.len() as u32, buf)?;
+        self.recv_reply(handle)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u32) -> io::Result<()> {
+        let handle = self.send_request(CMD_WRITE_ZEROES, offset, len, &[])?;
+        self.recv_reply(handle)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let handle = self.send_request(CMD_FLUSH, 0, 0, &[])?;
+        self.recv_reply(handle)
+    }
+
+    fn disconnect(&mut self) {
+        // DISC has no reply; the server closes the connection.
+        let _ = self.send_request(CMD_DISC, 0, 0, &[]);
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// A `qemu-nbd` child serving one image on a socket in a private temp dir.
+/// Killed and reaped on drop if [`NbdServer::wait_exit`] did not run.
+pub(crate) struct NbdServer {
+    child: Option<Child>,
+    socket: PathBuf,
+    stderr_path: PathBuf,
+    image: PathBuf,
+    // Dropped last: removes the socket and the stderr log.
+    _dir: tempfile::TempDir,
+}
+
+impl NbdServer {
+    /// Starts `qemu-nbd` on `image` with `format`, accepting `connections`
+    /// clients at once. The server exits by itself once every client has
+    /// disconnected (no `--persistent`), which is how writers know all data
+    /// reached the image.
+    pub(crate) fn start(
+        image: &Path,
+        format: &str,
+        writable: bool,
+        connections: usize,
+    ) -> Result<NbdServer, DiskError> {
+        let dir = tempfile::Builder::new()
+            .prefix("vpsbackup-nbd-")
+            .tempdir()
+            .map_err(|source| DiskError::Io {
+                op: "create temp dir for qemu-nbd",
+                path: image.to_owned(),
+                source,
+            })?;
+        let socket = dir.path().join("nbd.sock");
+        let stderr_path = dir.path().join("qemu-nbd.log");
+        let stderr = std::fs::File::create(&stderr_path).map_err(|source| DiskError::Io {
+            op: "create qemu-nbd log",
+            path: stderr_path.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg(format!("--format={format}"))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--shared={connections}"))
+            .arg("--cache=writeback")
+            .arg("--aio=threads");
+        if writable {
+            cmd.arg("--discard=unmap");
+        } else {
+            cmd.arg("--read-only");
+        }
+        // "--" so an image path starting with '-' is not taken as an option.
+        cmd.arg("--").arg(image);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd.spawn().map_err(|source| DiskError::Io {
+            op: "spawn qemu-nbd for",
+            path: image.to_owned(),
+            source,
+        })?;
+        Ok(NbdServer {
+            child: Some(child),
+            socket,
+            stderr_path,
+            image: image.to_owned(),
+            _dir: dir,
+        })
+    }
+
+    fn tool_error(&self, what: &str) -> DiskError {
+        let log = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        DiskError::Tool {
+            tool: "qemu-nbd",
+            path: self.image.clone(),
+            stderr: format!("{what}: {}", log.trim()),
+        }
+    }
+
+    /// Connects once the socket is up, giving up if qemu-nbd exits or does
+    /// not listen within 30 s.
+    fn connect(&mut self) -> Result<NbdConnection, DiskError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut delay = Duration::from_millis(2);
+        loop {
+            match NbdConnection::connect(&self.socket) {
+                Ok(conn) => return Ok(conn),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if let Some(child) = self.child.as_mut() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            self.child = None;
+                            return Err(self.tool_error(&format!("exited with {status}")));
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        return Err(self.tool_error("did not start listening within 30 s"));
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(self.tool_error(&format!("NBD handshake failed ({e})"))),
+            }
+        }
+    }
+
+    /// Waits for qemu-nbd to exit after every client disconnected; kills it
+    /// after `timeout`. Errors if it exited unsuccessfully.
+    fn wait_exit(&mut self, timeout: Duration) -> Result<(), DiskError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => return Err(self.tool_error(&format!("exited with {status}"))),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(self.tool_error("did not exit after the last client left"));
+                }
+                Err(source) => {
+                    return Err(DiskError::Io {
+                        op: "wait for qemu-nbd serving",
+                        path: self.image.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Several connections to one `qemu-nbd`, usable from many threads.
+pub(crate) struct NbdPool {
+    conns: Vec<Mutex<NbdConnection>>,
+    next: AtomicUsize,
+    size: u64,
+    flags: u16,
+    disconnected: bool,
+    // Drop below disconnects every connection before the server is reaped.
+    server: NbdServer,
+}
+
+impl NbdPool {
+    /// Starts qemu-nbd on `image` and opens `connections` connections.
+    pub(crate) fn start(
+        image: &Path,
+        format: &str,
+        writable: bool,
+        connections: usize,
+    ) -> Result<NbdPool, DiskError> {
+        let connections = connections.max(1);
+        let mut server = NbdServer::start(image, format, writable, connections)?;
+        let mut conns = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            conns.push(Mutex::new(server.connect()?));
+        }
+        let (size, flags) = {
+            let c = conns[0].lock().expect("fresh mutex");
+            (c.size, c.flags)
+        };
+        if writable && flags & TFLAG_READ_ONLY != 0 {
+            return Err(server.tool_error("exported the image read-only"));
+        }
+        Ok(NbdPool {
+            conns,
+            next: AtomicUsize::new(0),
+            size,
+            flags,
+            disconnected: false,
+            server,
+        })
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Runs `f` on a free connection if there is one, else waits on the next
+    /// one round-robin. A failed request leaves the connection in an unknown
+    /// state, but every error here ends the job, so we do not try to resync.
+    fn with_conn<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut NbdConnection) -> io::Result<T>,
+    ) -> Result<T, DiskError> {
+        let err = |source| DiskError::Io {
+            op,
+            path: self.server.image.clone(),
+            source,
+        };
+        for c in &self.conns {
+            if let Ok(mut guard) = c.try_lock() {
+                return f(&mut guard).map_err(err);
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut guard = self.conns[i].lock().map_err(|_| {
+            err(io::Error::other(
+                "an NBD connection was poisoned by a panic",
+            ))
+        })?;
+        f(&mut guard).map_err(err)
+    }
+
+    pub(crate) fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        crate::raw::check_range(&self.server.image, self.size, offset, buf.len() as u64)?;
+        for (i, piece) in buf.chunks_mut(MAX_PAYLOAD).enumerate() {
+            let at = offset + (i * MAX_PAYLOAD) as u64;
+            self.with_conn("NBD read", |c| c.read(piece, at))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        crate::raw::check_range(&self.server.image, self.size, offset, buf.len() as u64)?;
+        for (i, piece) in buf.chunks(MAX_PAYLOAD).enumerate() {
+            let at = offset + (i * MAX_PAYLOAD) as u64;
+            self.with_conn("NBD write", |c| c.write(piece, at))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        crate::raw::check_range(&self.server.image, self.size, offset, len)?;
+        if self.flags & TFLAG_SEND_WRITE_ZEROES == 0 {
+            let zeros = crate::AlignedBuf::new(MAX_PAYLOAD.min(len as usize));
+            let mut at = offset;
+            while at < offset + len {
+                let n = zeros.len().min((offset + len - at) as usize);
+                self.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        let mut at = offset;
+        while at < offset + len {
+            let n = MAX_ZERO_LEN.min(offset + len - at);
+            self.with_conn("NBD write zeroes", |c| c.write_zeroes(at, n as u32))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Flushes every connection (without NBD multi-conn a flush covers only
+    /// the writes its own connection completed), disconnects, and waits for
+    /// qemu-nbd to close the image cleanly.
+    pub(crate) fn finish(mut self) -> Result<(), DiskError> {
+        if self.flags & TFLAG_SEND_FLUSH != 0 {
+            for c in &self.conns {
+                let mut guard = c.lock().map_err(|_| DiskError::Io {
+                    op: "NBD flush",
+                    path: self.server.image.clone(),
+                    source: io::Error::other("an NBD connection was poisoned by a panic"),
+                })?;
+                guard.flush().map_err(|source| DiskError::Io {
+                    op: "NBD flush",
+                    path: self.server.image.clone(),
+                    source,
+                })?;
+            }
+        }
+        self.disconnect_all();
+        self.server.wait_exit(Duration::from_secs(60))
+    }
+
+    fn disconnect_all(&mut self) {
+        if std::mem::replace(&mut self.disconnected, true) {
+            return;
+        }
+        for c in &mut self.conns {
+            if let Ok(conn) = c.get_mut() {
+                conn.disconnect();
+            }
+        }
+    }
+}
+
+impl Drop for NbdPool {
+    fn drop(&mut self) {
+        // A reader is done (or a writer is abandoned): let qemu-nbd close the
+        // image itself if it does so quickly, else NbdServer's drop kills it.
+        self.disconnect_all();
+        let _ = self.server.wait_exit(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,322 @@
+//! Raw image files and block devices, read and written with `pread`/`pwrite`.
+//!
+//! Raw files are treated as sparse: the data map comes from
+//! `lseek(SEEK_DATA/SEEK_HOLE)`, so holes are never read, and zeroing punches
+//! holes. A block device has no holes we can see: it is one extent, and
+//! zeroing uses `BLKZEROOUT` (the device may offload it).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::{DiskError, DiskFormat, DiskReader, DiskWriter, Extent};
+
+/// Largest zero buffer written at once when a hole cannot be punched.
+const ZERO_WRITE_CHUNK: usize = 1 << 20;
+
+/// A raw image file or a block device opened with plain file I/O.
+struct RawFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    block_device: bool,
+}
+
+impl RawFile {
+    fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> DiskError + '_ {
+        move |source| DiskError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        check_range(&self.path, self.size, offset, buf.len() as u64)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(self.io("read"))
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        check_range(&self.path, self.size, offset, buf.len() as u64)?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(self.io("write"))
+    }
+
+    /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when the kernel says ENXIO
+    /// (no data at or after `from`).
+    fn seek_data_hole(&self, from: u64, whence: libc::c_int) -> Result<Option<u64>, DiskError> {
+        let offset = libc::off_t::try_from(from).map_err(|_| DiskError::Unsupported {
+            path: self.path.clone(),
+            reason: format!("offset {from} does not fit in off_t"),
+        })?;
+        #[allow(unsafe_code)]
+        // SAFETY: lseek on a descriptor we own; it only moves the file position,
+        // which nothing else here uses (all I/O is positional).
+        let pos = unsafe { libc::lseek(self.file.as_raw_fd(), offset, whence) };
+        if pos < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(self.io("lseek")(err)),
+            };
+        }
+        Ok(Some(pos as u64))
+    }
+
+    fn next_data(&self, from: u64) -> Result<Option<Extent>, DiskError> {
+        if from >= self.size {
+            return Ok(None);
+        }
+        if self.block_device {
+            return Ok(Some(Extent {
+                offset: from,
+                len: self.size - from,
+            }));
+        }
+        let Some(start) = self.seek_data_hole(from, libc::SEEK_DATA)? else {
+            return Ok(None);
+        };
+        if start >= self.size {
+            return Ok(None);
+        }
+        // Every file has an implicit hole at its end, so SEEK_HOLE after a data
+        // offset always answers; fall back to the end if it somehow does not.
+        let end = self
+            .seek_data_hole(start, libc::SEEK_HOLE)?
+            .unwrap_or(self.size)
+            .min(self.size);
+        Ok(Some(Extent {
+            offset: start,
+            len: end - start,
+        }))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        check_range(&self.path, self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let offloaded = if self.block_device {
+            self.blkzeroout(offset, len)?
+        } else {
+            self.punch_hole(offset, len)?
+        };
+        if !offloaded {
+            self.write_zero_buffers(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Returns false when the filesystem cannot punch holes.
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool, DiskError> {
+        #[allow(unsafe_code)]
+        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE means the file
+        // length never changes, PUNCH_HOLE only deallocates the given range.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+            _ => Err(self.io("fallocate(PUNCH_HOLE)")(err)),
+        }
+    }
+
+    /// Returns false when the device does not support BLKZEROOUT.
+    fn blkzeroout(&self, offset: u64, len: u64) -> Result<bool, DiskError> {
+        // _IO(0x12, 127) from <linux/fs.h>; the range must be 512-byte aligned.
+        const BLKZEROOUT: libc::c_ulong = 0x127f;
+        if offset % 512 != 0 || len % 512 != 0 {
+            return Ok(false);
+        }
+        let range: [u64; 2] = [offset, len];
+        #[allow(unsafe_code)]
+        // SAFETY: BLKZEROOUT reads a u64[2] {start, len} from the pointer, which
+        // points at a live local array for the duration of the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(self.io("ioctl(BLKZEROOUT)")(err)),
+        }
+    }
+
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> Result<(), DiskError> {
+        let zeros = crate::AlignedBuf::new(ZERO_WRITE_CHUNK.min(len as usize));
+        let end = offset + len;
+        while offset < end {
+            let n = zeros.len().min((end - offset) as usize);
+            self.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Fails with `UnexpectedEof` if `[offset, offset + len)` passes `size`.
+pub(crate) fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<(), DiskError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(DiskError::Io {
+            op: "access",
+            path: path.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("range {offset}+{len} passes the end of the disk ({size} bytes)"),
+            ),
+        }),
+    }
+}
+
+fn size_of(file: &mut File, path: &Path, block_device: bool) -> Result<u64, DiskError> {
+    if block_device {
+        // Seeking to the end is the portable way to size a block device
+        // (metadata().len() is 0 for them).
+        file.seek(SeekFrom::End(0)).map_err(|source| DiskError::Io {
+            op: "size block device",
+            path: path.to_owned(),
+            source,
+        })
+    } else {
+        file.metadata()
+            .map(|m| m.len())
+            .map_err(|source| DiskError::Io {
+                op: "stat",
+                path: path.to_owned(),
+                source,
+            })
+    }
+}
+
+/// Reads a raw image file or a block device.
+pub struct RawReader {
+    inner: RawFile,
+}
+
+impl RawReader {
+    pub fn open(path: &Path, block_device: bool) -> Result<RawReader, DiskError> {
+        let mut file = File::open(path).map_err(|source| DiskError::Io {
+            op: "open",
+            path: path.to_owned(),
+            source,
+        })?;
+        let size = size_of(&mut file, path, block_device)?;
+        Ok(RawReader {
+            inner: RawFile {
+                file,
+                path: path.to_owned(),
+                size,
+                block_device,
+            },
+        })
+    }
+}
+
+impl DiskReader for RawReader {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn format(&self) -> DiskFormat {
+        if self.inner.block_device {
+            DiskFormat::BlockDevice
+        } else {
+            DiskFormat::Raw
+        }
+    }
+
+    fn next_data(&self, from: u64) -> Result<Option<Extent>, DiskError> {
+        self.inner.next_data(from)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.inner.read_exact_at(buf, offset)
+    }
+}
+
+/// Writes a raw image file (sparse) or a block device in place.
+pub struct RawWriter {
+    inner: RawFile,
+}
+
+impl RawWriter {
+    /// Opens (creating if needed) a raw file and gives it length `size`;
+    /// a block device must be at least `size` bytes.
+    pub fn open(path: &Path, size: u64, block_device: bool) -> Result<RawWriter, DiskError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!block_device)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| DiskError::Io {
+                op: "open for writing",
+                path: path.to_owned(),
+                source,
+            })?;
+        if block_device {
+            let device_size = size_of(&mut file, path, true)?;
+            if device_size < size {
+                return Err(DiskError::Unsupported {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "the block device holds {device_size} bytes, the disk needs {size}"
+                    ),
+                });
+            }
+        } else if size_of(&mut file, path, false)? != size {
+            // set_len leaves a hole when growing, so a new target stays sparse.
+            file.set_len(size).map_err(|source| DiskError::Io {
+                op: "set length",
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        Ok(RawWriter {
+            inner: RawFile {
+                file,
+                path: path.to_owned(),
+                size,
+                block_device,
+            },
+        })
+    }
+}
+
+impl DiskWriter for RawWriter {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.inner.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        self.inner.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), DiskError> {
+        self.inner.file.sync_all().map_err(self.inner.io("fsync"))
+    }
+}
