@@ -253,17 +253,29 @@ impl DiskReader for RawReader {
 /// Writes a raw image file (sparse) or a block device in place.
 pub struct RawWriter {
     inner: RawFile,
+    created: bool,
 }
 
 impl RawWriter {
     /// Opens (creating if needed) a raw file and gives it length `size`;
     /// a block device must be at least `size` bytes.
     pub fn open(path: &Path, size: u64, block_device: bool) -> Result<RawWriter, DiskError> {
+        // create_new tells us atomically whether the file is ours and empty.
+        let created = !block_device
+            && match OpenOptions::new().write(true).create_new(true).open(path) {
+                Ok(_) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(source) => {
+                    return Err(DiskError::Io {
+                        op: "create",
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(!block_device)
-            .truncate(false)
             .open(path)
             .map_err(|source| DiskError::Io {
                 op: "open for writing",
@@ -295,6 +307,7 @@ impl RawWriter {
                 size,
                 block_device,
             },
+            created,
         })
     }
 }
@@ -314,6 +327,10 @@ impl DiskWriter for RawWriter {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.inner.write_zeroes(offset, len)
+    }
+
+    fn created(&self) -> bool {
+        self.created
     }
 
     fn finish(self: Box<Self>) -> Result<(), DiskError> {
