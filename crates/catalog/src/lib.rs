@@ -1,1 +1,129 @@
-//! The catalog: accounts, tokens, plans, servers, backups, restores and jobs (issue 3).
+//! The catalog: accounts, API tokens, plans, servers, backups, restores and
+//! the persistent job queue.
+//!
+//! [`Catalog`] is the one interface the service and the command line use; it
+//! is object safe (`Arc<dyn Catalog>`) so a PostgreSQL implementation can sit
+//! beside [`SqliteCatalog`], each with its own `migrations/` directory.
+//!
+//! Every method that writes takes `now` from the caller instead of reading the
+//! system clock, so the scheduler can drive the catalog with simulated time.
+//!
+//! Error policy: every method returns [`CatalogError`]. Database constraint
+//! violations are mapped to [`CatalogError::Conflict`] / [`CatalogError::Invalid`]
+//! in one place (`sqlite::map_db_error`), so callers can turn them into 409/400
+//! without looking at SQL error codes.
+
+mod error;
+mod model;
+mod sqlite;
+
+pub use error::CatalogError;
+pub use model::*;
+pub use sqlite::SqliteCatalog;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+/// Result alias for catalog calls.
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+/// The catalog's operations. Reads that a customer can trigger take a
+/// [`Scope`]: anything outside it is reported exactly as if it did not exist.
+#[async_trait]
+pub trait Catalog: Send + Sync {
+    // ---- accounts ----
+    async fn create_account(&self, name: &str, now: OffsetDateTime) -> Result<Account>;
+    async fn account(&self, id: AccountId) -> Result<Option<Account>>;
+    async fn account_by_name(&self, name: &str) -> Result<Option<Account>>;
+    async fn list_accounts(&self) -> Result<Vec<Account>>;
+
+    // ---- tokens ----
+    async fn create_token(&self, token: NewToken, now: OffsetDateTime) -> Result<ApiToken>;
+    /// The token with this SHA-256 hash, revoked or not (the caller decides).
+    async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>>;
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+    /// Revokes one token; `Ok(false)` when no live token matched.
+    async fn revoke_token(&self, which: TokenRef, now: OffsetDateTime) -> Result<bool>;
+
+    // ---- plans ----
+    async fn create_plan(&self, plan: NewPlan, now: OffsetDateTime) -> Result<Plan>;
+    /// Changes a plan. A new retention is applied to the `expires_at` of the
+    /// plan's existing automatic backups in the same transaction.
+    async fn update_plan(
+        &self,
+        name: &str,
+        update: PlanUpdate,
+        now: OffsetDateTime,
+    ) -> Result<Plan>;
+    async fn plan(&self, id: PlanId) -> Result<Option<Plan>>;
+    async fn plan_by_name(&self, name: &str) -> Result<Option<Plan>>;
+    async fn list_plans(&self) -> Result<Vec<Plan>>;
+
+    // ---- servers ----
+    async fn add_server(&self, server: NewServer, now: OffsetDateTime) -> Result<Server>;
+    async fn update_server(
+        &self,
+        id: ServerId,
+        update: ServerUpdate,
+        now: OffsetDateTime,
+    ) -> Result<Server>;
+    /// Removes a server. Refused while it has a queued or running job; refused
+    /// while it has backups unless `purge`, which deletes their rows too and
+    /// returns them so the caller can delete their data from the store.
+    async fn remove_server(&self, id: ServerId, purge: bool) -> Result<Vec<Backup>>;
+    async fn server(&self, id: ServerId, scope: Scope) -> Result<Option<Server>>;
+    async fn list_servers(&self, scope: Scope, page: PageRequest) -> Result<Paged<Server>>;
+
+    // ---- backups ----
+    /// Creates the backup row and enqueues its job in one transaction. For a
+    /// manual backup the per-server limit is checked inside that transaction,
+    /// so concurrent requests cannot exceed it.
+    async fn create_backup(&self, backup: NewBackup, now: OffsetDateTime) -> Result<Backup>;
+    async fn backup(&self, id: BackupId, scope: Scope) -> Result<Option<Backup>>;
+    async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>>;
+    /// Deletes a backup row (and its queued or running job). Refused with
+    /// [`CatalogError::Conflict`] while a running restore reads it.
+    async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup>;
+    /// Every backup of every server (admin and scheduler use; unpaged).
+    async fn all_backups(&self) -> Result<Vec<Backup>>;
+
+    // ---- restores ----
+    /// Creates the restore row and enqueues its job in one transaction;
+    /// [`CatalogError::Busy`] while the server has a queued or running job.
+    async fn create_restore(&self, restore: NewRestore, now: OffsetDateTime) -> Result<Restore>;
+    async fn restore(&self, id: RestoreId, scope: Scope) -> Result<Option<Restore>>;
+
+    // ---- jobs ----
+    /// Claims the oldest queued job that may run now and whose server has no
+    /// running job, atomically. `None` when there is nothing to do.
+    async fn claim_job(&self, worker: &str, now: OffsetDateTime) -> Result<Option<Job>>;
+    /// Records progress (0..=100) on the job's backup or restore and renews
+    /// the claim. `Ok(false)` when the job is no longer ours (cancelled, or
+    /// taken over): the worker must stop.
+    async fn job_progress(
+        &self,
+        job: JobId,
+        worker: &str,
+        progress: u8,
+        now: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Ends a job and its backup or restore row with the outcome.
+    /// `Ok(false)` when the job was cancelled or taken over meanwhile (its
+    /// backup row may be gone): the caller must clean up what it produced.
+    async fn finish_job(
+        &self,
+        job: JobId,
+        worker: &str,
+        outcome: JobOutcome,
+        now: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Puts running jobs whose heartbeat is older than `stale_before` back in
+    /// the queue (attempt counted) or fails them once their attempts are used
+    /// up, with a reason on the backup or restore. Returns what it did.
+    async fn recover_stale_jobs(
+        &self,
+        stale_before: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Vec<RecoveredJob>>;
+    async fn job(&self, id: JobId) -> Result<Option<Job>>;
+}

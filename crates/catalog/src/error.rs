@@ -1,0 +1,28 @@
+//! The catalog's error type. Texts are sentences an operator (CLI) or a
+//! customer (API) can act on; database details stay in `Database`.
+
+/// Why a catalog call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The thing named does not exist (or is outside the caller's scope).
+    #[error("{0} not found.")]
+    NotFound(&'static str),
+    /// A uniqueness or state rule forbids the change.
+    #[error("{0}")]
+    Conflict(String),
+    /// The server already has a backup or restore queued or running.
+    #[error("{0}")]
+    Busy(String),
+    /// Input the schema rejects (out of range, dangling reference).
+    #[error("{0}")]
+    Invalid(String),
+    /// The per-server manual backup limit is reached.
+    #[error("This server already has {limit} manual backups, the maximum. Delete a manual backup you no longer need, then try again.")]
+    ManualLimit { limit: u32 },
+    /// The database itself failed; not the caller's fault.
+    #[error("catalog database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("catalog migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}

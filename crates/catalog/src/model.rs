@@ -1,0 +1,475 @@
+//! The catalog's domain types: what the rows mean, independent of SQL.
+
+use std::fmt;
+use time::OffsetDateTime;
+
+/// Most manual backups a server may hold (in progress or completed).
+pub const MANUAL_BACKUP_LIMIT: u32 = 10;
+
+/// Description given to automatic backups.
+pub const AUTOMATIC_DESCRIPTION: &str = "Automatic daily backup";
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub i64);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An account (a hosting customer).
+    AccountId
+);
+id_type!(
+    /// An API token row (not the secret).
+    TokenId
+);
+id_type!(
+    /// A retention plan.
+    PlanId
+);
+id_type!(
+    /// The hosting provider's own server id.
+    ServerId
+);
+id_type!(
+    /// A backup.
+    BackupId
+);
+id_type!(
+    /// A restore.
+    RestoreId
+);
+id_type!(
+    /// A queued or past job.
+    JobId
+);
+
+/// What a caller may see: one account's things, or everything (admin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Account(AccountId),
+}
+
+impl Scope {
+    /// The account to filter on, `None` for everything.
+    pub fn account(self) -> Option<AccountId> {
+        match self {
+            Scope::All => None,
+            Scope::Account(a) => Some(a),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// Whom a token acts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOwner {
+    Account(AccountId),
+    Admin,
+}
+
+/// A token to store: only its hash, never the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub hash: [u8; 32],
+    /// The first characters of the token, for telling tokens apart.
+    pub prefix: String,
+    pub name: String,
+    pub owner: TokenOwner,
+}
+
+impl fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewToken")
+            .field("prefix", &self.prefix)
+            .field("name", &self.name)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub hash: [u8; 32],
+    pub prefix: String,
+    pub name: String,
+    pub owner: TokenOwner,
+    /// The owning account's name (None for admin tokens).
+    pub account_name: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .field("name", &self.name)
+            .field("owner", &self.owner)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which token to revoke.
+#[derive(Debug, Clone)]
+pub enum TokenRef {
+    Id(TokenId),
+    Hash([u8; 32]),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub id: PlanId,
+    pub name: String,
+    /// How long automatic backups are kept, 7..=30.
+    pub retention_days: u32,
+    /// Start of the daily backup window, minutes after 00:00 UTC.
+    pub window_start_minute: u32,
+    /// Length of the window in minutes.
+    pub window_minutes: u32,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// Default window start: 03:00 UTC.
+pub const DEFAULT_WINDOW_START_MINUTE: u32 = 180;
+/// Default window length: two hours.
+pub const DEFAULT_WINDOW_MINUTES: u32 = 120;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPlan {
+    pub name: String,
+    pub retention_days: u32,
+    pub window_start_minute: u32,
+    pub window_minutes: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanUpdate {
+    pub retention_days: Option<u32>,
+    pub window_start_minute: Option<u32>,
+    pub window_minutes: Option<u32>,
+}
+
+/// Commands run around a server's jobs. `None` means "use the global hook";
+/// `Some("")` disables the hook for this server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub pre_backup: Option<String>,
+    pub post_backup: Option<String>,
+    pub pre_restore: Option<String>,
+    pub post_restore: Option<String>,
+}
+
+/// What a server is doing now, derived from its running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerStatus {
+    Active,
+    BackingUp,
+    Restoring,
+}
+
+impl ServerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerStatus::Active => "active",
+            ServerStatus::BackingUp => "backing_up",
+            ServerStatus::Restoring => "restoring",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub id: ServerId,
+    pub name: String,
+    pub hostname: String,
+    pub account_id: AccountId,
+    pub account_name: String,
+    pub plan: Plan,
+    /// Disk image paths, in order (disk 0 first).
+    pub disks: Vec<String>,
+    pub auto_backup_enabled: bool,
+    /// Overrides the plan's window start when set.
+    pub window_start_minute: Option<u32>,
+    pub hooks: Hooks,
+    pub status: ServerStatus,
+    /// Manual backups that count against the limit (in progress or completed).
+    pub manual_backups_used: u32,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewServer {
+    pub id: ServerId,
+    pub name: String,
+    pub hostname: String,
+    pub account_id: AccountId,
+    pub plan_id: PlanId,
+    pub disks: Vec<String>,
+    pub hooks: Hooks,
+}
+
+/// Changes to a server; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerUpdate {
+    pub name: Option<String>,
+    pub hostname: Option<String>,
+    pub plan_id: Option<PlanId>,
+    pub disks: Option<Vec<String>>,
+    pub auto_backup_enabled: Option<bool>,
+    /// `Some(None)` clears the override.
+    pub window_start_minute: Option<Option<u32>>,
+    pub hooks: Option<Hooks>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupType {
+    Manual,
+    Automatic,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Manual => "manual",
+            BackupType::Automatic => "automatic",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "manual" => Some(BackupType::Manual),
+            "automatic" => Some(BackupType::Automatic),
+            _ => None,
+        }
+    }
+}
+
+/// Status of a backup or a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkStatus {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl WorkStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkStatus::InProgress => "in_progress",
+            WorkStatus::Completed => "completed",
+            WorkStatus::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "in_progress" => Some(WorkStatus::InProgress),
+            "completed" => Some(WorkStatus::Completed),
+            "failed" => Some(WorkStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    pub id: BackupId,
+    pub server_id: ServerId,
+    pub server_name: String,
+    pub account_id: AccountId,
+    pub backup_type: BackupType,
+    pub status: WorkStatus,
+    pub description: String,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub completed_at: Option<OffsetDateTime>,
+    pub size_mb: Option<u64>,
+    /// How much the store grew for this backup (compressed new chunks).
+    pub stored_bytes: Option<u64>,
+    pub progress: u8,
+    pub error: Option<String>,
+    /// The backup's name in the engine's store ("b<id>").
+    pub engine_backup_id: String,
+    pub scheduled_for: Option<OffsetDateTime>,
+    pub verified_at: Option<OffsetDateTime>,
+    pub damaged: bool,
+    pub verify_error: Option<String>,
+}
+
+/// The engine's name for a catalog backup.
+pub fn engine_backup_id(id: BackupId) -> String {
+    format!("b{}", id.0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBackup {
+    pub server_id: ServerId,
+    /// The caller's scope: a server outside it is "not found".
+    pub scope: Scope,
+    pub backup_type: BackupType,
+    pub description: String,
+    /// `None` for manual backups; created_at + retention for automatic ones.
+    pub expires_at: Option<OffsetDateTime>,
+    /// The automatic run's slot (one automatic backup per server per slot).
+    pub scheduled_for: Option<OffsetDateTime>,
+    /// Earliest time the job may start (retries with backoff).
+    pub run_after: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackupFilter {
+    pub scope: Option<AccountId>,
+    pub server_id: Option<ServerId>,
+    pub backup_type: Option<BackupType>,
+}
+
+/// A deleted backup and what was running for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedBackup {
+    pub backup: Backup,
+    /// The backup's job if it was queued or running; a running one must be
+    /// cancelled by whoever runs it.
+    pub job: Option<JobId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    pub id: RestoreId,
+    pub server_id: ServerId,
+    pub server_name: String,
+    pub account_id: AccountId,
+    pub backup_id: BackupId,
+    pub status: WorkStatus,
+    pub progress: u8,
+    pub created_at: OffsetDateTime,
+    pub completed_at: Option<OffsetDateTime>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRestore {
+    pub server_id: ServerId,
+    pub backup_id: BackupId,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Backup,
+    Restore,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: JobId,
+    pub kind: JobKind,
+    pub server_id: ServerId,
+    /// The backup taken (backup job) or read (restore job).
+    pub backup_id: BackupId,
+    pub restore_id: Option<RestoreId>,
+    pub state: JobState,
+    /// Attempts started so far, this one included once claimed.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub claimed_by: Option<String>,
+    pub heartbeat_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+    pub error: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    BackupCompleted {
+        size_mb: u64,
+        stored_bytes: u64,
+    },
+    RestoreCompleted,
+    /// The reason is shown to the customer on the backup or restore.
+    Failed {
+        reason: String,
+    },
+}
+
+/// What `recover_stale_jobs` did with one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredJob {
+    pub job: JobId,
+    pub kind: JobKind,
+    pub backup_id: BackupId,
+    /// true: queued again; false: failed for good.
+    pub requeued: bool,
+}
+
+/// Which page of a list to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// 1-based.
+    pub number: u32,
+    pub size: u32,
+}
+
+/// One page of a list plus the total count under the same filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paged<T> {
+    pub count: u64,
+    pub items: Vec<T>,
+}

@@ -1,0 +1,404 @@
+//! The catalog suite against a real SQLite file in a temp dir.
+
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+use vpsbackup_catalog::*;
+
+async fn fresh() -> (tempfile::TempDir, Arc<SqliteCatalog>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = SqliteCatalog::open(&dir.path().join("catalog.db"))
+        .await
+        .unwrap();
+    (dir, Arc::new(cat))
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
+}
+
+async fn server(cat: &SqliteCatalog, id: i64, account: &str) -> Server {
+    let acc = match cat.account_by_name(account).await.unwrap() {
+        Some(a) => a,
+        None => cat.create_account(account, now()).await.unwrap(),
+    };
+    let plan = cat.plan_by_name("standard").await.unwrap().unwrap();
+    cat.add_server(
+        NewServer {
+            id: ServerId(id),
+            name: format!("srv-{id}"),
+            hostname: String::new(),
+            account_id: acc.id,
+            plan_id: plan.id,
+            disks: vec![format!("/tmp/disk-{id}.img")],
+            hooks: Hooks::default(),
+        },
+        now(),
+    )
+    .await
+    .unwrap()
+}
+
+fn manual(server: i64, scope: Scope) -> NewBackup {
+    NewBackup {
+        server_id: ServerId(server),
+        scope,
+        backup_type: BackupType::Manual,
+        description: "x".into(),
+        expires_at: None,
+        scheduled_for: None,
+        run_after: None,
+    }
+}
+
+#[tokio::test]
+async fn default_plans_and_plan_rules() {
+    let (_d, cat) = fresh().await;
+    let names: Vec<_> = cat
+        .list_plans()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| {
+            (
+                p.name,
+                p.retention_days,
+                p.window_start_minute,
+                p.window_minutes,
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("basic".into(), 7, 180, 120),
+            ("standard".into(), 14, 180, 120),
+            ("premium".into(), 30, 180, 120)
+        ]
+    );
+    let bad = cat
+        .create_plan(
+            NewPlan {
+                name: "x".into(),
+                retention_days: 31,
+                window_start_minute: 0,
+                window_minutes: 60,
+            },
+            now(),
+        )
+        .await;
+    assert!(matches!(bad, Err(CatalogError::Invalid(_))));
+    let dup = cat
+        .create_plan(
+            NewPlan {
+                name: "basic".into(),
+                retention_days: 8,
+                window_start_minute: 0,
+                window_minutes: 60,
+            },
+            now(),
+        )
+        .await;
+    assert!(matches!(dup, Err(CatalogError::Conflict(_))));
+}
+
+#[tokio::test]
+async fn tokens_are_found_by_hash_and_revoked() {
+    let (_d, cat) = fresh().await;
+    let acc = cat.create_account("acme", now()).await.unwrap();
+    let t = cat
+        .create_token(
+            NewToken {
+                hash: [7; 32],
+                prefix: "vps_abcd".into(),
+                name: "ci".into(),
+                owner: TokenOwner::Account(acc.id),
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let found = cat.token_by_hash(&[7; 32]).await.unwrap().unwrap();
+    assert_eq!(found.id, t.id);
+    assert_eq!(found.account_name.as_deref(), Some("acme"));
+    assert!(cat.token_by_hash(&[8; 32]).await.unwrap().is_none());
+    assert!(cat.revoke_token(TokenRef::Id(t.id), now()).await.unwrap());
+    assert!(!cat.revoke_token(TokenRef::Id(t.id), now()).await.unwrap());
+    assert!(cat
+        .token_by_hash(&[7; 32])
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+}
+
+#[tokio::test]
+async fn manual_limit_holds_under_concurrency() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 12345, "acme").await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let cat = cat.clone();
+        tasks.push(tokio::spawn(async move {
+            cat.create_backup(manual(12345, Scope::All), now()).await
+        }));
+    }
+    let mut ok = 0;
+    let mut limit = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(CatalogError::ManualLimit { .. }) => limit += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, limit), (10, 10));
+    let s = cat
+        .server(ServerId(12345), Scope::All)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.manual_backups_used, 10);
+}
+
+#[tokio::test]
+async fn scopes_hide_other_accounts() {
+    let (_d, cat) = fresh().await;
+    let a = server(&cat, 1, "a").await;
+    let b = server(&cat, 2, "b").await;
+    let ba = cat
+        .create_backup(manual(1, Scope::Account(a.account_id)), now())
+        .await
+        .unwrap();
+    assert!(matches!(
+        cat.create_backup(manual(1, Scope::Account(b.account_id)), now())
+            .await,
+        Err(CatalogError::NotFound("Server"))
+    ));
+    assert!(cat
+        .backup(ba.id, Scope::Account(b.account_id))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(cat
+        .server(ServerId(1), Scope::Account(b.account_id))
+        .await
+        .unwrap()
+        .is_none());
+    let page = PageRequest {
+        number: 1,
+        size: 50,
+    };
+    assert_eq!(
+        cat.list_backups(
+            BackupFilter {
+                scope: Some(b.account_id),
+                ..Default::default()
+            },
+            page
+        )
+        .await
+        .unwrap()
+        .count,
+        0
+    );
+    assert_eq!(
+        cat.list_backups(
+            BackupFilter {
+                scope: Some(a.account_id),
+                ..Default::default()
+            },
+            page
+        )
+        .await
+        .unwrap()
+        .count,
+        1
+    );
+    assert!(matches!(
+        cat.delete_backup(ba.id, Scope::Account(b.account_id)).await,
+        Err(CatalogError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn jobs_run_one_per_server_and_finish() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 1, "a").await;
+    server(&cat, 2, "a").await;
+    let b1 = cat
+        .create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    let _b2 = cat
+        .create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    let b3 = cat
+        .create_backup(manual(2, Scope::All), now())
+        .await
+        .unwrap();
+    let j1 = cat.claim_job("w", now()).await.unwrap().unwrap();
+    assert_eq!(j1.backup_id, b1.id);
+    let j2 = cat.claim_job("w", now()).await.unwrap().unwrap();
+    assert_eq!(
+        j2.backup_id, b3.id,
+        "server 1 is busy, so server 2's job is next"
+    );
+    assert!(cat.claim_job("w", now()).await.unwrap().is_none());
+    assert_eq!(
+        cat.server(ServerId(1), Scope::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        ServerStatus::BackingUp
+    );
+    assert!(cat.job_progress(j1.id, "w", 40, now()).await.unwrap());
+    assert!(!cat.job_progress(j1.id, "other", 40, now()).await.unwrap());
+    assert_eq!(
+        cat.backup(b1.id, Scope::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .progress,
+        40
+    );
+    assert!(cat
+        .finish_job(
+            j1.id,
+            "w",
+            JobOutcome::BackupCompleted {
+                size_mb: 3,
+                stored_bytes: 10
+            },
+            now()
+        )
+        .await
+        .unwrap());
+    let done = cat.backup(b1.id, Scope::All).await.unwrap().unwrap();
+    assert_eq!(
+        (done.status, done.size_mb, done.progress),
+        (WorkStatus::Completed, Some(3), 100)
+    );
+    // Restore: busy while server 1 still has a queued backup.
+    let r = cat
+        .create_restore(
+            NewRestore {
+                server_id: ServerId(1),
+                backup_id: b1.id,
+                scope: Scope::All,
+            },
+            now(),
+        )
+        .await;
+    assert!(matches!(r, Err(CatalogError::Busy(_))), "{r:?}");
+    let r = cat
+        .create_restore(
+            NewRestore {
+                server_id: ServerId(2),
+                backup_id: b1.id,
+                scope: Scope::All,
+            },
+            now(),
+        )
+        .await;
+    assert!(matches!(r, Err(CatalogError::Invalid(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn deleting_a_running_backup_cancels_its_job() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 1, "a").await;
+    let b = cat
+        .create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    let j = cat.claim_job("w", now()).await.unwrap().unwrap();
+    let del = cat.delete_backup(b.id, Scope::All).await.unwrap();
+    assert_eq!(del.job, Some(j.id));
+    assert!(!cat.job_progress(j.id, "w", 50, now()).await.unwrap());
+    assert!(!cat
+        .finish_job(
+            j.id,
+            "w",
+            JobOutcome::BackupCompleted {
+                size_mb: 1,
+                stored_bytes: 1
+            },
+            now()
+        )
+        .await
+        .unwrap());
+    assert!(cat.backup(b.id, Scope::All).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn stale_jobs_are_requeued_then_failed() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 1, "a").await;
+    let b = cat
+        .create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        let t = now() + Duration::seconds(100 * attempt as i64);
+        let j = cat.claim_job("dead", t).await.unwrap().unwrap();
+        assert_eq!(j.attempts, attempt);
+        assert!(
+            cat.recover_stale_jobs(t, t).await.unwrap().is_empty(),
+            "a fresh claim is not stale"
+        );
+        let rec = cat
+            .recover_stale_jobs(t + Duration::seconds(30), t + Duration::seconds(31))
+            .await
+            .unwrap();
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].requeued, attempt < 3);
+    }
+    let failed = cat.backup(b.id, Scope::All).await.unwrap().unwrap();
+    assert_eq!(failed.status, WorkStatus::Failed);
+    assert!(failed.error.unwrap().contains("service stopped"));
+}
+
+#[tokio::test]
+async fn retention_change_moves_expiry() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 1, "a").await;
+    let b = cat
+        .create_backup(
+            NewBackup {
+                backup_type: BackupType::Automatic,
+                expires_at: Some(now() + Duration::days(14)),
+                scheduled_for: Some(now()),
+                ..manual(1, Scope::All)
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let dup = cat
+        .create_backup(
+            NewBackup {
+                backup_type: BackupType::Automatic,
+                scheduled_for: Some(now()),
+                ..manual(1, Scope::All)
+            },
+            now(),
+        )
+        .await;
+    assert!(matches!(dup, Err(CatalogError::Conflict(_))));
+    cat.update_plan(
+        "standard",
+        PlanUpdate {
+            retention_days: Some(20),
+            ..Default::default()
+        },
+        now(),
+    )
+    .await
+    .unwrap();
+    let b = cat.backup(b.id, Scope::All).await.unwrap().unwrap();
+    assert_eq!(b.expires_at, Some(now() + Duration::days(20)));
+}
