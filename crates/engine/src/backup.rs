@@ -1,0 +1,587 @@
+//! One backup: every disk of a server into new chunks, packs, an index
+//! object and finally the manifest.
+//!
+//! Threads (bounded channels between them, so memory does not depend on
+//! disk size):
+//! - a reader walks each disk's data extents (holes are never read) in
+//!   4 MiB page-aligned blocks taken from a fixed pool, honouring the read
+//!   limit;
+//! - workers zero-check and hash each chunk, look it up in the index and
+//!   compress only new ones;
+//! - a writer puts results back in disk order, builds the chunk lists and
+//!   fills packs, returning each block's buffer to the pool;
+//! - an uploader stores finished packs and, after them, index objects.
+//!
+//! The pool size bounds how far the reader may run ahead of the writer.
+
+use crate::chunks::compress_into;
+use crate::fence::WriterGuard;
+use crate::format::{
+    encode_chunk_list, now_ms, random_hex, ChunkId, IndexFile, Manifest, ManifestDisk,
+    ManifestHeader, PackBuilder, PackEntry, PackId,
+};
+use crate::index::ChunkIndex;
+use crate::job::ReadLimiter;
+use crate::storage::Storage;
+use crate::{manifest_key, validate_backup_id, BackupRequest, BackupSummary, EngineError};
+use crate::{JobControl, RepoInner};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use vpsbackup_disk::{is_zero, AlignedBuf, DiskReader};
+
+/// Bytes per read block (a multiple of the chunk size).
+const BLOCK: usize = 4 << 20;
+/// Blocks in flight between reader and writer.
+const WINDOW: usize = 6;
+/// The uploader writes an index object after this many packs, so its
+/// memory stays bounded and a long backup's packs get indexed early.
+const PACKS_PER_INDEX: usize = 64;
+
+enum Work {
+    Data {
+        seq: u64,
+        disk: usize,
+        len: usize,
+        buf: AlignedBuf,
+    },
+    Zero {
+        seq: u64,
+        disk: usize,
+        len: u64,
+    },
+}
+
+enum ChunkOut {
+    Zero,
+    Known(ChunkId),
+    New {
+        id: ChunkId,
+        start: usize,
+        len: usize,
+        raw_len: u32,
+        flags: u32,
+    },
+}
+
+struct Done {
+    seq: u64,
+    disk: usize,
+    len: u64,
+    /// Empty for a zero range.
+    chunks: Vec<ChunkOut>,
+    payload: Vec<u8>,
+    buf: Option<AlignedBuf>,
+}
+
+pub(crate) fn run(
+    inner: &RepoInner,
+    req: &BackupRequest,
+    job: &JobControl,
+) -> Result<BackupSummary, EngineError> {
+    validate_backup_id(&req.backup_id)?;
+    if req.disks.is_empty() {
+        return Err(EngineError::InvalidRequest(
+            "a backup needs at least one disk".into(),
+        ));
+    }
+    let storage = &*inner.storage;
+    if storage.head(&manifest_key(&req.backup_id))?.is_some() {
+        return Err(EngineError::BackupExists(req.backup_id.clone()));
+    }
+    let mut readers = Vec::with_capacity(req.disks.len());
+    for path in &req.disks {
+        readers.push(vpsbackup_disk::open_reader(path)?);
+    }
+    let total: u64 = readers.iter().map(|r| r.size()).sum();
+    job.set_total(total);
+
+    // Register before reading the index: from here on GC keeps everything
+    // this backup may reference or write.
+    let guard = WriterGuard::register(inner, &req.backup_id)?;
+    let (condemned, _) = crate::fence::load_pending(storage)?;
+    let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
+
+    let pipeline = Pipeline {
+        inner,
+        index: &index,
+        job,
+        claimed: Mutex::new(HashSet::new()),
+        abort: AtomicBool::new(false),
+        chunk_size: inner.config.chunk_size as usize,
+        block: BLOCK.max(inner.config.chunk_size as usize),
+    };
+    let out = pipeline.run(&readers, req.read_limit)?;
+    job.check()?;
+
+    let header = ManifestHeader {
+        backup_id: req.backup_id.clone(),
+        server_id: req.server_id.clone(),
+        server_name: req.server_name.clone(),
+        created_at_ms: guard.started_at_ms,
+        chunk_size: inner.config.chunk_size,
+        list_fanout: inner.config.list_fanout,
+        disks: req
+            .disks
+            .iter()
+            .zip(&readers)
+            .zip(&out.data_bytes)
+            .map(|((p, r), data)| ManifestDisk {
+                source_path: p.display().to_string(),
+                format: r.format().as_str().to_owned(),
+                size: r.size(),
+                data_bytes: *data,
+            })
+            .collect(),
+    };
+    let manifest = Manifest {
+        header,
+        lists: out.lists,
+    };
+    // The packs and their index objects are durable (the uploader wrote them in
+    // that order); only now may a manifest reference their chunks.
+    if !storage.put_if_absent(&manifest_key(&req.backup_id), &manifest.encode())? {
+        return Err(EngineError::BackupExists(req.backup_id.clone()));
+    }
+    drop(guard);
+    Ok(BackupSummary {
+        backup_id: req.backup_id.clone(),
+        logical_bytes: total,
+        data_bytes: out.data_bytes.iter().sum(),
+        stored_bytes: out.stored_bytes,
+        chunks_total: out.chunks_total,
+        chunks_new: out.chunks_new,
+    })
+}
+
+struct Pipeline<'a> {
+    inner: &'a RepoInner,
+    index: &'a ChunkIndex,
+    job: &'a JobControl,
+    /// New chunks some worker of this backup already took on.
+    claimed: Mutex<HashSet<ChunkId>>,
+    abort: AtomicBool,
+    chunk_size: usize,
+    block: usize,
+}
+
+struct WriterOut {
+    lists: Vec<Vec<ChunkId>>,
+    data_bytes: Vec<u64>,
+    stored_bytes: u64,
+    chunks_total: u64,
+    chunks_new: u64,
+    seqs: u64,
+}
+
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T, EngineError>>) -> Result<T, EngineError> {
+    h.join()
+        .unwrap_or_else(|_| Err(EngineError::Internal("a backup thread panicked".into())))
+}
+
+impl Pipeline<'_> {
+    fn fail<T>(&self, e: EngineError) -> Result<T, EngineError> {
+        self.abort.store(true, Ordering::SeqCst);
+        Err(e)
+    }
+
+    fn run(
+        &self,
+        readers: &[Box<dyn DiskReader>],
+        read_limit: Option<u64>,
+    ) -> Result<WriterOut, EngineError> {
+        let (pool_tx, pool_rx) = bounded::<AlignedBuf>(WINDOW);
+        for _ in 0..WINDOW {
+            pool_tx
+                .send(AlignedBuf::new(self.block))
+                .expect("pool has room");
+        }
+        let (work_tx, work_rx) = bounded::<Work>(WINDOW);
+        let (done_tx, done_rx) = bounded::<Done>(WINDOW * 2);
+        let (pack_tx, pack_rx) = bounded::<(PackId, Vec<u8>, Vec<PackEntry>)>(1);
+        let workers = self.inner.options.workers.max(1);
+
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || self.read_disks(readers, read_limit, pool_rx, work_tx));
+            let mut hs = Vec::new();
+            for _ in 0..workers {
+                let (rx, tx) = (work_rx.clone(), done_tx.clone());
+                hs.push(s.spawn(move || self.hash_and_compress(rx, tx)));
+            }
+            drop((work_rx, done_tx));
+            let writer = s.spawn(move || self.write(readers.len(), done_rx, pool_tx, pack_tx));
+            let uploader = s.spawn(move || self.upload(pack_rx));
+
+            let read = join(reader);
+            let hashed: Vec<_> = hs.into_iter().map(join).collect();
+            let written = join(writer);
+            let uploaded = join(uploader);
+            // Report the root cause: the first failure in pipeline order.
+            let seqs = read?;
+            for h in hashed {
+                h?;
+            }
+            let out = written?;
+            uploaded?;
+            if out.seqs != seqs {
+                return Err(EngineError::Internal(
+                    "the backup pipeline lost a block".into(),
+                ));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns the number of work items sent.
+    fn read_disks(
+        &self,
+        readers: &[Box<dyn DiskReader>],
+        read_limit: Option<u64>,
+        pool: Receiver<AlignedBuf>,
+        work: Sender<Work>,
+    ) -> Result<u64, EngineError> {
+        let mut limiter = read_limit.map(ReadLimiter::new);
+        let mut seq = 0u64;
+        let block = self.block as u64;
+        for (disk, r) in readers.iter().enumerate() {
+            let size = r.size();
+            let mut pos = 0u64;
+            while pos < size {
+                if let Err(e) = self.job.check() {
+                    return self.fail(e);
+                }
+                if self.abort.load(Ordering::Relaxed) {
+                    return Ok(seq);
+                }
+                let next = match r.next_data(pos) {
+                    Ok(n) => n,
+                    Err(e) => return self.fail(e.into()),
+                };
+                let data_at = match next {
+                    Some(e) if e.offset < size => e.offset / block * block,
+                    _ => size,
+                };
+                if data_at > pos {
+                    let item = Work::Zero {
+                        seq,
+                        disk,
+                        len: data_at - pos,
+                    };
+                    if work.send(item).is_err() {
+                        return Ok(seq);
+                    }
+                    seq += 1;
+                    pos = data_at;
+                    continue;
+                }
+                let Ok(mut buf) = pool.recv() else {
+                    return Ok(seq);
+                };
+                let len = block.min(size - pos) as usize;
+                let read = match fill_block(&**r, &mut buf[..len], pos) {
+                    Ok(n) => n,
+                    Err(e) => return self.fail(e),
+                };
+                if let Some(l) = limiter.as_mut() {
+                    l.take(read, self.job);
+                }
+                if work
+                    .send(Work::Data {
+                        seq,
+                        disk,
+                        len,
+                        buf,
+                    })
+                    .is_err()
+                {
+                    return Ok(seq);
+                }
+                seq += 1;
+                pos += len as u64;
+            }
+        }
+        Ok(seq)
+    }
+
+    fn hash_and_compress(
+        &self,
+        work: Receiver<Work>,
+        done: Sender<Done>,
+    ) -> Result<(), EngineError> {
+        let mut compressor = zstd::bulk::Compressor::new(self.inner.options.zstd_level)
+            .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
+        for item in work {
+            let out = match item {
+                Work::Zero { seq, disk, len } => Done {
+                    seq,
+                    disk,
+                    len,
+                    chunks: Vec::new(),
+                    payload: Vec::new(),
+                    buf: None,
+                },
+                Work::Data {
+                    seq,
+                    disk,
+                    len,
+                    buf,
+                } => {
+                    let mut chunks = Vec::with_capacity(len.div_ceil(self.chunk_size));
+                    let mut payload = Vec::new();
+                    for raw in buf[..len].chunks(self.chunk_size) {
+                        if is_zero(raw) {
+                            chunks.push(ChunkOut::Zero);
+                            continue;
+                        }
+                        let id = ChunkId::of(raw);
+                        if self.index.has_for_dedup(&id)
+                            || !self.claimed.lock().expect("claimed lock").insert(id)
+                        {
+                            chunks.push(ChunkOut::Known(id));
+                            continue;
+                        }
+                        let start = payload.len();
+                        let flags = compress_into(&mut compressor, raw, &mut payload);
+                        chunks.push(ChunkOut::New {
+                            id,
+                            start,
+                            len: payload.len() - start,
+                            raw_len: raw.len() as u32,
+                            flags,
+                        });
+                    }
+                    Done {
+                        seq,
+                        disk,
+                        len: len as u64,
+                        chunks,
+                        payload,
+                        buf: Some(buf),
+                    }
+                }
+            };
+            if done.send(out).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        disks: usize,
+        done: Receiver<Done>,
+        pool: Sender<AlignedBuf>,
+        packs: Sender<(PackId, Vec<u8>, Vec<PackEntry>)>,
+    ) -> Result<WriterOut, EngineError> {
+        let mut w = PackWriter {
+            p: self,
+            packs,
+            pack: PackBuilder::new(self.inner.options.pack_target + BLOCK),
+            lists: vec![Vec::new(); disks],
+            current: Vec::with_capacity(self.inner.config.list_fanout as usize),
+            current_disk: 0,
+            compressor: zstd::bulk::Compressor::new(self.inner.options.zstd_level)
+                .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?,
+            out: WriterOut {
+                lists: Vec::new(),
+                data_bytes: vec![0; disks],
+                stored_bytes: 0,
+                chunks_total: 0,
+                chunks_new: 0,
+                seqs: 0,
+            },
+        };
+        let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
+        for d in done {
+            waiting.insert(d.seq, d);
+            while let Some(d) = waiting.remove(&w.out.seqs) {
+                w.out.seqs += 1;
+                if let Err(e) = w.take(&d) {
+                    return self.fail(e);
+                }
+                self.job.add_done(d.len);
+                if let Some(buf) = d.buf {
+                    // The reader may be gone (cancelled); the buffer is then just freed.
+                    let _ = pool.send(buf);
+                }
+            }
+        }
+        if self.abort.load(Ordering::Relaxed) || self.job.is_cancelled() {
+            return Ok(w.out);
+        }
+        if let Err(e) = w.close_list() {
+            return self.fail(e);
+        }
+        if !w.pack.is_empty() {
+            if let Err(e) = w.flush_pack() {
+                return self.fail(e);
+            }
+        }
+        w.out.lists = std::mem::take(&mut w.lists);
+        Ok(w.out)
+    }
+
+    /// Stores packs, then the index objects naming them.
+    fn upload(
+        &self,
+        packs: Receiver<(PackId, Vec<u8>, Vec<PackEntry>)>,
+    ) -> Result<(), EngineError> {
+        let storage: &dyn Storage = &*self.inner.storage;
+        let mut index = IndexFile::default();
+        for (id, bytes, entries) in packs {
+            if let Err(e) = storage.put_if_absent(&id.key(), &bytes) {
+                return self.fail(e.into());
+            }
+            index.packs.push((id, entries));
+            if index.packs.len() >= PACKS_PER_INDEX {
+                if let Err(e) = write_index(storage, &index) {
+                    return self.fail(e);
+                }
+                index.packs.clear();
+            }
+        }
+        if !index.packs.is_empty() && !self.abort.load(Ordering::Relaxed) {
+            if let Err(e) = write_index(storage, &index) {
+                return self.fail(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn write_index(storage: &dyn Storage, index: &IndexFile) -> Result<String, EngineError> {
+    let key = format!("index/{}-{}", now_ms(), random_hex(8));
+    storage.put_if_absent(&key, &index.encode())?;
+    Ok(key)
+}
+
+/// Fills `buf` with the disk's bytes at `pos`, reading only data extents and
+/// zeroing holes. Returns the bytes actually read.
+fn fill_block(r: &dyn DiskReader, buf: &mut [u8], pos: u64) -> Result<u64, EngineError> {
+    let end = pos + buf.len() as u64;
+    let mut cur = pos;
+    let mut read = 0;
+    while cur < end {
+        let (start, stop) = match r.next_data(cur)? {
+            Some(e) if e.offset < end => (e.offset.max(cur), (e.offset + e.len).min(end)),
+            _ => (end, end),
+        };
+        buf[(cur - pos) as usize..(start - pos) as usize].fill(0);
+        if stop > start {
+            r.read_exact_at(
+                &mut buf[(start - pos) as usize..(stop - pos) as usize],
+                start,
+            )?;
+            read += stop - start;
+        }
+        cur = stop.max(start);
+    }
+    Ok(read)
+}
+
+/// The writer thread's state: chunk lists and the open pack.
+struct PackWriter<'a, 'b> {
+    p: &'a Pipeline<'b>,
+    packs: Sender<(PackId, Vec<u8>, Vec<PackEntry>)>,
+    pack: PackBuilder,
+    lists: Vec<Vec<ChunkId>>,
+    /// The open list chunk of `current_disk`.
+    current: Vec<ChunkId>,
+    current_disk: usize,
+    compressor: zstd::bulk::Compressor<'static>,
+    out: WriterOut,
+}
+
+impl PackWriter<'_, '_> {
+    fn take(&mut self, d: &Done) -> Result<(), EngineError> {
+        if d.disk != self.current_disk {
+            self.close_list()?;
+            self.current_disk = d.disk;
+        }
+        let cs = self.p.chunk_size as u64;
+        if d.chunks.is_empty() {
+            for _ in 0..d.len.div_ceil(cs) {
+                self.push(ChunkId::ZERO)?;
+            }
+            return Ok(());
+        }
+        let mut left = d.len;
+        for c in &d.chunks {
+            let this = left.min(cs);
+            left -= this;
+            match c {
+                ChunkOut::Zero => self.push(ChunkId::ZERO)?,
+                ChunkOut::Known(id) => {
+                    self.out.chunks_total += 1;
+                    self.out.data_bytes[d.disk] += this;
+                    self.push(*id)?;
+                }
+                ChunkOut::New {
+                    id,
+                    start,
+                    len,
+                    raw_len,
+                    flags,
+                } => {
+                    self.out.chunks_total += 1;
+                    self.out.chunks_new += 1;
+                    self.out.stored_bytes += *len as u64;
+                    self.out.data_bytes[d.disk] += this;
+                    self.pack
+                        .add(*id, &d.payload[*start..*start + *len], *raw_len, *flags);
+                    if self.pack.len() >= self.p.inner.options.pack_target {
+                        self.flush_pack()?;
+                    }
+                    self.push(*id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, id: ChunkId) -> Result<(), EngineError> {
+        self.current.push(id);
+        if self.current.len() >= self.p.inner.config.list_fanout as usize {
+            self.close_list()?;
+        }
+        Ok(())
+    }
+
+    /// Stores the open list chunk (unless all zero) and records its id.
+    fn close_list(&mut self) -> Result<(), EngineError> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let id = if self.current.iter().all(ChunkId::is_zero) {
+            ChunkId::ZERO
+        } else {
+            let raw = encode_chunk_list(&self.current);
+            let id = ChunkId::of(&raw);
+            if !self.p.index.has_for_dedup(&id)
+                && self.p.claimed.lock().expect("claimed lock").insert(id)
+            {
+                let mut payload = Vec::new();
+                let flags = compress_into(&mut self.compressor, &raw, &mut payload);
+                self.out.stored_bytes += payload.len() as u64;
+                self.pack.add(id, &payload, raw.len() as u32, flags);
+            }
+            id
+        };
+        self.lists[self.current_disk].push(id);
+        self.current.clear();
+        Ok(())
+    }
+
+    fn flush_pack(&mut self) -> Result<(), EngineError> {
+        let pack = std::mem::replace(
+            &mut self.pack,
+            PackBuilder::new(self.p.inner.options.pack_target + BLOCK),
+        );
+        let (bytes, entries) = pack.finish();
+        self.packs
+            .send((PackId::random(), bytes, entries))
+            .map_err(|_| EngineError::Internal("the pack uploader stopped".into()))
+    }
+}

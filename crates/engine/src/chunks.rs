@@ -1,0 +1,107 @@
+//! Reading one stored chunk back: find it through the index, fetch its
+//! bytes from a pack, decompress, and check it hashes to its name. Every
+//! reader (restore, verify, GC's repack) goes through here, so no path
+//! hands out bytes that were not verified.
+
+use crate::format::{ChunkId, FLAG_ZSTD};
+use crate::index::{ChunkIndex, Location};
+use crate::storage::{Storage, StorageError};
+
+/// Why a chunk could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ChunkFault {
+    /// No index entry, or every pack that held it is gone.
+    Missing,
+    /// Stored, but the bytes do not decode to the chunk's hash.
+    Corrupt(String),
+}
+
+/// Fetches, decompresses and verifies chunk `id`; tries every known copy.
+/// The outer error is a storage failure (retryable); the inner is the chunk's fault.
+pub(crate) fn fetch(
+    storage: &dyn Storage,
+    index: &ChunkIndex,
+    id: &ChunkId,
+) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
+    let mut fault = ChunkFault::Missing;
+    for loc in index.locations(id) {
+        match fetch_at(storage, &loc)? {
+            Ok(data) => return Ok(Ok(data)),
+            Err(ChunkFault::Missing) => {}
+            Err(f) => fault = f,
+        }
+    }
+    Ok(Err(fault))
+}
+
+/// Reads the stored (possibly compressed) payload of one location.
+pub(crate) fn fetch_payload(
+    storage: &dyn Storage,
+    loc: &Location,
+) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
+    match storage.get_range(
+        &loc.pack.key(),
+        loc.entry.offset as u64,
+        loc.entry.stored_len as u64,
+    ) {
+        Ok(p) => Ok(Ok(p)),
+        Err(StorageError::NotFound(_)) => Ok(Err(ChunkFault::Missing)),
+        Err(StorageError::OutOfRange { .. }) => Ok(Err(ChunkFault::Corrupt(format!(
+            "pack {} is truncated",
+            loc.pack.key()
+        )))),
+        Err(e) => Err(e),
+    }
+}
+
+fn fetch_at(
+    storage: &dyn Storage,
+    loc: &Location,
+) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
+    let payload = match fetch_payload(storage, loc)? {
+        Ok(p) => p,
+        Err(f) => return Ok(Err(f)),
+    };
+    Ok(decode(loc, payload))
+}
+
+/// Decompresses a payload and checks its hash.
+pub(crate) fn decode(loc: &Location, payload: Vec<u8>) -> Result<Vec<u8>, ChunkFault> {
+    let raw = if loc.entry.flags & FLAG_ZSTD != 0 {
+        zstd::bulk::decompress(&payload, loc.entry.raw_len as usize).map_err(|e| {
+            ChunkFault::Corrupt(format!(
+                "cannot decompress it from pack {}: {e}",
+                loc.pack.key()
+            ))
+        })?
+    } else {
+        payload
+    };
+    if raw.len() != loc.entry.raw_len as usize || ChunkId::of(&raw) != loc.entry.id {
+        return Err(ChunkFault::Corrupt(format!(
+            "its bytes in pack {} do not match its hash",
+            loc.pack.key()
+        )));
+    }
+    Ok(raw)
+}
+
+/// Compresses `raw` with zstd when that saves space; appends the payload to
+/// `out` and returns the entry flags.
+pub(crate) fn compress_into(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> u32 {
+    match compressor.compress(raw) {
+        Ok(c) if c.len() < raw.len() => {
+            out.extend_from_slice(&c);
+            FLAG_ZSTD
+        }
+        // Incompressible (or a compressor error, which only costs space): store raw.
+        _ => {
+            out.extend_from_slice(raw);
+            0
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The engine's error type. Display texts are full sentences a customer can
+//! act on: the API shows them as a job's failure reason.
+
+use crate::storage::StorageError;
+use vpsbackup_disk::DiskError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("The job was cancelled before it finished; nothing was recorded.")]
+    Cancelled,
+    #[error("Backup {0} does not exist in the store.")]
+    BackupNotFound(String),
+    #[error("Backup {0} already exists in the store; choose another backup id.")]
+    BackupExists(String),
+    /// A chunk whose stored bytes do not hash to its name, or cannot be decoded.
+    #[error("Chunk {chunk}{} is corrupt in the store ({detail}); restore from another backup or run verify.", backup_ctx(.backup))]
+    Corrupt {
+        chunk: String,
+        backup: Option<String>,
+        detail: String,
+    },
+    /// A chunk a manifest references but no index or pack holds.
+    #[error("Chunk {chunk}{} is missing from the store; run verify to list the damaged backups.", backup_ctx(.backup))]
+    MissingChunk {
+        chunk: String,
+        backup: Option<String>,
+    },
+    /// A stored object (config, manifest, index, pack trailer) that fails its magic or checksum.
+    #[error("Stored object {object} is damaged: {detail}.")]
+    BadObject { object: String, detail: String },
+    #[error("Disk access failed: {0}")]
+    Disk(#[from] DiskError),
+    #[error("Store access failed: {0}")]
+    Storage(#[from] StorageError),
+    #[error("Invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("An engine worker thread failed: {0}")]
+    Internal(String),
+}
+
+fn backup_ctx(backup: &Option<String>) -> String {
+    match backup {
+        Some(b) => format!(" of backup {b}"),
+        None => String::new(),
+    }
+}
+
+impl EngineError {
+    pub(crate) fn bad_object(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        EngineError::BadObject {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+}

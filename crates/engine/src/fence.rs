@@ -1,0 +1,185 @@
+//! The fence between GC and running writers, without a global lock.
+//!
+//! A backup registers `writers/<id>` (start time, refreshed periodically)
+//! before it reads the index or writes anything. GC removes nothing newer
+//! than the oldest live writer's start (nor than its own start minus a
+//! grace period), and deletes a pack a writer might dedup against only
+//! after condemning it in `pending/` and seeing no writer that started
+//! before the condemnation still running. A marker not refreshed within
+//! `writer_stale_after`, or whose process is gone from this host, is stale.
+
+use crate::format::{
+    decode_json, encode_json, now_ms, random_hex, PackId, PendingDeletes, WriterMarker,
+    PENDING_MAGIC, WRITER_MAGIC,
+};
+use crate::storage::{Storage, StorageError};
+use crate::{EngineError, RepoInner};
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A registered writer; dropping it removes the marker.
+pub(crate) struct WriterGuard {
+    storage: Arc<dyn Storage>,
+    key: String,
+    pub(crate) started_at_ms: u64,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    refresher: Option<JoinHandle<()>>,
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl WriterGuard {
+    pub(crate) fn register(inner: &RepoInner, backup_id: &str) -> Result<Self, EngineError> {
+        let started_at_ms = now_ms();
+        let marker = WriterMarker {
+            backup_id: backup_id.to_owned(),
+            host: hostname(),
+            pid: std::process::id(),
+            started_at_ms,
+            refreshed_at_ms: started_at_ms,
+        };
+        let key = format!("writers/{}", random_hex(16));
+        inner
+            .storage
+            .put_if_absent(&key, &encode_json(WRITER_MAGIC, &marker))?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let every = inner.options.writer_stale_after / 4;
+        let refresher = {
+            let (storage, key, stop) = (inner.storage.clone(), key.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("writer-marker".into())
+                .spawn(move || {
+                    let (lock, cv) = &*stop;
+                    let mut stopped = lock.lock().expect("marker lock");
+                    loop {
+                        let (s, timeout) = cv.wait_timeout(stopped, every).expect("marker lock");
+                        stopped = s;
+                        if *stopped {
+                            return;
+                        }
+                        if timeout.timed_out() {
+                            let m = WriterMarker {
+                                refreshed_at_ms: now_ms(),
+                                ..marker.clone()
+                            };
+                            // A failed refresh only risks the marker going stale; the
+                            // next one retries.
+                            let _ = storage.put(&key, &encode_json(WRITER_MAGIC, &m));
+                        }
+                    }
+                })
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+        };
+        Ok(WriterGuard {
+            storage: inner.storage.clone(),
+            key,
+            started_at_ms,
+            stop,
+            refresher: Some(refresher),
+        })
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &*self.stop;
+            *lock.lock().expect("marker lock") = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+        let _ = self.storage.delete(&self.key);
+    }
+}
+
+/// The start times (ms) of writers still alive; stale markers are removed.
+pub(crate) fn live_writers(inner: &RepoInner) -> Result<Vec<u64>, EngineError> {
+    let now = now_ms();
+    let stale_ms = inner.options.writer_stale_after.as_millis() as u64;
+    let host = hostname();
+    let mut starts = Vec::new();
+    for meta in inner.storage.list("writers/")? {
+        let obj = match inner.storage.get(&meta.key) {
+            Ok(o) => o,
+            Err(StorageError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let stale = match decode_json::<WriterMarker>(WRITER_MAGIC, &meta.key, &obj) {
+            Ok(m) => {
+                let dead_here =
+                    m.host == host && !std::path::Path::new(&format!("/proc/{}", m.pid)).exists();
+                if dead_here || m.refreshed_at_ms + stale_ms < now {
+                    true
+                } else {
+                    starts.push(m.started_at_ms);
+                    false
+                }
+            }
+            // A torn marker cannot happen with atomic puts; treat a damaged one
+            // by its age alone.
+            Err(_) => {
+                let age = std::time::SystemTime::now()
+                    .duration_since(meta.modified)
+                    .unwrap_or(Duration::ZERO);
+                if age.as_millis() as u64 > stale_ms {
+                    true
+                } else {
+                    starts.push(now.saturating_sub(age.as_millis() as u64));
+                    false
+                }
+            }
+        };
+        if stale {
+            inner.storage.delete(&meta.key)?;
+        }
+    }
+    Ok(starts)
+}
+
+/// Every condemned pack with the time it was condemned (the earliest if
+/// listed twice), and the pending objects read.
+pub(crate) fn load_pending(
+    storage: &dyn Storage,
+) -> Result<(HashMap<PackId, u64>, Vec<String>), EngineError> {
+    let mut packs: HashMap<PackId, u64> = HashMap::new();
+    let mut keys = Vec::new();
+    for meta in storage.list("pending/")? {
+        let obj = match storage.get(&meta.key) {
+            Ok(o) => o,
+            Err(StorageError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let p: PendingDeletes = decode_json(PENDING_MAGIC, &meta.key, &obj)?;
+        for (hex_id, since) in p.packs {
+            let mut id = [0u8; 16];
+            if hex::decode_to_slice(&hex_id, &mut id).is_ok() {
+                let e = packs.entry(PackId(id)).or_insert(since);
+                *e = (*e).min(since);
+            }
+        }
+        keys.push(meta.key);
+    }
+    Ok((packs, keys))
+}
+
+pub(crate) fn write_pending(
+    storage: &dyn Storage,
+    packs: &HashMap<PackId, u64>,
+) -> Result<String, EngineError> {
+    let mut list: Vec<(String, u64)> = packs.iter().map(|(p, s)| (hex::encode(p.0), *s)).collect();
+    list.sort();
+    let key = format!("pending/{}-{}", now_ms(), random_hex(8));
+    storage.put_if_absent(
+        &key,
+        &encode_json(PENDING_MAGIC, &PendingDeletes { packs: list }),
+    )?;
+    Ok(key)
+}

@@ -1,0 +1,339 @@
+//! Garbage collection without a global lock.
+//!
+//! 1. Fence: nothing newer than min(GC start - grace, oldest live writer's
+//!    start) is touched, so packs of running backups are safe.
+//! 2. Mark: every chunk (and chunk list) any manifest references is live;
+//!    each live chunk gets one canonical copy, preferring packs not already
+//!    condemned.
+//! 3. Packs older than the fence with no canonical live chunk are dead;
+//!    those with little live data are repacked (live chunks copied into new
+//!    packs, indexed) and then dead too.
+//! 4. Dead packs are condemned in `pending/` first: writers that start
+//!    after that no longer dedup against them. A condemned pack is deleted
+//!    only when no writer that started before its condemnation still runs,
+//!    and after re-reading manifests that appeared meanwhile (a writer that
+//!    finished may reference it). Otherwise a later GC deletes it.
+//! 5. The index objects read are consolidated into one without the deleted
+//!    packs (written before the old ones are removed).
+//!
+//! A damaged manifest or chunk list stops GC: it cannot know what that
+//! backup references, so it deletes nothing.
+
+use crate::backup::write_index;
+use crate::chunks::{self, ChunkFault};
+use crate::fence::{live_writers, load_pending, write_pending};
+use crate::format::{
+    decode_chunk_list, now_ms, ChunkId, IndexFile, PackBuilder, PackEntry, PackId,
+};
+use crate::index::{ChunkIndex, Location};
+use crate::storage::ObjectMeta;
+use crate::{EngineError, GcReport, RepoInner};
+use std::collections::{HashMap, HashSet};
+use std::time::UNIX_EPOCH;
+
+pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
+    let storage = &*inner.storage;
+    let opts = &inner.options;
+    let mut report = GcReport::default();
+    let t0 = now_ms();
+    storage.remove_stale_temp(opts.gc_grace.max(opts.writer_stale_after))?;
+
+    let writers = live_writers(inner)?;
+    let fence = writers
+        .iter()
+        .copied()
+        .chain(std::iter::once(
+            t0.saturating_sub(opts.gc_grace.as_millis() as u64),
+        ))
+        .min()
+        .unwrap_or(0);
+
+    let (mut condemned, pending_keys) = load_pending(storage)?;
+    let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
+    let packs: HashMap<PackId, ObjectMeta> = storage
+        .list("packs/")?
+        .into_iter()
+        .filter_map(|m| PackId::from_key(&m.key).map(|p| (p, m)))
+        .collect();
+
+    let mut live = HashSet::new();
+    let manifests_seen = mark(inner, &index, None, &mut live)?;
+
+    // Canonical copy of each live chunk, and live bytes per pack.
+    let mut canonical: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+    for id in &live {
+        if let Some(loc) = index
+            .locations(id)
+            .into_iter()
+            .find(|l| packs.contains_key(&l.pack))
+        {
+            canonical.entry(loc.pack).or_default().push(loc.entry);
+        }
+    }
+    let mut pack_bytes: HashMap<PackId, u64> = HashMap::new();
+    for loc in index.iter() {
+        *pack_bytes.entry(loc.pack).or_default() += loc.entry.stored_len as u64;
+    }
+
+    // Previously condemned packs that are live again (a writer that started
+    // before the condemnation used them) or gone are dropped from the list.
+    condemned.retain(|p, _| packs.contains_key(p) && !canonical.contains_key(p));
+
+    let mut to_repack = Vec::new();
+    for (pack, meta) in &packs {
+        if ms_of(meta) >= fence || condemned.contains_key(pack) {
+            continue;
+        }
+        let live_bytes: u64 = canonical
+            .get(pack)
+            .map(|v| v.iter().map(|e| e.stored_len as u64).sum())
+            .unwrap_or(0);
+        if live_bytes == 0 {
+            condemned.insert(*pack, 0);
+        } else if (live_bytes as f64) < opts.repack_below * pack_bytes[pack] as f64 {
+            to_repack.push(*pack);
+        }
+    }
+
+    let repacked = repack(inner, &to_repack, &canonical, &mut report)?;
+    for p in &repacked.old {
+        condemned.insert(*p, 0);
+    }
+
+    // Condemn, then look at the writers: one that started before this
+    // point may have loaded an index offering these packs for dedup.
+    let tc = now_ms();
+    for since in condemned.values_mut() {
+        if *since == 0 {
+            *since = tc;
+        }
+    }
+    let mut step_pending = None;
+    if !condemned.is_empty() {
+        step_pending = Some(write_pending(storage, &condemned)?);
+    }
+    for k in &pending_keys {
+        storage.delete(k)?;
+    }
+    let writers = live_writers(inner)?;
+    let mut deletable: HashSet<PackId> = condemned
+        .iter()
+        .filter(|(_, since)| writers.iter().all(|w| w > since))
+        .map(|(p, _)| *p)
+        .collect();
+
+    // Backups finished since the mark may reference condemned packs.
+    let mut late = HashSet::new();
+    mark(inner, &index, Some(&manifests_seen), &mut late)?;
+    for id in &late {
+        let locs: Vec<Location> = index
+            .locations(id)
+            .into_iter()
+            .filter(|l| packs.contains_key(&l.pack) || repacked.new.contains(&l.pack))
+            .collect();
+        if !locs.is_empty() && locs.iter().all(|l| deletable.contains(&l.pack)) {
+            for l in locs {
+                deletable.remove(&l.pack);
+            }
+        }
+    }
+
+    for pack in &deletable {
+        storage.delete(&pack.key())?;
+        report.packs_deleted += 1;
+        report.bytes_freed += packs[pack].size;
+        condemned.remove(pack);
+    }
+    report.chunks_removed = index
+        .iter()
+        .filter(|l| deletable.contains(&l.pack) && !live.contains(&l.entry.id))
+        .count() as u64;
+    report.bytes_freed = report.bytes_freed.saturating_sub(repacked.bytes_written);
+    report.packs_pending = condemned.len() as u64;
+
+    // Consolidate the index objects read into one, without deleted packs.
+    let mut sources = index.sources.clone();
+    sources.extend(repacked.index_key.clone());
+    if !deletable.is_empty() || sources.len() > 1 {
+        let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for loc in index.iter().chain(repacked.entries.iter().copied()) {
+            let exists = packs.contains_key(&loc.pack) || repacked.new.contains(&loc.pack);
+            if exists && !deletable.contains(&loc.pack) && seen.insert((loc.pack, loc.entry.id)) {
+                by_pack.entry(loc.pack).or_default().push(loc.entry);
+            }
+        }
+        let mut file = IndexFile {
+            packs: by_pack.into_iter().collect(),
+        };
+        file.packs.sort_by_key(|(p, _)| *p);
+        if !file.packs.is_empty() {
+            write_index(storage, &file)?;
+        }
+        for k in &sources {
+            storage.delete(k)?;
+        }
+    }
+
+    if let Some(k) = step_pending {
+        if !condemned.is_empty() {
+            write_pending(storage, &condemned)?;
+        }
+        storage.delete(&k)?;
+    }
+    Ok(report)
+}
+
+fn ms_of(meta: &ObjectMeta) -> u64 {
+    meta.modified
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Adds every chunk referenced by the manifests (those not in `skip`) to
+/// `live`; returns the manifest keys read.
+fn mark(
+    inner: &RepoInner,
+    index: &ChunkIndex,
+    skip: Option<&HashSet<String>>,
+    live: &mut HashSet<ChunkId>,
+) -> Result<HashSet<String>, EngineError> {
+    let mut seen = HashSet::new();
+    for meta in inner.storage.list("backups/")? {
+        if skip.is_some_and(|s| s.contains(&meta.key)) {
+            continue;
+        }
+        let id = &meta.key["backups/".len()..];
+        let m = match inner.manifest(id) {
+            Ok(m) => m,
+            Err(EngineError::BackupNotFound(_)) => continue,
+            Err(e) => return Err(gc_stopped(id, e)),
+        };
+        for list_id in m.lists.iter().flatten() {
+            if list_id.is_zero() {
+                continue;
+            }
+            live.insert(*list_id);
+            let raw = match chunks::fetch(&*inner.storage, index, list_id)? {
+                Ok(raw) => raw,
+                Err(ChunkFault::Missing) => {
+                    return Err(gc_stopped(
+                        id,
+                        EngineError::MissingChunk {
+                            chunk: list_id.to_hex(),
+                            backup: Some(id.to_owned()),
+                        },
+                    ))
+                }
+                Err(ChunkFault::Corrupt(detail)) => {
+                    return Err(gc_stopped(
+                        id,
+                        EngineError::Corrupt {
+                            chunk: list_id.to_hex(),
+                            backup: Some(id.to_owned()),
+                            detail,
+                        },
+                    ))
+                }
+            };
+            let ids = decode_chunk_list(&raw).ok_or_else(|| {
+                gc_stopped(
+                    id,
+                    EngineError::bad_object(list_id.to_hex(), "bad chunk list"),
+                )
+            })?;
+            live.extend(ids.into_iter().filter(|c| !c.is_zero()));
+        }
+        seen.insert(meta.key);
+    }
+    Ok(seen)
+}
+
+fn gc_stopped(backup: &str, e: EngineError) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "garbage collection stopped without deleting anything: backup {backup} cannot be read ({e}); delete or repair it first"
+    ))
+}
+
+struct Repacked {
+    old: Vec<PackId>,
+    new: HashSet<PackId>,
+    entries: Vec<Location>,
+    index_key: Option<String>,
+    bytes_written: u64,
+}
+
+/// Copies the canonical live chunks of `packs` into new packs (payloads
+/// verified, stored as they were) and indexes them.
+fn repack(
+    inner: &RepoInner,
+    packs: &[PackId],
+    canonical: &HashMap<PackId, Vec<PackEntry>>,
+    report: &mut GcReport,
+) -> Result<Repacked, EngineError> {
+    let storage = &*inner.storage;
+    let mut out = Repacked {
+        old: Vec::new(),
+        new: HashSet::new(),
+        entries: Vec::new(),
+        index_key: None,
+        bytes_written: 0,
+    };
+    let mut file = IndexFile::default();
+    let mut builder = PackBuilder::new(inner.options.pack_target + (4 << 20));
+    let flush = |builder: &mut PackBuilder,
+                 out: &mut Repacked,
+                 file: &mut IndexFile|
+     -> Result<(), EngineError> {
+        let b = std::mem::replace(
+            builder,
+            PackBuilder::new(inner.options.pack_target + (4 << 20)),
+        );
+        let (bytes, entries) = b.finish();
+        let id = PackId::random();
+        storage.put_if_absent(&id.key(), &bytes)?;
+        out.bytes_written += bytes.len() as u64;
+        out.new.insert(id);
+        out.entries.extend(entries.iter().map(|e| Location {
+            pack: id,
+            entry: *e,
+        }));
+        file.packs.push((id, entries));
+        Ok(())
+    };
+    'packs: for pack in packs {
+        let mut moved = Vec::new();
+        for e in &canonical[pack] {
+            let loc = Location {
+                pack: *pack,
+                entry: *e,
+            };
+            let payload = match chunks::fetch_payload(storage, &loc)? {
+                Ok(p) => p,
+                Err(_) => continue 'packs,
+            };
+            // Never copy a damaged chunk: leave the pack for verify to report.
+            if chunks::decode(&loc, payload.clone()).is_err() {
+                continue 'packs;
+            }
+            moved.push((*e, payload));
+        }
+        for (e, payload) in moved {
+            builder.add(e.id, &payload, e.raw_len, e.flags);
+            if builder.len() >= inner.options.pack_target {
+                flush(&mut builder, &mut out, &mut file)?;
+            }
+        }
+        out.old.push(*pack);
+        report.packs_rewritten += 1;
+    }
+    if !builder.is_empty() {
+        flush(&mut builder, &mut out, &mut file)?;
+    }
+    if !file.packs.is_empty() {
+        // New packs are durable; index them before their old copies go.
+        out.index_key = Some(write_index(storage, &file)?);
+    }
+    Ok(out)
+}

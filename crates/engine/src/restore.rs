@@ -1,0 +1,271 @@
+//! Restore: a backup's disks written to raw or qcow2 targets.
+//!
+//! A producer thread reads each disk's chunk lists (verified like any
+//! chunk) and hands out runs of chunk ids; workers fetch, decompress and
+//! verify each chunk and write it, coalescing neighbours into large writes.
+//! A fresh target already reads as zeros, so zero chunks stay holes; on an
+//! existing target of the same size each chunk is read back and written
+//! only if it differs. A chunk that is missing or fails its hash stops the
+//! restore with an error naming it: nothing unverified is ever written.
+
+use crate::chunks::{self, ChunkFault};
+use crate::format::{decode_chunk_list, ChunkId, Manifest};
+use crate::index::ChunkIndex;
+use crate::{EngineError, JobControl, RepoInner, RestoreSummary};
+use crossbeam_channel::bounded;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use vpsbackup_disk::{is_zero, DiskWriter};
+
+/// Largest single write: neighbouring chunks are merged up to this size.
+const MAX_WRITE: usize = 4 << 20;
+
+pub(crate) fn run(
+    inner: &RepoInner,
+    backup_id: &str,
+    targets: &[PathBuf],
+    only_disk: Option<usize>,
+    job: &JobControl,
+) -> Result<RestoreSummary, EngineError> {
+    let manifest = inner.manifest(backup_id)?;
+    let disks: Vec<usize> = match only_disk {
+        Some(d) if d < manifest.header.disks.len() => vec![d],
+        Some(d) => {
+            return Err(EngineError::InvalidRequest(format!(
+                "backup {backup_id} has {} disk(s); there is no disk {d}",
+                manifest.header.disks.len()
+            )))
+        }
+        None => (0..manifest.header.disks.len()).collect(),
+    };
+    if targets.len() != disks.len() {
+        return Err(EngineError::InvalidRequest(format!(
+            "backup {backup_id} has {} disk(s) to restore but {} target(s) were given",
+            disks.len(),
+            targets.len()
+        )));
+    }
+    let index = ChunkIndex::load(&*inner.storage, &Default::default())?;
+    job.set_total(disks.iter().map(|d| manifest.header.disks[*d].size).sum());
+    let mut summary = RestoreSummary::default();
+    for (d, target) in disks.into_iter().zip(targets) {
+        let size = manifest.header.disks[d].size;
+        let writer = vpsbackup_disk::open_writer(target, size)?;
+        let ctx = DiskRestore {
+            inner,
+            index: &index,
+            manifest: &manifest,
+            disk: d,
+            writer: &*writer,
+            fresh: writer.created(),
+            job,
+            failed: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        };
+        ctx.run()?;
+        summary.bytes_written += ctx.bytes.into_inner();
+        summary.chunks_written += ctx.written.into_inner();
+        summary.chunks_skipped += ctx.skipped.into_inner();
+        writer.finish()?;
+    }
+    Ok(summary)
+}
+
+struct DiskRestore<'a> {
+    inner: &'a RepoInner,
+    index: &'a ChunkIndex,
+    manifest: &'a Manifest,
+    disk: usize,
+    writer: &'a dyn DiskWriter,
+    fresh: bool,
+    job: &'a JobControl,
+    failed: AtomicBool,
+    written: AtomicU64,
+    bytes: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// Reads the chunk ids of every list chunk of one disk, in order.
+pub(crate) fn for_each_list(
+    inner: &RepoInner,
+    index: &ChunkIndex,
+    manifest: &Manifest,
+    disk: usize,
+    mut f: impl FnMut(u64, Vec<ChunkId>) -> Result<bool, EngineError>,
+) -> Result<(), EngineError> {
+    let h = &manifest.header;
+    let size = h.disks[disk].size;
+    let cs = h.chunk_size as u64;
+    let count = size.div_ceil(cs);
+    let fanout = h.list_fanout as u64;
+    let mut first = 0u64;
+    for list_id in &manifest.lists[disk] {
+        let n = fanout.min(count.saturating_sub(first));
+        let ids = if list_id.is_zero() {
+            vec![ChunkId::ZERO; n as usize]
+        } else {
+            let raw = fetch_or_fail(inner, index, list_id, &h.backup_id)?;
+            decode_chunk_list(&raw).ok_or_else(|| EngineError::Corrupt {
+                chunk: list_id.to_hex(),
+                backup: Some(h.backup_id.clone()),
+                detail: "a chunk list of the wrong length".into(),
+            })?
+        };
+        if ids.len() as u64 != n || n == 0 {
+            return Err(EngineError::bad_object(
+                format!("backups/{}", h.backup_id),
+                format!("disk {disk}'s chunk lists do not match its size"),
+            ));
+        }
+        if !f(first, ids)? {
+            return Ok(());
+        }
+        first += n;
+    }
+    if first != count {
+        return Err(EngineError::bad_object(
+            format!("backups/{}", h.backup_id),
+            format!("disk {disk}'s chunk lists do not cover its size"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn fetch_or_fail(
+    inner: &RepoInner,
+    index: &ChunkIndex,
+    id: &ChunkId,
+    backup_id: &str,
+) -> Result<Vec<u8>, EngineError> {
+    match chunks::fetch(&*inner.storage, index, id)? {
+        Ok(raw) => Ok(raw),
+        Err(ChunkFault::Missing) => Err(EngineError::MissingChunk {
+            chunk: id.to_hex(),
+            backup: Some(backup_id.to_owned()),
+        }),
+        Err(ChunkFault::Corrupt(detail)) => Err(EngineError::Corrupt {
+            chunk: id.to_hex(),
+            backup: Some(backup_id.to_owned()),
+            detail,
+        }),
+    }
+}
+
+impl DiskRestore<'_> {
+    fn run(&self) -> Result<(), EngineError> {
+        let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(2);
+        let workers = self.inner.options.workers.max(1);
+        std::thread::scope(|s| {
+            let mut hs = Vec::new();
+            for _ in 0..workers {
+                let rx = rx.clone();
+                hs.push(s.spawn(move || -> Result<(), EngineError> {
+                    for (first, ids) in rx {
+                        if self.failed.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        if let Err(e) = self.restore_run(first, &ids) {
+                            self.failed.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                }));
+            }
+            drop(rx);
+            // Split each list into pieces so both workers stay busy on small disks.
+            let produced = for_each_list(
+                self.inner,
+                self.index,
+                self.manifest,
+                self.disk,
+                |first, ids| {
+                    self.job.check()?;
+                    for (i, piece) in ids.chunks(256).enumerate() {
+                        if self.failed.load(Ordering::Relaxed)
+                            || tx.send((first + i as u64 * 256, piece.to_vec())).is_err()
+                        {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                },
+            );
+            drop(tx);
+            let mut first_err = produced.err();
+            for h in hs {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(EngineError::Internal("a restore thread panicked".into()))
+                });
+                if let (Err(e), None) = (r, &first_err) {
+                    first_err = Some(e);
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => self.job.check(),
+            }
+        })
+    }
+
+    fn restore_run(&self, first: u64, ids: &[ChunkId]) -> Result<(), EngineError> {
+        let h = &self.manifest.header;
+        let cs = h.chunk_size as u64;
+        let size = h.disks[self.disk].size;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at = 0u64;
+        let mut target = vec![0u8; cs as usize];
+        for (i, id) in ids.iter().enumerate() {
+            self.job.check()?;
+            let off = (first + i as u64) * cs;
+            let len = cs.min(size - off) as usize;
+            let current = if self.fresh {
+                None
+            } else {
+                self.writer.read_exact_at(&mut target[..len], off)?;
+                Some(&target[..len])
+            };
+            if id.is_zero() {
+                self.flush(&mut run, run_at)?;
+                if current.is_some_and(|t| !is_zero(t)) {
+                    self.writer.write_zeroes(off, len as u64)?;
+                    self.written.fetch_add(1, Ordering::Relaxed);
+                    self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                }
+            } else if current.is_some_and(|t| ChunkId::of(t) == *id) {
+                self.flush(&mut run, run_at)?;
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let raw = fetch_or_fail(self.inner, self.index, id, &h.backup_id)?;
+                if raw.len() != len {
+                    return Err(EngineError::Corrupt {
+                        chunk: id.to_hex(),
+                        backup: Some(h.backup_id.clone()),
+                        detail: format!("it holds {} bytes where the disk needs {len}", raw.len()),
+                    });
+                }
+                if run.is_empty() {
+                    run_at = off;
+                } else if run_at + run.len() as u64 != off || run.len() + len > MAX_WRITE {
+                    self.flush(&mut run, run_at)?;
+                    run_at = off;
+                }
+                run.extend_from_slice(&raw);
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+            self.job.add_done(len as u64);
+        }
+        self.flush(&mut run, run_at)
+    }
+
+    fn flush(&self, run: &mut Vec<u8>, at: u64) -> Result<(), EngineError> {
+        if !run.is_empty() {
+            self.writer.write_all_at(run, at)?;
+            self.bytes.fetch_add(run.len() as u64, Ordering::Relaxed);
+            run.clear();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! Where the store's objects live: a flat key space of immutable objects
+//! that an object store (S3 and the like) can serve as well as a local
+//! directory. Operations are only put-if-absent, a plain put for small
+//! mutable markers, get, ranged get, list by prefix and delete: no rename,
+//! no append, no access times.
+//!
+//! Keys are `/`-separated relative paths of `[A-Za-z0-9._-]` components.
+
+mod local;
+pub mod suite;
+
+pub use local::LocalStorage;
+
+use std::time::SystemTime;
+
+/// One stored object as a listing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written (object stores: Last-Modified).
+    pub modified: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("range {offset}+{len} is past the end of object {key} ({size} bytes)")]
+    OutOfRange {
+        key: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{op} {key}: {source}")]
+    Io {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A backend that holds the store's objects. Every write is atomic: a reader
+/// sees the whole object or nothing.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Writes `data` under `key` unless the key exists; returns whether it wrote.
+    /// Durable when it returns.
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool, StorageError>;
+    /// Writes or replaces `key` atomically. Used only for small markers
+    /// (running writers, GC state), never for packs or manifests.
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StorageError>;
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
+    /// Reads `len` bytes at `offset`; fails if the range passes the end.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError>;
+    /// Metadata of `key`, or None when it does not exist.
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
+    /// Every object whose key starts with `prefix`, in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Removes leftovers of interrupted writes older than `age` (backends
+    /// whose writes are atomic by nature have none). Returns how many.
+    fn remove_stale_temp(&self, age: std::time::Duration) -> Result<u64, StorageError> {
+        let _ = age;
+        Ok(0)
+    }
+}
+
+pub(crate) fn validate_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && !c.starts_with(".tmp-")
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidKey(key.to_owned()))
+    }
+}
