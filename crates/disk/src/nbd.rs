@@ -48,6 +48,11 @@ const CMD_WRITE_ZEROES: u16 = 6;
 /// Largest READ/WRITE payload per request. qemu-nbd accepts up to 32 MiB;
 /// staying well below keeps each connection's hold time short.
 const MAX_PAYLOAD: usize = 8 << 20;
+/// Pieces of one read or write sent as separate requests in flight at once.
+const READ_PIECE: usize = 1 << 20;
+const WRITE_PIECE: usize = 1 << 20;
+/// Requests in flight per connection (qemu-nbd serves 16 per client).
+const MAX_IN_FLIGHT: usize = 16;
 /// Largest WRITE_ZEROES length per request (the field is 32 bits).
 const MAX_ZERO_LEN: u64 = 1 << 30;
 
@@ -57,6 +62,8 @@ struct NbdConnection {
     size: u64,
     flags: u16,
     next_handle: u64,
+    /// Set after any failed request: the stream may be out of step.
+    broken: bool,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -77,6 +84,15 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
+}
+
+/// NBD error values are Linux errno values.
+fn nbd_result(error: u32) -> io::Result<()> {
+    if error == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(error as i32))
+    }
 }
 
 impl NbdConnection {
@@ -145,6 +161,7 @@ impl NbdConnection {
             size,
             flags,
             next_handle: 1,
+            broken: false,
         })
     }
 
@@ -165,37 +182,89 @@ impl NbdConnection {
         Ok(handle)
     }
 
-    /// Reads a simple reply header and fails on a server error.
-    fn recv_reply(&mut self, handle: u64) -> io::Result<()> {
+    /// Reads one simple reply header: (handle, NBD error).
+    fn recv_header(&mut self) -> io::Result<(u64, u32)> {
         let mut hdr = [0u8; 16];
         self.sock.read_exact(&mut hdr)?;
         let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
-        let error = u32::from_be_bytes(hdr[4..8].try_into().expect("4 bytes"));
-        let got = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
         if magic != SIMPLE_REPLY_MAGIC {
             return Err(proto_err(format!("bad reply magic {magic:#x}")));
         }
+        let error = u32::from_be_bytes(hdr[4..8].try_into().expect("4 bytes"));
+        let handle = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+        Ok((handle, error))
+    }
+
+    /// Waits for the reply to `handle` and fails on a server error.
+    fn recv_reply(&mut self, handle: u64) -> io::Result<()> {
+        let (got, error) = self.recv_header()?;
         if got != handle {
             return Err(proto_err(format!(
                 "reply for request {got}, expected {handle}"
             )));
         }
-        if error != 0 {
-            // NBD error values are Linux errno values.
-            return Err(io::Error::from_raw_os_error(error as i32));
+        nbd_result(error)
+    }
+
+    /// Runs a READ or WRITE over `len` bytes as requests of at most `piece`
+    /// bytes, up to [`MAX_IN_FLIGHT`] at once, so qemu-nbd works on several
+    /// while earlier replies stream back. Replies may come in any order; the
+    /// handle tells which piece each one is. `on_reply(piece index, range)`
+    /// consumes a read's payload.
+    fn pipelined(
+        &mut self,
+        cmd: u16,
+        offset: u64,
+        len: usize,
+        piece: usize,
+        payload: Option<&[u8]>,
+        mut on_reply: impl FnMut(&mut UnixStream, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let pieces = len.div_ceil(piece);
+        let range = |i: usize| i * piece..((i + 1) * piece).min(len);
+        let mut batch = 0;
+        while batch < pieces {
+            let end = (batch + MAX_IN_FLIGHT).min(pieces);
+            let base = self.next_handle;
+            for i in batch..end {
+                let r = range(i);
+                let data = payload.map_or(&[][..], |p| &p[r.clone()]);
+                self.send_request(cmd, offset + r.start as u64, r.len() as u32, data)?;
+            }
+            let mut seen = 0u32;
+            for _ in batch..end {
+                let (handle, error) = self.recv_header()?;
+                let idx = handle.wrapping_sub(base);
+                if idx >= (end - batch) as u64 || seen & (1 << idx) != 0 {
+                    return Err(proto_err(format!("unexpected reply handle {handle}")));
+                }
+                seen |= 1 << idx;
+                // Simple replies carry no payload on error: the stream stays
+                // in step, but we stop at the first failure anyway.
+                nbd_result(error)?;
+                on_reply(&mut self.sock, range(batch + idx as usize))?;
+            }
+            batch = end;
         }
         Ok(())
     }
 
     fn read(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let handle = self.send_request(CMD_READ, offset, buf.len() as u32, &[])?;
-        self.recv_reply(handle)?;
-        self.sock.read_exact(buf)
+        let len = buf.len();
+        self.pipelined(CMD_READ, offset, len, READ_PIECE, None, |sock, r| {
+            sock.read_exact(&mut buf[r])
+        })
     }
 
     fn write(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let handle = self.send_request(CMD_WRITE, offset, buf.len() as u32, buf)?;
-        self.recv_reply(handle)
+        self.pipelined(
+            CMD_WRITE,
+            offset,
+            buf.len(),
+            WRITE_PIECE,
+            Some(buf),
+            |_, _| Ok(()),
+        )
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u32) -> io::Result<()> {
@@ -409,8 +478,9 @@ impl NbdPool {
     }
 
     /// Runs `f` on a free connection if there is one, else waits on the next
-    /// one round-robin. A failed request leaves the connection in an unknown
-    /// state, but every error here ends the job, so we do not try to resync.
+    /// one round-robin. A failed request leaves its connection out of step;
+    /// it is marked broken and refused from then on (every error here ends
+    /// the job, so we do not try to resync).
     fn with_conn<T>(
         &self,
         op: &'static str,
@@ -421,9 +491,20 @@ impl NbdPool {
             path: self.server.image.clone(),
             source,
         };
+        let run = |conn: &mut NbdConnection| {
+            if conn.broken {
+                return Err(err(io::Error::other(
+                    "the NBD connection failed earlier in this job",
+                )));
+            }
+            f(conn).map_err(|e| {
+                conn.broken = true;
+                err(e)
+            })
+        };
         for c in &self.conns {
             if let Ok(mut guard) = c.try_lock() {
-                return f(&mut guard).map_err(err);
+                return run(&mut guard);
             }
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
@@ -432,7 +513,7 @@ impl NbdPool {
                 "an NBD connection was poisoned by a panic",
             ))
         })?;
-        f(&mut guard).map_err(err)
+        run(&mut guard)
     }
 
     pub(crate) fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
