@@ -15,10 +15,12 @@
 
 mod error;
 mod model;
+mod schedule;
 mod sqlite;
 
 pub use error::CatalogError;
 pub use model::*;
+pub use schedule::*;
 pub use sqlite::SqliteCatalog;
 
 use async_trait::async_trait;
@@ -107,6 +109,9 @@ pub trait Catalog: Send + Sync {
         progress: u8,
         now: OffsetDateTime,
     ) -> Result<bool>;
+    /// Gives a running job back to the queue without counting the attempt
+    /// (graceful shutdown); its backup or restore restarts from scratch.
+    async fn release_job(&self, job: JobId, worker: &str, now: OffsetDateTime) -> Result<bool>;
     /// Ends a job and its backup or restore row with the outcome.
     /// `Ok(false)` when the job was cancelled or taken over meanwhile (its
     /// backup row may be gone): the caller must clean up what it produced.

@@ -23,6 +23,9 @@ use time::OffsetDateTime;
 use crate::model::*;
 use crate::{Catalog, CatalogError, Result};
 
+// The scheduler's queries (issue 4), in their own file.
+mod schedule;
+
 /// The catalog in one SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteCatalog {
@@ -1078,6 +1081,35 @@ impl Catalog for SqliteCatalog {
                 .execute(&mut *tx)
                 .await?;
         }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn release_job(&self, job: JobId, worker: &str, now: OffsetDateTime) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, \
+               attempts = MAX(attempts - 1, 0), run_after = ? \
+             WHERE id = ? AND state = 'running' AND claimed_by = ? RETURNING kind, backup_id, restore_id",
+        )
+        .bind(secs(now))
+        .bind(job.0)
+        .bind(worker)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(false) };
+        let kind: String = row.try_get("kind")?;
+        let (table, target): (&str, Option<i64>) = if kind == "restore" {
+            ("restores", row.try_get("restore_id")?)
+        } else {
+            ("backups", row.try_get("backup_id")?)
+        };
+        sqlx::query(&format!(
+            "UPDATE {table} SET progress = 0 WHERE id = ? AND status = 'in_progress'"
+        ))
+        .bind(target)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -1,6 +1,15 @@
 //! `vpsbackup`: the one binary. Thin: parses the command line and calls the crates.
+//!
+//! `serve` runs the API; `account`, `token`, `plan` and `server` administer
+//! the catalog of the same data dir, also while `serve` runs (SQLite WAL
+//! lets them write beside it). Every failure prints its reason on stderr and
+//! exits non-zero (anyhow's report from `main`).
 
+mod admin;
+mod serve;
 mod store;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -11,12 +20,35 @@ use clap::{Parser, Subcommand};
     about = "Self-hosted backups for VPS hosting"
 )]
 struct Cli {
+    /// Data directory: the catalog (catalog.db), the store (store/) and config.toml.
+    #[arg(long, global = true, env = "VPSBACKUP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Config file (TOML); default <data-dir>/config.toml when it exists.
+    #[arg(long, global = true, env = "VPSBACKUP_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the API and run backups and restores.
+    Serve(serve::ServeArgs),
+    /// Customer accounts.
+    #[command(subcommand)]
+    Account(admin::AccountCommand),
+    /// API tokens (the new token is the last line of stdout).
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Retention plans.
+    #[command(subcommand)]
+    Plan(admin::PlanCommand),
+    /// Servers and their disks.
+    #[command(subcommand)]
+    Server(admin::ServerCommand),
+    /// Fills the catalog with completed backups for benchmarks (no data).
+    #[command(hide = true)]
+    BenchSeed(admin::BenchSeedArgs),
     /// Work on a bare store directory with no catalog (disaster recovery).
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -24,7 +56,17 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let global = admin::Global {
+        data_dir: cli.data_dir,
+        config: cli.config,
+    };
     match cli.command {
         Command::Store(cmd) => store::run(cmd),
+        Command::Serve(args) => serve::run(global, args),
+        Command::Account(cmd) => admin::block_on(admin::account(global, cmd)),
+        Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),
+        Command::Plan(cmd) => admin::block_on(admin::plan(global, cmd)),
+        Command::Server(cmd) => admin::block_on(admin::server(global, cmd)),
+        Command::BenchSeed(args) => admin::block_on(admin::bench_seed(global, args)),
     }
 }

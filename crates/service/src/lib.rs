@@ -1,1 +1,201 @@
-//! The HTTP service: VPS.org Backups API, auth, job runner, scheduler (issues 3, 4).
+//! The HTTP service: the VPS.org Backups API over the catalog, token auth,
+//! and the job runner that drives the engine.
+//!
+//! Entry point: [`run`] (or [`run_with_clock`]) with settings, a bound
+//! listener and a shutdown future, so tests bind port 0 and stop it at will.
+//!
+//! Error policy: thiserror types here ([`ServiceError`] for start-up,
+//! [`error::ApiError`] for requests); the binary wraps them with anyhow.
+//! Request errors never leak internals: a database failure is logged and
+//! answered with a bare 500.
+
+pub mod api;
+pub mod auth;
+pub mod clock;
+pub mod demo;
+pub mod error;
+pub mod extract;
+pub mod hooks;
+pub mod runner;
+pub mod scheduler;
+pub mod settings;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::ServiceExt;
+use tokio::net::TcpListener;
+use tower::Layer;
+use tower_http::normalize_path::NormalizePathLayer;
+use vpsbackup_catalog::{Catalog, CatalogError, SqliteCatalog};
+use vpsbackup_engine::{EngineError, Repository};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use runner::JobRunner;
+pub use settings::{HookCommands, Settings};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub catalog: Arc<dyn Catalog>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: Arc<Settings>,
+    pub jobs: Arc<JobRunner>,
+    pub repo: Repository,
+}
+
+/// Why the service could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another `vpsbackup serve` (pid {pid}) is using {dir}; stop it first")]
+    AlreadyRunning { pid: u32, dir: PathBuf },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("cannot open the backup store: {0}")]
+    Engine(#[from] EngineError),
+    #[error("the HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Opens the catalog of a data dir (creating the directory and database).
+pub async fn open_catalog(data_dir: &Path, readers: u32) -> Result<SqliteCatalog, ServiceError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    Ok(SqliteCatalog::open_with_readers(&data_dir.join("catalog.db"), readers).await?)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, with the system clock.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    run_with_clock(settings, Arc::new(SystemClock), listener, shutdown).await
+}
+
+/// [`run`] with an injected clock.
+pub async fn run_with_clock(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let settings = Arc::new(settings);
+    let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
+    let pidfile = claim_data_dir(&settings.data_dir)?;
+    let store = settings.store_path();
+    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+        .await
+        .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
+    let schedule_catalog: Arc<dyn vpsbackup_catalog::ScheduleCatalog> = Arc::new(catalog.clone());
+    let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+
+    // No other serve holds this data dir, so every job still marked running
+    // belongs to a process that died: re-run it or fail it, now.
+    let now = clock.now();
+    let recovered = catalog
+        .recover_stale_jobs(now + time::Duration::seconds(1), now)
+        .await?;
+    for job in &recovered {
+        tracing::warn!(
+            job = job.job.0,
+            backup = job.backup_id.0,
+            requeued = job.requeued,
+            "recovered a job interrupted by a stopped service"
+        );
+    }
+
+    let jobs = Arc::new(JobRunner::new(
+        catalog.clone(),
+        clock.clone(),
+        repo.clone(),
+        settings.clone(),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = jobs.start(stop_rx.clone());
+    // Automatic backups, expiry, scheduled GC and verification (issue 4).
+    let scheduler = settings.schedule.enabled.then(|| {
+        Arc::new(scheduler::Scheduler::new(
+            catalog.clone(),
+            schedule_catalog,
+            clock.clone(),
+            repo.clone(),
+            settings.schedule.clone(),
+            Some(jobs.clone()),
+        ))
+    });
+    let scheduler_task = scheduler.as_ref().map(|s| s.spawn(stop_rx));
+
+    let state = AppState {
+        catalog: catalog.clone(),
+        clock,
+        settings: settings.clone(),
+        jobs: jobs.clone(),
+        repo,
+    };
+    let app = NormalizePathLayer::trim_trailing_slash().layer(api::router(state));
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
+    let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
+        .with_graceful_shutdown(shutdown)
+        .await;
+
+    tracing::info!("stopping: handing running jobs back to the queue");
+    jobs.stop();
+    if let Some(s) = &scheduler {
+        s.stop();
+    }
+    let _ = stop_tx.send(true);
+    if let Some(task) = scheduler_task {
+        if tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the scheduler did not stop in time");
+        }
+    }
+    for w in workers {
+        if tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a worker did not stop in time");
+        }
+    }
+    let _ = std::fs::remove_file(&pidfile);
+    served?;
+    Ok(())
+}
+
+/// Writes `<data_dir>/serve.pid`, refusing when a live `vpsbackup` process
+/// already holds it. Returns the file's path.
+fn claim_data_dir(data_dir: &Path) -> Result<PathBuf, ServiceError> {
+    let pidfile = data_dir.join("serve.pid");
+    if let Ok(text) = std::fs::read_to_string(&pidfile) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if pid != std::process::id() && comm.trim().starts_with("vpsbackup") {
+                return Err(ServiceError::AlreadyRunning {
+                    pid,
+                    dir: data_dir.to_owned(),
+                });
+            }
+        }
+    }
+    std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(|source| {
+        ServiceError::DataDir {
+            path: pidfile.clone(),
+            source,
+        }
+    })?;
+    Ok(pidfile)
+}

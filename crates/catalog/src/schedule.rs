@@ -1,0 +1,105 @@
+//! Catalog queries of the scheduler (issue 4): automatic daily backups,
+//! their retries, expiry, verification results and periodic task state.
+//!
+//! A second trait beside [`crate::Catalog`] so the scheduler's queries live
+//! apart from the API's; [`crate::SqliteCatalog`] implements both. Like the
+//! main trait, every write takes `now` from the caller (simulated time).
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::model::{Backup, BackupId, ServerId, WorkStatus};
+use crate::Result;
+
+/// What the scheduler needs to know about one server to plan its next
+/// automatic backup: its effective window, retention, and its latest slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoBackupServer {
+    pub server_id: ServerId,
+    pub server_name: String,
+    pub auto_backup_enabled: bool,
+    /// Window start in minutes after 00:00 UTC: the server's override, else the plan's.
+    pub window_start_minute: u32,
+    /// Window length in minutes (the plan's).
+    pub window_minutes: u32,
+    pub retention_days: u32,
+    /// The automatic backup with the latest `scheduled_for`, if any.
+    pub latest: Option<AutoBackupSlot>,
+}
+
+/// The latest automatic backup of a server and how its attempts went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoBackupSlot {
+    pub backup_id: BackupId,
+    /// 00:00 UTC of the day whose window the backup belongs to.
+    pub scheduled_for: OffsetDateTime,
+    pub status: WorkStatus,
+    pub created_at: OffsetDateTime,
+    /// When the last attempt ended (failed or completed).
+    pub completed_at: Option<OffsetDateTime>,
+    /// Backup jobs started or queued for it so far (first run and retries).
+    pub attempts: u32,
+}
+
+/// Jobs waiting or running, host-wide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    /// Queued jobs whose `run_after` has come.
+    pub queued_due: u64,
+    pub running: u64,
+}
+
+/// When a periodic task last ran and what it reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRun {
+    pub name: String,
+    pub last_run: OffsetDateTime,
+    pub summary: String,
+}
+
+/// The scheduler's catalog operations.
+#[async_trait]
+pub trait ScheduleCatalog: Send + Sync {
+    /// Every server with its effective window and its latest automatic backup.
+    async fn auto_backup_servers(&self) -> Result<Vec<AutoBackupServer>>;
+
+    /// Puts a failed automatic backup back in the queue for another attempt
+    /// at `run_after`, in one transaction (row back to in progress, new job).
+    /// `Ok(false)` when the backup is gone or no longer failed.
+    async fn retry_backup(
+        &self,
+        id: BackupId,
+        run_after: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool>;
+
+    /// Automatic backups whose `expires_at` has passed and that are not in
+    /// progress, oldest first, at most `limit`. Manual backups never appear.
+    async fn expired_backups(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<Backup>>;
+
+    /// Completed backups never verified or last verified before `before`,
+    /// the longest unchecked first, at most `limit`.
+    async fn backups_due_for_verify(
+        &self,
+        before: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Backup>>;
+
+    /// Records a verification of one backup. `error` set means damaged.
+    /// `Ok(false)` when the backup no longer exists.
+    async fn record_verification(
+        &self,
+        id: BackupId,
+        at: OffsetDateTime,
+        error: Option<&str>,
+    ) -> Result<bool>;
+
+    /// Backup jobs queued (due) and running, host-wide.
+    async fn job_counts(&self, now: OffsetDateTime) -> Result<JobCounts>;
+
+    /// The last run of a periodic task, `None` if it never ran.
+    async fn task_run(&self, name: &str) -> Result<Option<TaskRun>>;
+
+    /// Records a run of a periodic task.
+    async fn record_task_run(&self, name: &str, at: OffsetDateTime, summary: &str) -> Result<()>;
+}

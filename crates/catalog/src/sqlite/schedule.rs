@@ -1,0 +1,190 @@
+//! [`ScheduleCatalog`] on SQLite. A child of the `sqlite` module so it
+//! shares its pools, row mappers and error mapping.
+
+use async_trait::async_trait;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use super::{backup_from_row, opt_ts, secs, ts, SqliteCatalog, BACKUP_SELECT};
+use crate::model::*;
+use crate::schedule::*;
+use crate::Result;
+
+#[async_trait]
+impl ScheduleCatalog for SqliteCatalog {
+    async fn auto_backup_servers(&self) -> Result<Vec<AutoBackupServer>> {
+        // The latest slot comes from the (server_id, scheduled_for) unique
+        // index, one probe per server.
+        let rows = sqlx::query(
+            "SELECT s.id, s.name, s.auto_backup_enabled, \
+               COALESCE(s.window_start_minute, p.window_start_minute) AS window_start, \
+               p.window_minutes, p.retention_days, \
+               b.id AS b_id, b.scheduled_for, b.status, b.created_at AS b_created, b.completed_at, \
+               (SELECT COUNT(*) FROM jobs j WHERE j.backup_id = b.id AND j.kind = 'backup') AS attempts \
+             FROM servers s JOIN plans p ON p.id = s.plan_id \
+             LEFT JOIN backups b ON b.id = (SELECT b2.id FROM backups b2 \
+                 WHERE b2.server_id = s.id AND b2.scheduled_for IS NOT NULL \
+                 ORDER BY b2.scheduled_for DESC LIMIT 1) \
+             ORDER BY s.id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let latest = match r.try_get::<Option<i64>, _>("b_id")? {
+                    None => None,
+                    Some(id) => {
+                        let status: String = r.try_get("status")?;
+                        Some(AutoBackupSlot {
+                            backup_id: BackupId(id),
+                            scheduled_for: ts(r.try_get("scheduled_for")?),
+                            status: WorkStatus::parse(&status).unwrap_or(WorkStatus::Failed),
+                            created_at: ts(r.try_get("b_created")?),
+                            completed_at: opt_ts(r.try_get("completed_at")?),
+                            attempts: r.try_get::<i64, _>("attempts")? as u32,
+                        })
+                    }
+                };
+                Ok(AutoBackupServer {
+                    server_id: ServerId(r.try_get("id")?),
+                    server_name: r.try_get("name")?,
+                    auto_backup_enabled: r.try_get::<i64, _>("auto_backup_enabled")? != 0,
+                    window_start_minute: r.try_get::<i64, _>("window_start")? as u32,
+                    window_minutes: r.try_get::<i64, _>("window_minutes")? as u32,
+                    retention_days: r.try_get::<i64, _>("retention_days")? as u32,
+                    latest,
+                })
+            })
+            .collect()
+    }
+
+    async fn retry_backup(
+        &self,
+        id: BackupId,
+        run_after: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        // The error is cleared while the retry runs: clients read a non-null
+        // error as "this backup failed"; the attempt's outcome sets it again.
+        let server: Option<i64> = sqlx::query_scalar(
+            "UPDATE backups SET status = 'in_progress', progress = 0, completed_at = NULL, \
+               size_mb = NULL, error = NULL \
+             WHERE id = ? AND status = 'failed' RETURNING server_id",
+        )
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(server) = server else {
+            return Ok(false);
+        };
+        sqlx::query(
+            "INSERT INTO jobs (kind, server_id, backup_id, state, run_after, created_at) \
+             VALUES ('backup', ?, ?, 'queued', ?, ?)",
+        )
+        .bind(server)
+        .bind(id.0)
+        .bind(secs(run_after))
+        .bind(secs(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn expired_backups(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<Backup>> {
+        sqlx::query(&format!(
+            "{BACKUP_SELECT} WHERE b.backup_type = 'automatic' AND b.expires_at IS NOT NULL \
+             AND b.expires_at <= ? AND b.status <> 'in_progress' \
+             ORDER BY b.expires_at, b.id LIMIT ?"
+        ))
+        .bind(secs(now))
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(backup_from_row)
+        .collect()
+    }
+
+    async fn backups_due_for_verify(
+        &self,
+        before: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Backup>> {
+        sqlx::query(&format!(
+            "{BACKUP_SELECT} WHERE b.status = 'completed' \
+             AND (b.verified_at IS NULL OR b.verified_at < ?) \
+             ORDER BY b.verified_at IS NOT NULL, b.verified_at, b.id LIMIT ?"
+        ))
+        .bind(secs(before))
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(backup_from_row)
+        .collect()
+    }
+
+    async fn record_verification(
+        &self,
+        id: BackupId,
+        at: OffsetDateTime,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE backups SET verified_at = ?, damaged = ?, verify_error = ? WHERE id = ?",
+        )
+        .bind(secs(at))
+        .bind(i64::from(error.is_some()))
+        .bind(error)
+        .bind(id.0)
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn job_counts(&self, now: OffsetDateTime) -> Result<JobCounts> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(state = 'queued' AND run_after <= ?), 0) AS queued, \
+               COALESCE(SUM(state = 'running'), 0) AS running \
+             FROM jobs WHERE state IN ('queued', 'running')",
+        )
+        .bind(secs(now))
+        .fetch_one(&self.read)
+        .await?;
+        Ok(JobCounts {
+            queued_due: row.try_get::<i64, _>("queued")? as u64,
+            running: row.try_get::<i64, _>("running")? as u64,
+        })
+    }
+
+    async fn task_run(&self, name: &str) -> Result<Option<TaskRun>> {
+        sqlx::query("SELECT name, last_run, summary FROM scheduler_tasks WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| {
+                Ok(TaskRun {
+                    name: r.try_get("name")?,
+                    last_run: ts(r.try_get("last_run")?),
+                    summary: r.try_get("summary")?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn record_task_run(&self, name: &str, at: OffsetDateTime, summary: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO scheduler_tasks (name, last_run, summary) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET last_run = excluded.last_run, summary = excluded.summary",
+        )
+        .bind(name)
+        .bind(secs(at))
+        .bind(summary)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! `vpsbackup serve`: layered settings, logging, signals, and `--demo`.
+
+use anyhow::Context;
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+use vpsbackup_service::demo::{ensure_demo, DemoOutcome, DEMO_SERVER_ID};
+use vpsbackup_service::{Clock, Settings, SystemClock};
+
+use crate::admin::{load_settings, Global};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "VPSBACKUP_LISTEN")]
+    listen: Option<String>,
+    /// Jobs run at once [default: 2].
+    #[arg(long, env = "VPSBACKUP_WORKERS")]
+    workers: Option<usize>,
+    /// Read bandwidth limit per backup job, MB/s.
+    #[arg(long, env = "VPSBACKUP_READ_LIMIT_MB")]
+    read_limit_mb: Option<u64>,
+    /// First run: create account "demo", a token and server 12345 with a small disk image.
+    #[arg(long)]
+    demo: bool,
+}
+
+pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("VPSBACKUP_LOG")
+                .or_else(|_| EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut settings: Settings = load_settings(&global)?;
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    if let Some(w) = args.workers {
+        settings.workers = w;
+    }
+    if args.read_limit_mb.is_some() {
+        settings.read_limit_mb_per_s = args.read_limit_mb;
+    }
+    tracing::debug!(?settings, "settings");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let addr = listener.local_addr()?;
+        if args.demo {
+            demo(&settings, addr).await?;
+        }
+        vpsbackup_service::run(settings, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn demo(settings: &Settings, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let outcome = ensure_demo(&catalog, &settings.data_dir, SystemClock.now()).await?;
+    catalog.close().await;
+    let dir = settings.data_dir.display();
+    match outcome {
+        DemoOutcome::Created { token, disk } => {
+            println!("Demo ready: account \"demo\", server {DEMO_SERVER_ID} \"web-server-01\" (disk {}).", disk.display());
+            println!("Try it:");
+            println!();
+            println!("  curl -X POST \"http://{addr}/api/v1/backups/\" -H \"Authorization: Bearer {token}\" -H \"Content-Type: application/json\" -d '{{\"server_id\": {DEMO_SERVER_ID}, \"description\": \"Pre-deployment backup\"}}'");
+            println!("  curl \"http://{addr}/api/v1/backups/?server_id={DEMO_SERVER_ID}\" -H \"Authorization: Bearer {token}\" -H \"Content-Type: application/json\"");
+            println!();
+            println!("API docs: http://{addr}/api/v1/docs/");
+            println!("Your API token (shown once):");
+            println!("{token}");
+        }
+        DemoOutcome::AlreadyThere => {
+            println!("The demo is already set up in {dir}. For a new token:");
+            println!("  vpsbackup token create --account demo --data-dir {dir}");
+            println!("API: http://{addr}/api/v1/  docs: http://{addr}/api/v1/docs/");
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,172 @@
+//! `/api/v1/servers/`: the account's servers, one server, a manual backup of
+//! a server, and restoring a backup onto it.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use vpsbackup_catalog::{BackupId, CatalogError, NewRestore, ServerId};
+
+use super::backups::{start_manual_backup, CreateBackup};
+use super::views::{BackupView, Page, RestoreView, ServerView};
+use super::{invalid_page, page_links, page_request};
+use crate::auth::Caller;
+use crate::error::{ApiError, FieldErrors};
+use crate::extract::{path_id, required_int, JsonObject, QueryPairs};
+use crate::AppState;
+
+/// The text a restore answers with.
+pub const RESTORE_MESSAGE: &str =
+    "Restore has started. The server's disks will be overwritten with the backup's content.";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/servers", get(list))
+        .route("/api/v1/servers/{server_id}", get(detail))
+        .route("/api/v1/servers/{server_id}/backup", post(backup))
+        .route("/api/v1/servers/{server_id}/restore", post(restore))
+}
+
+fn server_path_id(raw: &str) -> Result<ServerId, ApiError> {
+    path_id(raw)
+        .map(ServerId)
+        .map_err(|_| ApiError::NotFound("Server not found.".into()))
+}
+
+/// The account's servers.
+#[utoipa::path(get, path = "/api/v1/servers/", tag = "servers",
+    params(
+        ("page" = Option<u32>, Query, description = "Page number, from 1"),
+        ("page_size" = Option<u32>, Query, description = "Results per page (default 50, max 500)"),
+    ),
+    responses(
+        (status = 200, description = "A page of servers", body = Page<ServerView>),
+        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: QueryPairs,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Page<ServerView>>, ApiError> {
+    let page = page_request(&query)?;
+    let listed = state.catalog.list_servers(caller.scope(), page).await?;
+    if page.number > 1 && listed.items.is_empty() {
+        return Err(invalid_page());
+    }
+    let (next, previous) = page_links(&headers, uri.path(), &query, page, listed.count);
+    Ok(Json(Page {
+        count: listed.count,
+        next,
+        previous,
+        results: listed.items.iter().map(ServerView::from).collect(),
+    }))
+}
+
+/// One server, with its plan and how many manual backups are left.
+#[utoipa::path(get, path = "/api/v1/servers/{server_id}/", tag = "servers",
+    params(("server_id" = i64, Path, description = "Server id")),
+    responses(
+        (status = 200, description = "The server", body = ServerView),
+        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
+        (status = 404, description = "Server not found", body = super::views::Detail),
+    ),
+    security(("bearer" = [])))]
+pub async fn detail(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<ServerView>, ApiError> {
+    let id = server_path_id(&raw)?;
+    let server = state
+        .catalog
+        .server(id, caller.scope())
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Server not found.".into()))?;
+    Ok(Json(ServerView::from(&server)))
+}
+
+/// Start a manual backup of this server (same as POST /backups/).
+#[utoipa::path(post, path = "/api/v1/servers/{server_id}/backup/", tag = "servers",
+    params(("server_id" = i64, Path, description = "Server id")),
+    request_body(content = serde_json::Value, description = r#"{"description": "Pre-deployment backup"} (optional)"#),
+    responses(
+        (status = 201, description = "Backup started", body = BackupView),
+        (status = 400, description = "Invalid parameters or manual backup limit reached"),
+        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
+        (status = 404, description = "Server not found", body = super::views::Detail),
+    ),
+    security(("bearer" = [])))]
+pub async fn backup(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    body: JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = server_path_id(&raw)?;
+    let req = CreateBackup::parse(&body, Some(id))?;
+    start_manual_backup(&state, &caller, req).await
+}
+
+/// Overwrite the server's disks with a completed backup of it. Answers at once.
+#[utoipa::path(post, path = "/api/v1/servers/{server_id}/restore/", tag = "servers",
+    params(("server_id" = i64, Path, description = "Server id")),
+    request_body(content = serde_json::Value, description = r#"{"backup_id": 501}"#),
+    responses(
+        (status = 202, description = "Restore started", body = RestoreView),
+        (status = 400, description = "Bad backup_id, a backup not completed, or of another server"),
+        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
+        (status = 404, description = "Server or backup not found", body = super::views::Detail),
+        (status = 409, description = "A backup or restore of this server is running", body = super::views::Detail),
+    ),
+    security(("bearer" = [])))]
+pub async fn restore(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    body: JsonObject,
+) -> Result<(StatusCode, Json<RestoreView>), ApiError> {
+    let server_id = server_path_id(&raw)?;
+    if state
+        .catalog
+        .server(server_id, caller.scope())
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::NotFound("Server not found.".into()));
+    }
+    let mut errors = FieldErrors::new();
+    let backup_id = required_int(&body.0, "backup_id", &mut errors);
+    let backup_id = match backup_id {
+        Some(b) if errors.is_empty() => BackupId(b),
+        _ => return Err(ApiError::Fields(errors)),
+    };
+    let restore = state
+        .catalog
+        .create_restore(
+            NewRestore {
+                server_id,
+                backup_id,
+                scope: caller.scope(),
+            },
+            state.clock.now(),
+        )
+        .await
+        .map_err(|e| match e {
+            CatalogError::NotFound("Backup") => ApiError::NotFound("Backup not found.".into()),
+            other => other.into(),
+        })?;
+    state.jobs.wake();
+    tracing::info!(
+        restore = restore.id.0,
+        server = server_id.0,
+        backup = backup_id.0,
+        "restore queued"
+    );
+    let mut view = RestoreView::from(&restore);
+    view.message = Some(RESTORE_MESSAGE);
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}

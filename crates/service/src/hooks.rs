@@ -1,0 +1,141 @@
+//! Hook commands around jobs (freeze/thaw, stop/start a VM): placeholders
+//! filled with shell-quoted values, run with `sh -c` under a timeout.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// Values the placeholders stand for.
+#[derive(Debug, Clone)]
+pub struct HookVars {
+    pub server_id: i64,
+    pub name: String,
+    pub hostname: String,
+    pub backup_id: i64,
+    pub disks: Vec<String>,
+}
+
+/// Quotes a value for `sh`, so a server name can never inject a command.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The command with its placeholders replaced.
+pub fn render(template: &str, vars: &HookVars) -> String {
+    let disks = vars
+        .disks
+        .iter()
+        .map(|d| sh_quote(d))
+        .collect::<Vec<_>>()
+        .join(" ");
+    template
+        .replace("{server_id}", &vars.server_id.to_string())
+        .replace("{backup_id}", &vars.backup_id.to_string())
+        .replace("{name}", &sh_quote(&vars.name))
+        .replace("{hostname}", &sh_quote(&vars.hostname))
+        .replace("{disks}", &disks)
+}
+
+/// Runs one hook; `Err` says why it failed in a sentence fragment.
+pub async fn run_hook(
+    which: &str,
+    template: &str,
+    vars: &HookVars,
+    timeout: Duration,
+) -> Result<(), String> {
+    let command = render(template, vars);
+    tracing::info!(hook = which, "running hook");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .env("VPSBACKUP_SERVER_ID", vars.server_id.to_string())
+        .env("VPSBACKUP_SERVER_NAME", &vars.name)
+        .env("VPSBACKUP_BACKUP_ID", vars.backup_id.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("the {which} hook could not be started: {e}"))?;
+    let mut stderr = child.stderr.take();
+    let waited = tokio::time::timeout(timeout, async {
+        let mut err = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut err).await;
+        }
+        (child.wait().await, err)
+    })
+    .await;
+    match waited {
+        Err(_) => Err(format!(
+            "the {which} hook did not finish within {} seconds and was stopped",
+            timeout.as_secs()
+        )),
+        Ok((Err(e), _)) => Err(format!("the {which} hook could not be waited for: {e}")),
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), err)) => {
+            let text = String::from_utf8_lossy(&err);
+            let text = text.trim();
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(if tail.is_empty() {
+                format!("the {which} hook failed ({status})")
+            } else {
+                format!("the {which} hook failed ({status}): {tail}")
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> HookVars {
+        HookVars {
+            server_id: 7,
+            name: "web'; rm -rf /".into(),
+            hostname: "h".into(),
+            backup_id: 3,
+            disks: vec!["/a b".into()],
+        }
+    }
+
+    #[test]
+    fn placeholders_are_quoted() {
+        assert_eq!(
+            render("echo {server_id} {name} {disks}", &vars()),
+            r"echo 7 'web'\''; rm -rf /' '/a b'"
+        );
+    }
+
+    #[tokio::test]
+    async fn hooks_report_failures_and_timeouts() {
+        let t = Duration::from_secs(5);
+        assert!(
+            run_hook("pre_backup", "test {name} = \"web'; rm -rf /\"", &vars(), t)
+                .await
+                .is_ok()
+        );
+        let e = run_hook("pre_backup", "echo frozen-fs >&2; exit 3", &vars(), t)
+            .await
+            .unwrap_err();
+        assert!(e.contains("pre_backup") && e.contains("frozen-fs"), "{e}");
+        let e = run_hook(
+            "post_backup",
+            "sleep 5",
+            &vars(),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+    }
+}

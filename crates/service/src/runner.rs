@@ -1,0 +1,428 @@
+//! The job runner: a pool of workers reading the catalog's persistent queue.
+//!
+//! Each worker claims one job at a time (the catalog guarantees at most one
+//! running job per server), runs the pre-hook, the engine call on a blocking
+//! thread, then the post-hook (always), and records the outcome. While a job
+//! runs, a companion task copies the engine's progress into the backup or
+//! restore row about once a second; that write doubles as the job's
+//! heartbeat, and when the catalog answers that the job is no longer ours
+//! (deleted backup, taken over) the engine is cancelled.
+//!
+//! Crash safety: the engine writes a backup's manifest only at the end, so a
+//! job interrupted by a crash left no backup behind; it is re-run from
+//! scratch (after deleting any manifest of that name) or failed with a reason
+//! once its attempts are used up. On graceful shutdown running jobs are
+//! cancelled and handed back to the queue without counting the attempt.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+use vpsbackup_catalog::{
+    engine_backup_id, Catalog, Hooks, Job, JobId, JobKind, JobOutcome, Scope, Server,
+};
+use vpsbackup_engine::{BackupRequest, EngineError, JobControl, Repository};
+
+use crate::clock::Clock;
+use crate::hooks::{run_hook, HookVars};
+use crate::settings::Settings;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Owns the workers; handlers use [`JobRunner::wake`] and [`JobRunner::cancel`].
+pub struct JobRunner {
+    catalog: Arc<dyn Catalog>,
+    clock: Arc<dyn Clock>,
+    repo: Repository,
+    settings: Arc<Settings>,
+    /// Names this process's claims: `host-pid-random`.
+    instance: String,
+    notify: Notify,
+    running: Mutex<HashMap<JobId, Arc<JobControl>>>,
+    stopping: AtomicBool,
+}
+
+impl JobRunner {
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        clock: Arc<dyn Clock>,
+        repo: Repository,
+        settings: Arc<Settings>,
+    ) -> JobRunner {
+        let mut tag = [0u8; 4];
+        let _ = getrandom::fill(&mut tag);
+        let instance = format!(
+            "pid{}-{:02x}{:02x}{:02x}{:02x}",
+            std::process::id(),
+            tag[0],
+            tag[1],
+            tag[2],
+            tag[3]
+        );
+        JobRunner {
+            catalog,
+            clock,
+            repo,
+            settings,
+            instance,
+            notify: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells idle workers there may be new work.
+    pub fn wake(&self) {
+        self.notify.notify_waiters();
+    }
+
+    /// Cancels a job if it runs in this process (a deleted in-progress backup).
+    pub fn cancel(&self, job: JobId) {
+        if let Some(control) = self.lock_running().get(&job) {
+            control.cancel();
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<JobControl>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the workers and the stale-job reaper; they stop when `shutdown` turns true.
+    pub fn start(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles = Vec::new();
+        for n in 0..self.settings.workers.max(1) {
+            let me = self.clone();
+            let rx = shutdown.clone();
+            handles.push(tokio::spawn(async move { me.worker(n, rx).await }));
+        }
+        let me = self.clone();
+        handles.push(tokio::spawn(async move { me.reaper(shutdown).await }));
+        handles
+    }
+
+    /// Cancels every running job so workers hand them back to the queue.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for control in self.lock_running().values() {
+            control.cancel();
+        }
+        self.notify.notify_waiters();
+    }
+
+    async fn reaper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let lease = Duration::from_secs(self.settings.job_lease_secs.max(2));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 2) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let now = self.clock.now();
+            let stale_before = now - time::Duration::seconds(lease.as_secs() as i64);
+            match self.catalog.recover_stale_jobs(stale_before, now).await {
+                Ok(jobs) if !jobs.is_empty() => {
+                    tracing::warn!(
+                        count = jobs.len(),
+                        "took over jobs whose worker stopped answering"
+                    );
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "stale job check failed"),
+            }
+        }
+    }
+
+    async fn worker(self: Arc<Self>, n: usize, mut shutdown: watch::Receiver<bool>) {
+        let name = format!("{}-w{n}", self.instance);
+        loop {
+            if *shutdown.borrow() || self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            // Register interest before looking, so a wake between the empty
+            // claim and the wait is not lost.
+            let notified = self.notify.notified();
+            match self.catalog.claim_job(&name, self.clock.now()).await {
+                Ok(Some(job)) => {
+                    let span = tracing::info_span!(
+                        "job",
+                        id = job.id.0,
+                        kind = job.kind.as_str(),
+                        server = job.server_id.0,
+                        backup = job.backup_id.0,
+                        attempt = job.attempts
+                    );
+                    self.run_job(&name, job).instrument(span).await;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "claiming a job failed"),
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn run_job(self: &Arc<Self>, worker: &str, job: Job) {
+        let control = Arc::new(JobControl::new());
+        self.lock_running().insert(job.id, control.clone());
+        tracing::info!("job started");
+
+        let done = Arc::new(Notify::new());
+        let progress = tokio::spawn(progress_loop(
+            self.catalog.clone(),
+            self.clock.clone(),
+            job.id,
+            worker.to_owned(),
+            control.clone(),
+            done.clone(),
+        ));
+
+        let outcome = match self.catalog.server(job.server_id, Scope::All).await {
+            Ok(Some(server)) => self.execute(&job, &server, &control).await,
+            Ok(None) => Err("The server was removed before the job ran.".to_owned()),
+            Err(e) => Err(format!("The catalog could not be read: {e}")),
+        };
+
+        done.notify_one();
+        let _ = progress.await;
+        self.lock_running().remove(&job.id);
+
+        let now = self.clock.now();
+        if self.stopping.load(Ordering::SeqCst) && control.is_cancelled() {
+            // Shutdown, not the job's fault: back to the queue for the next start.
+            if job.kind == JobKind::Backup {
+                self.delete_engine_backup(&job).await;
+            }
+            match self.catalog.release_job(job.id, worker, now).await {
+                Ok(_) => tracing::info!("job handed back to the queue for the next start"),
+                Err(e) => tracing::error!(error = %e, "could not hand the job back"),
+            }
+            return;
+        }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(reason) => JobOutcome::Failed { reason },
+        };
+        let failed = matches!(outcome, JobOutcome::Failed { .. });
+        match self
+            .catalog
+            .finish_job(job.id, worker, outcome.clone(), now)
+            .await
+        {
+            Ok(true) => {
+                if failed {
+                    tracing::warn!(?outcome, "job failed");
+                } else {
+                    tracing::info!(?outcome, "job finished");
+                }
+            }
+            Ok(false) => {
+                // Cancelled (the backup was deleted) or taken over: whatever
+                // the engine wrote for it must not outlive its row.
+                tracing::info!("job was cancelled while running");
+                if job.kind == JobKind::Backup {
+                    self.delete_engine_backup(&job).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not record the job's outcome"),
+        }
+    }
+
+    async fn delete_engine_backup(&self, job: &Job) {
+        let repo = self.repo.clone();
+        let id = engine_backup_id(job.backup_id);
+        match tokio::task::spawn_blocking(move || repo.delete_backup(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not delete a cancelled backup's data"),
+            Err(e) => tracing::warn!(error = %e, "delete task failed"),
+        }
+    }
+
+    /// Hooks around the engine call. `Err` is the customer-facing reason.
+    async fn execute(
+        &self,
+        job: &Job,
+        server: &Server,
+        control: &Arc<JobControl>,
+    ) -> Result<JobOutcome, String> {
+        let hooks = effective_hooks(&self.settings, &server.hooks);
+        let vars = HookVars {
+            server_id: server.id.0,
+            name: server.name.clone(),
+            hostname: server.hostname.clone(),
+            backup_id: job.backup_id.0,
+            disks: server.disks.clone(),
+        };
+        let timeout = Duration::from_secs(self.settings.hook_timeout_secs.max(1));
+        let (pre_name, pre, post_name, post) = match job.kind {
+            JobKind::Backup => (
+                "pre_backup",
+                hooks.pre_backup,
+                "post_backup",
+                hooks.post_backup,
+            ),
+            JobKind::Restore => (
+                "pre_restore",
+                hooks.pre_restore,
+                "post_restore",
+                hooks.post_restore,
+            ),
+        };
+
+        let pre_result = match &pre {
+            Some(cmd) => run_hook(pre_name, cmd, &vars, timeout).await,
+            None => Ok(()),
+        };
+        let result = match pre_result {
+            Err(reason) => Err(capitalise(&format!(
+                "{reason}; the disks were not touched."
+            ))),
+            Ok(()) => self.engine_call(job, server, control).await,
+        };
+        // The post-hook always runs: a thaw or a VM start must follow even a failed job.
+        if let Some(cmd) = &post {
+            if let Err(reason) = run_hook(post_name, cmd, &vars, timeout).await {
+                tracing::warn!(hook = post_name, %reason, "post hook failed");
+                if job.kind == JobKind::Restore {
+                    if let Ok(JobOutcome::RestoreCompleted) = result {
+                        return Err(capitalise(&format!(
+                            "The disks were restored, but {reason}; check the server."
+                        )));
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn engine_call(
+        &self,
+        job: &Job,
+        server: &Server,
+        control: &Arc<JobControl>,
+    ) -> Result<JobOutcome, String> {
+        let repo = self.repo.clone();
+        let control = control.clone();
+        let engine_id = engine_backup_id(job.backup_id);
+        let disks: Vec<PathBuf> = server.disks.iter().map(PathBuf::from).collect();
+        let span = tracing::Span::current();
+        match job.kind {
+            JobKind::Backup => {
+                let req = BackupRequest {
+                    backup_id: engine_id.clone(),
+                    server_id: server.id.0.to_string(),
+                    server_name: server.name.clone(),
+                    disks,
+                    read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
+                };
+                let res = tokio::task::spawn_blocking(move || {
+                    let _g = span.enter();
+                    // A re-run after a crash: the engine only writes the
+                    // manifest at the end, but a crash between that write and
+                    // the catalog update leaves one behind; start clean.
+                    repo.delete_backup(&engine_id)?;
+                    repo.backup(&req, &control)
+                })
+                .await
+                .map_err(|e| format!("The backup worker failed: {e}"))?;
+                match res {
+                    Ok(summary) => Ok(JobOutcome::BackupCompleted {
+                        size_mb: summary.data_bytes.div_ceil(MIB),
+                        stored_bytes: summary.stored_bytes,
+                    }),
+                    Err(e) => Err(engine_reason(e)),
+                }
+            }
+            JobKind::Restore => {
+                let res = tokio::task::spawn_blocking(move || {
+                    let _g = span.enter();
+                    repo.restore(&engine_id, &disks, &control)
+                })
+                .await
+                .map_err(|e| format!("The restore worker failed: {e}"))?;
+                match res {
+                    Ok(_) => Ok(JobOutcome::RestoreCompleted),
+                    Err(e) => Err(engine_reason(e)),
+                }
+            }
+        }
+    }
+}
+
+fn engine_reason(e: EngineError) -> String {
+    match e {
+        EngineError::Cancelled => "The job was cancelled.".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+/// A server's own hook wins; `""` disables the global one for that server.
+fn effective_hooks(settings: &Settings, server: &Hooks) -> Hooks {
+    let pick = |own: &Option<String>, global: &Option<String>| -> Option<String> {
+        own.clone()
+            .or_else(|| global.clone())
+            .filter(|c| !c.trim().is_empty())
+    };
+    let g = &settings.hooks;
+    Hooks {
+        pre_backup: pick(&server.pre_backup, &g.pre_backup),
+        post_backup: pick(&server.post_backup, &g.post_backup),
+        pre_restore: pick(&server.pre_restore, &g.pre_restore),
+        post_restore: pick(&server.post_restore, &g.post_restore),
+    }
+}
+
+/// Copies progress to the catalog about once a second (also the heartbeat);
+/// cancels the engine when the job stops being ours.
+async fn progress_loop(
+    catalog: Arc<dyn Catalog>,
+    clock: Arc<dyn Clock>,
+    job: JobId,
+    worker: String,
+    control: Arc<JobControl>,
+    done: Arc<Notify>,
+) {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = done.notified() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let pct = control.percent();
+        // Write every tick even when unchanged: it is the heartbeat.
+        match catalog.job_progress(job, &worker, pct, clock.now()).await {
+            Ok(true) => {
+                if last != Some(pct) {
+                    tracing::debug!(progress = pct, "progress");
+                    last = Some(pct);
+                }
+            }
+            Ok(false) => {
+                control.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not record progress"),
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! The scheduler (issue 4): automatic daily backups, retries, expiry,
+//! scheduled GC and throttled verification.
+//!
+//! Everything is a step function of the time so weeks of schedule run in
+//! seconds under a [`crate::ManualClock`]:
+//! - [`Scheduler::tick`]: expires automatic backups past their `expires_at`
+//!   (catalog row, then the engine's manifest; manual backups never expire),
+//!   then creates each server's automatic backup when its slot is due (see
+//!   [`window`]) or queues a retry of a failed one. The jobs themselves run
+//!   in the service's [`crate::JobRunner`], so the per-host job limit and the
+//!   per-job read bandwidth limit apply to them like to manual backups.
+//! - [`Scheduler::maintain`]: GC when its interval has passed (the last run
+//!   is kept in the catalog, so restarts do not repeat it), then the
+//!   verification pass: every completed backup is re-read within
+//!   `verify_interval_days`, one at a time, only while no job runs, pausing
+//!   between backups to stay under `verify_duty_percent` of wall time.
+//!
+//! [`Scheduler::spawn`] runs both on an interval until the shutdown watch
+//! channel turns true. [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
+//! serve `vpsbackup gc` and `vpsbackup verify`. GC and verification never
+//! overlap in one process: a pack rewritten by GC under a running verify
+//! would read as missing, so a verify that finds damage checks again before
+//! it marks a backup damaged.
+
+pub mod settings;
+pub mod status;
+pub mod window;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use vpsbackup_catalog::{
+    Backup, BackupId, BackupType, Catalog, CatalogError, NewBackup, ScheduleCatalog, Scope,
+    WorkStatus, AUTOMATIC_DESCRIPTION,
+};
+use vpsbackup_engine::{BackupVerification, EngineError, EngineOptions, JobControl, Repository};
+
+use crate::clock::Clock;
+use crate::runner::JobRunner;
+pub use settings::ScheduleSettings;
+use window::Decision;
+
+/// Name of the GC task in the catalog's `scheduler_tasks`.
+pub const GC_TASK: &str = "gc";
+/// Name of the verification task in the catalog's `scheduler_tasks`.
+pub const VERIFY_TASK: &str = "verify";
+/// Expired backups deleted per tick at most, so one tick stays short.
+const EXPIRE_BATCH: u32 = 200;
+/// Backups looked at per verification pass.
+const VERIFY_BATCH: u32 = 100;
+
+/// Why a scheduler step failed (it is retried on the next tick).
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("the backup store failed: {0}")]
+    Engine(#[from] EngineError),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// What one [`Scheduler::tick`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TickReport {
+    /// Automatic backups created (their jobs queued).
+    pub created: Vec<BackupId>,
+    /// Failed automatic backups queued for another attempt.
+    pub retried: Vec<BackupId>,
+    /// Expired automatic backups deleted.
+    pub expired: Vec<BackupId>,
+}
+
+/// What a GC run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcOutcome {
+    pub bytes_freed: u64,
+    pub packs_deleted: u64,
+    pub packs_rewritten: u64,
+    pub chunks_removed: u64,
+    /// Packs condemned but kept for a writer still running; a later GC deletes them.
+    pub packs_pending: u64,
+    /// Store backups with no catalog row (a crash between the two deletes), removed.
+    pub orphans_removed: u64,
+    /// Bytes in packs after the run.
+    pub stored_bytes: u64,
+}
+
+impl GcOutcome {
+    /// One line for logs, `scheduler_tasks` and `vpsbackup gc`.
+    pub fn summary(&self) -> String {
+        format!(
+            "freed {} in {} packs deleted and {} rewritten ({} chunks removed, {} packs pending, {} orphan backups removed); store now {}",
+            status::human_bytes(self.bytes_freed),
+            self.packs_deleted,
+            self.packs_rewritten,
+            self.chunks_removed,
+            self.packs_pending,
+            self.orphans_removed,
+            status::human_bytes(self.stored_bytes),
+        )
+    }
+}
+
+/// The verdict on one backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub backup: BackupId,
+    /// `None`: intact. `Some(reason)`: damaged, the reason as shown in the API.
+    pub damage: Option<String>,
+}
+
+/// The daily scheduler of one service (or of one admin command).
+pub struct Scheduler {
+    catalog: Arc<dyn Catalog>,
+    schedule: Arc<dyn ScheduleCatalog>,
+    clock: Arc<dyn Clock>,
+    /// The store, with the GC grace of the settings.
+    repo: Repository,
+    settings: ScheduleSettings,
+    /// Woken when jobs were queued, if a runner lives in this process.
+    jobs: Option<Arc<JobRunner>>,
+    /// GC and verification take turns.
+    maintenance: tokio::sync::Mutex<()>,
+    /// The running verification, cancelled on stop.
+    verifying: Mutex<Option<Arc<JobControl>>>,
+    stopping: AtomicBool,
+}
+
+impl Scheduler {
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        schedule: Arc<dyn ScheduleCatalog>,
+        clock: Arc<dyn Clock>,
+        repo: Repository,
+        settings: ScheduleSettings,
+        jobs: Option<Arc<JobRunner>>,
+    ) -> Scheduler {
+        let options = EngineOptions {
+            gc_grace: Duration::from_secs(settings.gc_grace_secs),
+            ..repo.options().clone()
+        };
+        Scheduler {
+            catalog,
+            schedule,
+            clock,
+            repo: repo.with_options(options),
+            settings,
+            jobs,
+            maintenance: tokio::sync::Mutex::new(()),
+            verifying: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn settings(&self) -> &ScheduleSettings {
+        &self.settings
+    }
+
+    /// Runs [`Scheduler::tick`] and [`Scheduler::maintain`] every `tick_secs`
+    /// until `shutdown` turns true. Errors are logged and retried next time.
+    pub fn spawn(
+        self: &Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(me.settings.tick_secs.max(1));
+            loop {
+                if *shutdown.borrow() || me.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let now = me.clock.now();
+                match me.tick(now).await {
+                    Ok(r) if r != TickReport::default() => tracing::info!(
+                        created = r.created.len(),
+                        retried = r.retried.len(),
+                        expired = r.expired.len(),
+                        "scheduler tick"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "scheduler tick failed"),
+                }
+                if let Err(e) = me.maintain(now).await {
+                    tracing::error!(error = %e, "scheduled maintenance failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        })
+    }
+
+    /// Stops a running verification; the loop ends at its next check.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(c) = self
+            .verifying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.cancel();
+        }
+    }
+
+    /// One scheduling step at `now`: expiry, then each server's automatic backup.
+    pub async fn tick(&self, now: time::OffsetDateTime) -> Result<TickReport, SchedulerError> {
+        let mut report = TickReport {
+            expired: self.expire(now).await?,
+            ..TickReport::default()
+        };
+        for server in self.schedule.auto_backup_servers().await? {
+            match window::decide(&server, now, &self.settings) {
+                Decision::Idle => {}
+                Decision::Create { day } => {
+                    let new = NewBackup {
+                        server_id: server.server_id,
+                        scope: Scope::All,
+                        backup_type: BackupType::Automatic,
+                        description: AUTOMATIC_DESCRIPTION.to_owned(),
+                        expires_at: Some(
+                            now + time::Duration::days(i64::from(server.retention_days)),
+                        ),
+                        scheduled_for: Some(day),
+                        run_after: None,
+                    };
+                    match self.catalog.create_backup(new, now).await {
+                        Ok(b) => {
+                            tracing::info!(server = server.server_id.0, backup = b.id.0,
+                                slot = %crate::clock::rfc3339(day), "automatic backup queued");
+                            report.created.push(b.id);
+                        }
+                        // Another scheduler (a second process) made it first.
+                        Err(CatalogError::Conflict(_)) => {}
+                        // Removed since the listing.
+                        Err(CatalogError::NotFound(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Decision::Retry { backup, attempt } => {
+                    if self.schedule.retry_backup(backup, now, now).await? {
+                        tracing::warn!(
+                            server = server.server_id.0,
+                            backup = backup.0,
+                            attempt,
+                            "retrying a failed automatic backup"
+                        );
+                        report.retried.push(backup);
+                    }
+                }
+            }
+        }
+        if !report.created.is_empty() || !report.retried.is_empty() {
+            if let Some(jobs) = &self.jobs {
+                jobs.wake();
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes automatic backups past their `expires_at`: the catalog row
+    /// first (so no client is offered a backup being deleted), then the data.
+    /// A crash between the two leaves an orphan manifest that GC removes.
+    async fn expire(&self, now: time::OffsetDateTime) -> Result<Vec<BackupId>, SchedulerError> {
+        let mut gone = Vec::new();
+        for b in self.schedule.expired_backups(now, EXPIRE_BATCH).await? {
+            debug_assert_eq!(b.backup_type, BackupType::Automatic);
+            match self.catalog.delete_backup(b.id, Scope::All).await {
+                Ok(deleted) => {
+                    if let (Some(job), Some(jobs)) = (deleted.job, &self.jobs) {
+                        jobs.cancel(job);
+                    }
+                }
+                // A restore is reading it: try again next tick.
+                Err(CatalogError::Conflict(_)) => continue,
+                Err(CatalogError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let repo = self.repo.clone();
+            let engine_id = b.engine_backup_id.clone();
+            match tokio::task::spawn_blocking(move || repo.delete_backup(&engine_id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(backup = b.id.0, error = %e, "could not delete an expired backup's data; GC will")
+                }
+                Err(e) => {
+                    tracing::warn!(backup = b.id.0, error = %e, "delete task failed; GC will")
+                }
+            }
+            tracing::info!(
+                backup = b.id.0,
+                server = b.server_id.0,
+                "expired automatic backup deleted"
+            );
+            gone.push(b.id);
+        }
+        Ok(gone)
+    }
+
+    /// Scheduled GC when due, then the verification pass.
+    pub async fn maintain(&self, now: time::OffsetDateTime) -> Result<(), SchedulerError> {
+        if self.settings.gc_interval_hours > 0 {
+            let due = match self.schedule.task_run(GC_TASK).await? {
+                None => true,
+                Some(run) => {
+                    run.last_run + time::Duration::hours(self.settings.gc_interval_hours as i64)
+                        <= now
+                }
+            };
+            if due {
+                let out = self.gc_now().await?;
+                tracing::info!(summary = %out.summary(), "scheduled GC");
+            }
+        }
+        if self.settings.verify_interval_days > 0 {
+            self.verify_pass(now).await?;
+        }
+        Ok(())
+    }
+
+    /// GC now: removes orphan store backups, then reclaims unreferenced data.
+    /// Safe beside running backups (the engine fences their packs).
+    pub async fn gc_now(&self) -> Result<GcOutcome, SchedulerError> {
+        let _turn = self.maintenance.lock().await;
+        let orphans = self.remove_orphans().await?;
+        let repo = self.repo.clone();
+        let (report, stats) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+            let report = repo.gc()?;
+            Ok((report, repo.stats()?))
+        })
+        .await
+        .map_err(|e| SchedulerError::Task(e.to_string()))??;
+        let out = GcOutcome {
+            bytes_freed: report.bytes_freed,
+            packs_deleted: report.packs_deleted,
+            packs_rewritten: report.packs_rewritten,
+            chunks_removed: report.chunks_removed,
+            packs_pending: report.packs_pending,
+            orphans_removed: orphans,
+            stored_bytes: stats.stored_bytes,
+        };
+        self.schedule
+            .record_task_run(GC_TASK, self.clock.now(), &out.summary())
+            .await?;
+        Ok(out)
+    }
+
+    /// Store backups named like the catalog's ("b<id>") whose row is gone.
+    /// Only ids at or below the highest catalog id count: a higher one may
+    /// belong to a row created after the listing.
+    async fn remove_orphans(&self) -> Result<u64, SchedulerError> {
+        let rows = self.catalog.all_backups().await?;
+        let Some(max_id) = rows.iter().map(|b| b.id.0).max() else {
+            return Ok(0);
+        };
+        let known: HashSet<String> = rows.iter().map(|b| b.engine_backup_id.clone()).collect();
+        let repo = self.repo.clone();
+        let n = tokio::task::spawn_blocking(move || -> Result<u64, EngineError> {
+            let mut n = 0;
+            for info in repo.list_backups()? {
+                let id = &info.backup_id;
+                let Some(num) = id.strip_prefix('b').and_then(|s| s.parse::<i64>().ok()) else {
+                    continue;
+                };
+                if num <= max_id && !known.contains(id) {
+                    tracing::warn!(backup = %id, "removing a store backup that has no catalog row");
+                    repo.delete_backup(id)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| SchedulerError::Task(e.to_string()))??;
+        Ok(n)
+    }
+
+    /// The throttled pass: verifies due backups one at a time while no job
+    /// runs, pausing between them. Returns the verdicts it recorded.
+    pub async fn verify_pass(
+        &self,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<Verdict>, SchedulerError> {
+        let before = now - time::Duration::days(self.settings.verify_interval_days as i64);
+        let due = self
+            .schedule
+            .backups_due_for_verify(before, VERIFY_BATCH)
+            .await?;
+        let duty = f64::from(self.settings.verify_duty_percent.clamp(1, 100)) / 100.0;
+        let mut verdicts = Vec::new();
+        for backup in due {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            // Backups and restores come first: they have a window to keep.
+            let jobs = self.schedule.job_counts(self.clock.now()).await?;
+            if jobs.running > 0 || jobs.queued_due > 0 {
+                break;
+            }
+            let started = Instant::now();
+            let v = {
+                let _turn = self.maintenance.lock().await;
+                self.verify_one(&backup).await?
+            };
+            verdicts.push(v);
+            let pause = started.elapsed().mul_f64(1.0 / duty - 1.0);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        if !verdicts.is_empty() {
+            let damaged = verdicts.iter().filter(|v| v.damage.is_some()).count();
+            let summary = format!("{} backups verified, {damaged} damaged", verdicts.len());
+            tracing::info!(%summary, "scheduled verification");
+            self.schedule
+                .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
+                .await?;
+        }
+        Ok(verdicts)
+    }
+
+    /// Verifies one backup (or every completed backup with `None`) now, at
+    /// full speed, and records the verdicts. For `vpsbackup verify`.
+    pub async fn verify_now(
+        &self,
+        backup: Option<BackupId>,
+    ) -> Result<Vec<Verdict>, SchedulerError> {
+        let _turn = self.maintenance.lock().await;
+        match backup {
+            Some(id) => {
+                let b = self
+                    .catalog
+                    .backup(id, Scope::All)
+                    .await?
+                    .ok_or(CatalogError::NotFound("Backup"))?;
+                Ok(vec![self.verify_one(&b).await?])
+            }
+            None => {
+                // One engine pass reads each distinct chunk once, however
+                // many backups share it.
+                let report = self.engine_verify(None).await?;
+                let mut verdicts = Vec::new();
+                for b in self.catalog.all_backups().await? {
+                    if b.status != WorkStatus::Completed {
+                        continue;
+                    }
+                    let intact = report
+                        .iter()
+                        .any(|v| v.backup_id == b.engine_backup_id && v.is_ok());
+                    let v = if intact {
+                        let v = Verdict {
+                            backup: b.id,
+                            damage: None,
+                        };
+                        self.record(&v).await?;
+                        v
+                    } else {
+                        // Damaged or absent from the pass: look again alone.
+                        self.verify_one(&b).await?
+                    };
+                    verdicts.push(v);
+                }
+                let damaged = verdicts.iter().filter(|v| v.damage.is_some()).count();
+                let summary = format!("{} backups verified, {damaged} damaged", verdicts.len());
+                self.schedule
+                    .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
+                    .await?;
+                Ok(verdicts)
+            }
+        }
+    }
+
+    async fn record(&self, v: &Verdict) -> Result<(), SchedulerError> {
+        self.schedule
+            .record_verification(v.backup, self.clock.now(), v.damage.as_deref())
+            .await?;
+        Ok(())
+    }
+
+    /// Verifies one backup and records the verdict. Damage is confirmed by a
+    /// second read so a pack moved by a GC in another process is not
+    /// mistaken for a loss.
+    async fn verify_one(&self, b: &Backup) -> Result<Verdict, SchedulerError> {
+        let mut damage = self.damage_of(b).await?;
+        if damage.is_some() {
+            damage = self.damage_of(b).await?;
+        }
+        if damage.is_some() {
+            // Deleted meanwhile (expiry, a client): not damage.
+            if self.catalog.backup(b.id, Scope::All).await?.is_none() {
+                return Ok(Verdict {
+                    backup: b.id,
+                    damage: None,
+                });
+            }
+            tracing::error!(backup = b.id.0, reason = ?damage, "verification found a damaged backup");
+        }
+        let v = Verdict {
+            backup: b.id,
+            damage,
+        };
+        self.record(&v).await?;
+        Ok(v)
+    }
+
+    async fn damage_of(&self, b: &Backup) -> Result<Option<String>, SchedulerError> {
+        match self.engine_verify(Some(b.engine_backup_id.clone())).await {
+            Ok(report) => Ok(report
+                .iter()
+                .find(|v| v.backup_id == b.engine_backup_id)
+                .and_then(damage_text)),
+            Err(EngineError::BackupNotFound(_)) => Ok(Some(
+                "Verification found this backup's data missing from the store; it cannot be restored. Create a new backup."
+                    .to_owned(),
+            )),
+            Err(EngineError::Cancelled) => Err(SchedulerError::Task("verification was stopped".into())),
+            // A damaged manifest, chunk list or index surfaces as an error.
+            Err(e @ (EngineError::Corrupt { .. } | EngineError::MissingChunk { .. } | EngineError::BadObject { .. })) => {
+                Ok(Some(format!(
+                    "Verification could not read this backup's data ({e}); it cannot be restored. Create a new backup."
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn engine_verify(
+        &self,
+        id: Option<String>,
+    ) -> Result<Vec<BackupVerification>, EngineError> {
+        let control = Arc::new(JobControl::new());
+        *self.verifying.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
+        if self.stopping.load(Ordering::SeqCst) {
+            control.cancel();
+        }
+        let repo = self.repo.clone();
+        let res = tokio::task::spawn_blocking(move || repo.verify(id.as_deref(), &control))
+            .await
+            .map_err(|e| EngineError::Internal(format!("verify task failed: {e}")))?;
+        *self.verifying.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(res?.backups)
+    }
+}
+
+/// The customer-facing reason a verification result means damage, if it does.
+fn damage_text(v: &BackupVerification) -> Option<String> {
+    if v.is_ok() {
+        return None;
+    }
+    if let Some(e) = &v.manifest_error {
+        return Some(format!(
+            "Verification found this backup's manifest unreadable ({e}); it cannot be restored. Create a new backup."
+        ));
+    }
+    Some(format!(
+        "Verification found {} corrupt and {} missing chunks in this backup's data; it cannot be restored. Create a new backup.",
+        v.corrupt_chunks.len(),
+        v.missing_chunks.len()
+    ))
+}

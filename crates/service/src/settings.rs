@@ -1,0 +1,147 @@
+//! The service's settings. Layered by the binary: defaults, then the TOML
+//! file (`<data_dir>/config.toml` or `--config`), then `VPSBACKUP_*`
+//! environment variables, then flags. Every field is documented here, and
+//! the TOML keys are the field names.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Commands run around jobs. Placeholders: `{server_id}`, `{name}`,
+/// `{hostname}`, `{backup_id}`, `{disks}` (space separated), each
+/// shell-quoted. Run with `sh -c`; empty or absent means no hook.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookCommands {
+    /// Before a backup reads the disks, e.g. `virsh domfsfreeze {name}`.
+    pub pre_backup: Option<String>,
+    /// After a backup, whatever its outcome, e.g. `virsh domfsthaw {name}`.
+    pub post_backup: Option<String>,
+    /// Before a restore writes the disks, e.g. `virsh destroy {name}`.
+    pub pre_restore: Option<String>,
+    /// After a restore, whatever its outcome, e.g. `virsh start {name}`.
+    pub post_restore: Option<String>,
+}
+
+// Hook commands may carry credentials (an API key in a curl line): never log them.
+impl fmt::Debug for HookCommands {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |h: &Option<String>| if h.is_some() { "<set>" } else { "<none>" };
+        f.debug_struct("HookCommands")
+            .field("pre_backup", &show(&self.pre_backup))
+            .field("post_backup", &show(&self.post_backup))
+            .field("pre_restore", &show(&self.pre_restore))
+            .field("post_restore", &show(&self.post_restore))
+            .finish()
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the catalog (`catalog.db`) and the store (`store/`) live.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: String,
+    /// Jobs (backups and restores) run at once, host-wide. At most one per server.
+    pub workers: usize,
+    /// Seconds without a heartbeat after which a running job is taken over.
+    pub job_lease_secs: u64,
+    /// Times a job is started before it is failed for good (service restarts count).
+    pub job_max_attempts: u32,
+    /// Largest request body accepted, bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Seconds a hook may run before it is killed and counted as failed.
+    pub hook_timeout_secs: u64,
+    /// Read bandwidth limit per backup job, MB/s (none: unlimited).
+    pub read_limit_mb_per_s: Option<u64>,
+    /// Connections reading the catalog (listings scale with these).
+    pub catalog_readers: u32,
+    /// Global hooks; a server's own hooks override them one by one.
+    pub hooks: HookCommands,
+    /// Automatic backups, retries, expiry, GC and verification: the
+    /// `[schedule]` table (see [`crate::scheduler::ScheduleSettings`]).
+    pub schedule: crate::scheduler::ScheduleSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./vpsbackup-data"),
+            listen: "127.0.0.1:8080".into(),
+            workers: 2,
+            job_lease_secs: 30,
+            job_max_attempts: 3,
+            max_body_bytes: 64 * 1024,
+            hook_timeout_secs: 300,
+            read_limit_mb_per_s: None,
+            catalog_readers: 4,
+            hooks: HookCommands::default(),
+            schedule: crate::scheduler::ScheduleSettings::default(),
+        }
+    }
+}
+
+/// A settings file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
+impl Settings {
+    /// Defaults overlaid with the TOML file at `path`. A missing file is
+    /// fine when `required` is false (the default `<data_dir>/config.toml`).
+    pub fn from_file(path: &Path, required: bool) -> Result<Settings, SettingsError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| SettingsError::Parse {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Settings::default())
+            }
+            Err(source) => Err(SettingsError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The catalog database file.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.data_dir.join("catalog.db")
+    }
+
+    /// The engine's store directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_unknown_keys_fail() {
+        let s: Settings =
+            toml::from_str("workers = 4\n[hooks]\npre_backup = \"virsh domfsfreeze {name}\"\n")
+                .unwrap();
+        assert_eq!(s.workers, 4);
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert!(s.hooks.pre_backup.is_some());
+        assert!(!format!("{s:?}").contains("virsh"), "hooks are redacted");
+        assert!(toml::from_str::<Settings>("wrkers = 4").is_err());
+    }
+}
