@@ -1,0 +1,319 @@
+//! Verify, corruption, delete, garbage collection (also beside a running
+//! backup), cancellation and the read limit, on real images.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vpsbackup_engine::{BackupRequest, EngineError, JobControl, Repository};
+
+fn pack_files(store: &Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for d in std::fs::read_dir(store.join("packs")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            v.push(f.unwrap().path());
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn corrupt_pack_is_found_by_verify_and_fails_restore() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "good", "srv1", &[&img]);
+    assert!(repo
+        .verify(Some("good"), &JobControl::new())
+        .unwrap()
+        .is_ok());
+
+    // Flip bytes in the middle of the largest pack (chunk payloads).
+    let victim = pack_files(&store)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    // Rewrite in place as bit rot would (the object's name stays).
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let report = repo.verify(None, &JobControl::new()).unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(report.backups.len(), 1);
+    let b = &report.backups[0];
+    assert_eq!(b.backup_id, "good");
+    assert!(!b.corrupt_chunks.is_empty(), "{report:?}");
+
+    let out = t.path().join("out.raw");
+    let err = repo
+        .restore("good", &[out.clone()], &JobControl::new())
+        .unwrap_err();
+    match &err {
+        EngineError::Corrupt { chunk, backup, .. } => {
+            assert_eq!(backup.as_deref(), Some("good"));
+            assert!(
+                b.corrupt_chunks.contains(chunk),
+                "{chunk} not in verify's list"
+            );
+        }
+        other => panic!("expected a corrupt chunk error, got {other}"),
+    }
+    assert!(err.to_string().contains("good"), "{err}");
+
+    // A deleted pack is reported as missing chunks.
+    std::fs::remove_file(&victim).unwrap();
+    let report = repo.verify(Some("good"), &JobControl::new()).unwrap();
+    assert!(!report.backups[0].missing_chunks.is_empty());
+    assert!(matches!(
+        repo.restore("good", &[out], &JobControl::new()),
+        Err(EngineError::MissingChunk { .. })
+    ));
+}
+
+#[test]
+fn delete_and_gc_free_space_and_keep_other_backups() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let other = t.path().join("other.raw");
+    let tree = make_tree(t.path(), "tree2", &["/usr/share/perl5"]);
+    make_ext4(&other, &tree, "24M");
+    let changed = t.path().join("changed.raw");
+    std::fs::copy(&img, &changed).unwrap();
+    scatter_writes(&changed, 40, 9);
+
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "keep1", "srv1", &[&img]);
+    let before_other = stored(&repo);
+    backup(&repo, "drop", "srv2", &[&other]);
+    let dropped = stored(&repo) - before_other;
+    backup(&repo, "keep2", "srv1", &[&changed]);
+    let full = stored(&repo);
+
+    // GC with nothing to collect changes nothing.
+    let r = repo.gc().unwrap();
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert_eq!(stored(&repo), full);
+
+    repo.delete_backup("drop").unwrap();
+    repo.delete_backup("drop").unwrap(); // idempotent
+    assert!(matches!(
+        repo.backup_info("drop"),
+        Err(EngineError::BackupNotFound(_))
+    ));
+    let r = repo.gc().unwrap();
+    assert!(r.packs_deleted > 0 && r.bytes_freed > 0, "{r:?}");
+    let after = stored(&repo);
+    assert!(after < full, "{after} < {full}");
+    // What "drop" alone held is gone (chunks it shared with the others stay).
+    assert!(
+        after <= full - dropped * 9 / 10,
+        "gc left {after} of {full}, {dropped} were the deleted backup's"
+    );
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o1.raw");
+    restore(&repo, "keep1", &[&o]);
+    cmp(&img, &o);
+    let o = t.path().join("o2.raw");
+    restore(&repo, "keep2", &[&o]);
+    cmp(&changed, &o);
+
+    // Deleting the older backup leaves its packs mostly live (keep2 shares
+    // all but 40 chunks): below the default threshold nothing is rewritten,
+    // with a high one the packs are repacked and their dead chunks dropped.
+    repo.delete_backup("keep1").unwrap();
+    let r = repo.gc().unwrap();
+    assert_eq!(r.packs_rewritten, 0, "{r:?}");
+    let eager = repo.with_options(vpsbackup_engine::EngineOptions {
+        repack_below: 0.999,
+        ..test_options()
+    });
+    let before = stored(&repo);
+    let r = eager.gc().unwrap();
+    assert!(r.packs_rewritten > 0 && r.packs_deleted > 0, "{r:?}");
+    assert!(r.chunks_removed > 0, "{r:?}");
+    assert!(stored(&repo) < before);
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o3.raw");
+    restore(&repo, "keep2", &[&o]);
+    cmp(&changed, &o);
+    // A second GC finds nothing more to do and the index is one object.
+    let r = repo.gc().unwrap();
+    assert_eq!((r.packs_deleted, r.packs_rewritten), (0, 0), "{r:?}");
+    assert_eq!(std::fs::read_dir(store.join("index")).unwrap().count(), 1);
+}
+
+#[test]
+fn gc_beside_a_running_backup_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let changed = t.path().join("changed.raw");
+    std::fs::copy(&img, &changed).unwrap();
+    scatter_writes(&changed, 60, 3);
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "old", "srv1", &[&img]);
+    // The old backup is deleted: all its chunks are garbage, except that the
+    // running backup below will reference most of them by dedup.
+    repo.delete_backup("old").unwrap();
+
+    let job = Arc::new(JobControl::new());
+    let req = BackupRequest {
+        backup_id: "new".into(),
+        server_id: "srv1".into(),
+        server_name: String::new(),
+        disks: vec![changed.clone()],
+        // Slow enough that several GCs run while it is in flight.
+        read_limit: Some(16 << 20),
+    };
+    let (repo2, job2) = (repo.clone(), job.clone());
+    let writer = std::thread::spawn(move || repo2.backup(&req, &job2));
+    let mut gcs = 0;
+    while !writer.is_finished() {
+        repo.gc().unwrap();
+        gcs += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.join().unwrap().unwrap();
+    assert!(gcs >= 3, "only {gcs} GCs ran during the backup");
+    // Everything the new backup references survived.
+    assert!(repo
+        .verify(Some("new"), &JobControl::new())
+        .unwrap()
+        .is_ok());
+    // A GC now may collect what nothing references any more, and still the
+    // backup restores byte for byte.
+    repo.gc().unwrap();
+    repo.gc().unwrap();
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o.raw");
+    restore(&repo, "new", &[&o]);
+    cmp(&changed, &o);
+}
+
+#[test]
+fn cancelled_backup_leaves_no_manifest_and_gc_reclaims_it() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let repo = open_repo(&t.path().join("store"));
+    let job = Arc::new(JobControl::new());
+    let req = BackupRequest {
+        backup_id: "c1".into(),
+        server_id: "srv1".into(),
+        server_name: String::new(),
+        disks: vec![img.clone()],
+        read_limit: Some(8 << 20),
+    };
+    let (r2, j2) = (repo.clone(), job.clone());
+    let h = std::thread::spawn(move || r2.backup(&req, &j2));
+    // Let it get going, then cancel.
+    let start = Instant::now();
+    while job.progress().0 == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (done, total) = job.progress();
+    assert!(done > 0 && done < total, "{done}/{total}");
+    assert!(job.percent() < 100);
+    job.cancel();
+    let res = h.join().unwrap();
+    assert!(matches!(res, Err(EngineError::Cancelled)), "{res:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "cancellation is prompt"
+    );
+    assert!(repo.list_backups().unwrap().is_empty());
+    assert!(matches!(
+        repo.backup_info("c1"),
+        Err(EngineError::BackupNotFound(_))
+    ));
+    assert!(std::fs::read_dir(t.path().join("store/writers"))
+        .unwrap()
+        .next()
+        .is_none());
+    // Whatever packs it wrote are reclaimed.
+    repo.gc().unwrap();
+    assert_eq!(repo.stats().unwrap().stored_bytes, 0);
+    // The id is free to use.
+    backup(&repo, "c1", "srv1", &[&img]);
+}
+
+#[test]
+fn read_limit_is_respected() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let repo = open_repo(&t.path().join("store"));
+    let data = {
+        let s = backup(&repo, "probe", "srv1", &[&img]);
+        s.data_bytes
+    };
+    let limit = 16u64 << 20;
+    let start = Instant::now();
+    let req = BackupRequest {
+        backup_id: "limited".into(),
+        server_id: "srv1".into(),
+        server_name: String::new(),
+        disks: vec![img.clone()],
+        read_limit: Some(limit),
+    };
+    repo.backup(&req, &JobControl::new()).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    // One second of burst, then `limit` bytes/s.
+    let expected = data as f64 / limit as f64 - 1.0;
+    assert!(
+        secs >= expected * 0.9,
+        "{secs:.2}s for {data} bytes at {limit}/s"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_with_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let repo = open_repo(&t.path().join("store"));
+    let mk = |id: &str, disks: Vec<std::path::PathBuf>| BackupRequest {
+        backup_id: id.into(),
+        server_id: "s".into(),
+        server_name: String::new(),
+        disks,
+        read_limit: None,
+    };
+    let job = JobControl::new();
+    assert!(matches!(
+        repo.backup(&mk("../x", vec![img.clone()]), &job),
+        Err(EngineError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        repo.backup(&mk("x", vec![]), &job),
+        Err(EngineError::InvalidRequest(_))
+    ));
+    let e = repo
+        .backup(&mk("x", vec![t.path().join("nope.raw")]), &job)
+        .unwrap_err();
+    assert!(matches!(e, EngineError::Disk(_)), "{e}");
+    backup(&repo, "x", "s", &[&img]);
+    assert!(matches!(
+        repo.backup(&mk("x", vec![img.clone()]), &job),
+        Err(EngineError::BackupExists(_))
+    ));
+    assert!(matches!(
+        repo.restore("nope", &[], &job),
+        Err(EngineError::BackupNotFound(_))
+    ));
+    assert!(matches!(
+        repo.verify(Some("nope"), &job),
+        Err(EngineError::BackupNotFound(_))
+    ));
+    // Reopening finds the same store.
+    let again = Repository::open_local(&t.path().join("store")).unwrap();
+    assert_eq!(again.config(), repo.config());
+    assert_eq!(again.list_backups().unwrap().len(), 1);
+}
