@@ -54,7 +54,7 @@ fn corrupt_pack_is_found_by_verify_and_fails_restore() {
 
     let out = t.path().join("out.raw");
     let err = repo
-        .restore("good", &[out.clone()], &JobControl::new())
+        .restore("good", std::slice::from_ref(&out), &JobControl::new())
         .unwrap_err();
     match &err {
         EngineError::Corrupt { chunk, backup, .. } => {
