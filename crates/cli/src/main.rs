@@ -6,6 +6,7 @@
 //! exits non-zero (anyhow's report from `main`).
 
 mod admin;
+mod maintenance;
 mod serve;
 mod store;
 
@@ -46,6 +47,12 @@ enum Command {
     /// Servers and their disks.
     #[command(subcommand)]
     Server(admin::ServerCommand),
+    /// Reclaim store space no backup references (safe while serve runs).
+    Gc,
+    /// Re-read backups and mark damaged ones; exits non-zero if any is damaged.
+    Verify(maintenance::VerifyArgs),
+    /// Servers with their last and next backup, backups kept, store size and dedup.
+    Status,
     /// Fills the catalog with completed backups for benchmarks (no data).
     #[command(hide = true)]
     BenchSeed(admin::BenchSeedArgs),
@@ -67,6 +74,9 @@ fn main() -> anyhow::Result<()> {
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),
         Command::Plan(cmd) => admin::block_on(admin::plan(global, cmd)),
         Command::Server(cmd) => admin::block_on(admin::server(global, cmd)),
+        Command::Gc => admin::block_on(maintenance::gc(global)),
+        Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),
+        Command::Status => admin::block_on(maintenance::status(global)),
         Command::BenchSeed(args) => admin::block_on(admin::bench_seed(global, args)),
     }
 }

@@ -1,0 +1,109 @@
+//! Maintenance commands on a data dir, usable while `serve` runs:
+//! `vpsbackup gc`, `vpsbackup verify [--backup ID]` and `vpsbackup status`.
+//! They drive the same [`Scheduler`] code the service runs on its schedule,
+//! on the same catalog and store (the engine's GC is safe beside running
+//! backups, also across processes).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use vpsbackup_catalog::{BackupId, Catalog, ScheduleCatalog};
+use vpsbackup_engine::Repository;
+use vpsbackup_service::scheduler::status::status_report;
+use vpsbackup_service::scheduler::Scheduler;
+use vpsbackup_service::{Clock, Settings, SystemClock};
+
+use crate::admin::{load_settings, Global};
+
+/// `vpsbackup verify` flags.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Only this backup (its API id); default: every completed backup.
+    #[arg(long)]
+    pub backup: Option<i64>,
+}
+
+struct Opened {
+    settings: Settings,
+    catalog: Arc<dyn Catalog>,
+    schedule: Arc<dyn ScheduleCatalog>,
+    repo: Repository,
+}
+
+async fn open(global: &Global) -> anyhow::Result<Opened> {
+    let settings = load_settings(global)?;
+    let sqlite = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let store = settings.store_path();
+    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+        .await?
+        .with_context(|| format!("open the store {}", settings.store_path().display()))?;
+    Ok(Opened {
+        catalog: Arc::new(sqlite.clone()),
+        schedule: Arc::new(sqlite),
+        settings,
+        repo,
+    })
+}
+
+fn scheduler(o: &Opened) -> Scheduler {
+    Scheduler::new(
+        o.catalog.clone(),
+        o.schedule.clone(),
+        Arc::new(SystemClock),
+        o.repo.clone(),
+        o.settings.schedule.clone(),
+        None,
+    )
+}
+
+/// `vpsbackup gc`: reclaims what no backup references and says what it freed.
+pub async fn gc(global: Global) -> anyhow::Result<()> {
+    let o = open(&global).await?;
+    let out = scheduler(&o).gc_now().await.context("GC failed")?;
+    println!("GC {}", out.summary());
+    Ok(())
+}
+
+/// `vpsbackup verify`: re-reads backups, marks damaged ones, and exits
+/// non-zero when any is damaged (so cron and scripts notice).
+pub async fn verify(global: Global, args: VerifyArgs) -> anyhow::Result<()> {
+    let o = open(&global).await?;
+    let verdicts = scheduler(&o)
+        .verify_now(args.backup.map(BackupId))
+        .await
+        .context("verification failed")?;
+    let mut damaged = 0;
+    for v in &verdicts {
+        match &v.damage {
+            None => println!("backup {}: ok", v.backup),
+            Some(reason) => {
+                damaged += 1;
+                println!("backup {}: DAMAGED: {reason}", v.backup);
+            }
+        }
+    }
+    println!("{} backups verified, {damaged} damaged", verdicts.len());
+    if damaged > 0 {
+        bail!("{damaged} damaged backups; they are marked in the API and cannot be restored");
+    }
+    Ok(())
+}
+
+/// `vpsbackup status`: the servers table and the store's figures.
+pub async fn status(global: Global) -> anyhow::Result<()> {
+    let o = open(&global).await?;
+    let report = status_report(
+        &*o.catalog,
+        &*o.schedule,
+        &o.repo,
+        &o.settings.schedule,
+        SystemClock.now(),
+    )
+    .await?;
+    print!("{report}");
+    if !o.settings.schedule.enabled {
+        println!("Automatic backups are off in the config ([schedule] enabled = false).");
+    }
+    Ok(())
+}
