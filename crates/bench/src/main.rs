@@ -1,0 +1,595 @@
+//! `vpsbackup-bench`: backs up and restores the benchmark images
+//! (bench/make-images.sh) and prints wall time, throughput, store growth and
+//! peak memory per step, optionally beside restic and borg on the same
+//! images in the same run.
+//!
+//! Each engine step runs as a child process of this binary (the hidden
+//! `step` subcommand), so peak memory is measured per step with `wait4`.
+//! Errors: anyhow throughout (this is a binary).
+
+mod measure;
+mod peers;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use measure::{allocated_bytes, dir_usage, run_measured, same_guest_view, Measured};
+use peers::Peer;
+
+#[derive(Parser)]
+#[command(
+    name = "vpsbackup-bench",
+    about = "Back up and restore the benchmark images; print speed, store growth and memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    step: Option<StepCommand>,
+    /// Directory holding base.raw, day2.raw and base.qcow2 (bench/make-images.sh).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Also run restic and borg on the same images and print ratios.
+    #[arg(long)]
+    with_peers: bool,
+    /// Repeat everything N times (fresh stores each time) and print medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Where stores and restored disks go (a temp dir inside it); needs
+    /// about 3x the images' data free.
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Keep the work dir for inspection.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// One engine step, run in a child process so its memory is measured alone.
+#[derive(Subcommand)]
+enum StepCommand {
+    #[command(hide = true)]
+    Step {
+        #[command(subcommand)]
+        op: EngineOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum EngineOp {
+    Backup {
+        store: PathBuf,
+        id: String,
+        server: String,
+        disks: Vec<PathBuf>,
+    },
+    Restore {
+        store: PathBuf,
+        id: String,
+        targets: Vec<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(StepCommand::Step { op }) = cli.step {
+        return run_engine_step(op);
+    }
+    let images = cli
+        .images
+        .clone()
+        .context("--images DIR is required (see bench/make-images.sh)")?;
+    let bench = Bench::new(&images, &cli)?;
+    let mut all: Vec<StepResult> = Vec::new();
+    for run in 1..=cli.runs.max(1) {
+        eprintln!("== run {run} of {}", cli.runs.max(1));
+        all.extend(bench.run_once(run)?);
+    }
+    print_report(&all, cli.runs.max(1), &bench);
+    Ok(())
+}
+
+/// The child side: one backup or restore through the engine, summary as JSON.
+fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
+    use vpsbackup_engine::{BackupRequest, JobControl, Repository};
+    let job = JobControl::new();
+    let out = match op {
+        EngineOp::Backup {
+            store,
+            id,
+            server,
+            disks,
+        } => {
+            let repo = Repository::open_local(&store)?;
+            let s = repo.backup(
+                &BackupRequest {
+                    backup_id: id,
+                    server_id: server.clone(),
+                    server_name: server,
+                    disks,
+                    read_limit: None,
+                },
+                &job,
+            )?;
+            json!({
+                "data_bytes": s.data_bytes,
+                "stored_bytes": s.stored_bytes,
+                "chunks_total": s.chunks_total,
+                "chunks_new": s.chunks_new,
+            })
+        }
+        EngineOp::Restore { store, id, targets } => {
+            let repo = Repository::open_local(&store)?;
+            let s = repo.restore(&id, &targets, &job)?;
+            json!({
+                "bytes_written": s.bytes_written,
+                "chunks_written": s.chunks_written,
+                "chunks_skipped": s.chunks_skipped,
+            })
+        }
+    };
+    println!("{out}");
+    Ok(())
+}
+
+/// One measured step of one tool in one run.
+#[derive(Debug, Clone)]
+struct StepResult {
+    step: &'static str,
+    tool: &'static str,
+    wall: Duration,
+    /// Bytes of source data the step processed (for MB/s).
+    data: u64,
+    /// Store/repository growth in bytes (backups only).
+    growth: Option<u64>,
+    max_rss: u64,
+    note: String,
+}
+
+struct Bench {
+    base_raw: PathBuf,
+    day2_raw: PathBuf,
+    base_qcow2: PathBuf,
+    /// Allocated data of base.raw: the MB/s numerator for raw steps.
+    base_data: u64,
+    day2_data: u64,
+    qcow2_data: u64,
+    work: tempfile::TempDir,
+    peers: Vec<&'static str>,
+    exe: PathBuf,
+}
+
+const STEP_FULL: &str = "backup base.raw (full)";
+const STEP_DAY2: &str = "backup day2.raw (1% changed)";
+const STEP_QCOW2: &str = "backup base.qcow2 (2nd server)";
+const STEP_RESTORE_NEW: &str = "restore base -> new raw";
+const STEP_RESTORE_INPLACE: &str = "restore base -> day2 copy (in place)";
+const STEP_RESTORE_QCOW2: &str = "restore base -> new qcow2";
+const STEPS: [&str; 6] = [
+    STEP_FULL,
+    STEP_DAY2,
+    STEP_QCOW2,
+    STEP_RESTORE_NEW,
+    STEP_RESTORE_INPLACE,
+    STEP_RESTORE_QCOW2,
+];
+
+impl Bench {
+    fn new(images: &Path, cli: &Cli) -> anyhow::Result<Bench> {
+        let abs = |name: &str| peers::absolute(&images.join(name));
+        let base_raw = abs("base.raw")?;
+        let day2_raw = abs("day2.raw")?;
+        let base_qcow2 = abs("base.qcow2")?;
+        let mut peers = Vec::new();
+        if cli.with_peers {
+            for name in ["restic", "borg"] {
+                if !Peer::available(name) {
+                    bail!("--with-peers needs {name}: apt-get install -y restic borgbackup");
+                }
+                peers.push(name);
+            }
+        }
+        let work_parent = cli.work.clone().unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&work_parent)?;
+        let work = tempfile::Builder::new()
+            .prefix("vpsbackup-bench-")
+            .tempdir_in(&work_parent)?;
+        eprintln!("work dir: {}", work.path().display());
+        // Every tool then reads from the page cache, whichever runs first.
+        for image in [&base_raw, &day2_raw, &base_qcow2] {
+            warm_page_cache(image)?;
+        }
+        Ok(Bench {
+            base_data: allocated_bytes(&base_raw)?,
+            day2_data: allocated_bytes(&day2_raw)?,
+            qcow2_data: std::fs::metadata(&base_qcow2)?.len(),
+            base_raw,
+            day2_raw,
+            base_qcow2,
+            work,
+            peers,
+            exe: std::env::current_exe().context("locate own binary")?,
+        })
+        .map(|b| {
+            if cli.keep {
+                eprintln!("keeping the work dir");
+            }
+            b.keep_if(cli.keep)
+        })
+    }
+
+    fn keep_if(mut self, keep: bool) -> Bench {
+        if keep {
+            self.work.disable_cleanup(true);
+        }
+        self
+    }
+
+    fn run_once(&self, run: usize) -> anyhow::Result<Vec<StepResult>> {
+        let dir = self.work.path().join(format!("run{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut results = self.run_ours(&dir)?;
+        for &name in &self.peers {
+            results.extend(self.run_peer(name, &dir)?);
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(results)
+    }
+
+    fn engine(&self, op: &str) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["step", op]);
+        cmd
+    }
+
+    fn run_ours(&self, dir: &Path) -> anyhow::Result<Vec<StepResult>> {
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store)?;
+        let mut out = Vec::new();
+        let backups = [
+            (STEP_FULL, "base", "srv-a", &self.base_raw, self.base_data),
+            (STEP_DAY2, "day2", "srv-a", &self.day2_raw, self.day2_data),
+            (
+                STEP_QCOW2,
+                "qcow",
+                "srv-b",
+                &self.base_qcow2,
+                self.qcow2_data,
+            ),
+        ];
+        for (step, id, server, image, data) in backups {
+            let before = dir_usage(&store)?.0;
+            let mut cmd = self.engine("backup");
+            cmd.arg(&store).arg(id).arg(server).arg(image);
+            let m = run_measured(&mut cmd, &dir.join(format!("backup-{id}.log")))?;
+            let growth = dir_usage(&store)?.0.saturating_sub(before);
+            let summary: serde_json::Value =
+                serde_json::from_str(m.stdout.trim()).context("engine step output")?;
+            let note = format!(
+                "{} of {} chunks new",
+                summary["chunks_new"], summary["chunks_total"]
+            );
+            out.push(result(step, "ours", &m, data, Some(growth), note));
+            eprintln!("  ours: {step}: {:.2} s", m.wall.as_secs_f64());
+        }
+
+        let (store_bytes, store_files) = dir_usage(&store)?;
+        let new_raw = dir.join("restore-new.raw");
+        let m = self.restore(&store, &new_raw, dir)?;
+        let sparse = allocated_bytes(&new_raw)?;
+        self.check_restored(&new_raw)?;
+        out.push(result(
+            STEP_RESTORE_NEW,
+            "ours",
+            &m,
+            self.base_data,
+            None,
+            format!(
+                "byte-identical; {:.0} MB allocated of {:.0} MB",
+                mb(sparse),
+                mb(std::fs::metadata(&new_raw)?.len())
+            ),
+        ));
+        std::fs::remove_file(&new_raw)?;
+
+        let inplace = dir.join("restore-inplace.raw");
+        copy_sparse(&self.day2_raw, &inplace)?;
+        let m = self.restore(&store, &inplace, dir)?;
+        self.check_restored(&inplace)?;
+        let summary: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+        out.push(result(
+            STEP_RESTORE_INPLACE,
+            "ours",
+            &m,
+            self.base_data,
+            None,
+            format!(
+                "byte-identical; {} chunks written, {} unchanged",
+                summary["chunks_written"], summary["chunks_skipped"]
+            ),
+        ));
+        std::fs::remove_file(&inplace)?;
+
+        let qcow = dir.join("restore-new.qcow2");
+        let m = self.restore(&store, &qcow, dir)?;
+        self.check_restored(&qcow)?;
+        out.push(result(
+            STEP_RESTORE_QCOW2,
+            "ours",
+            &m,
+            self.base_data,
+            None,
+            format!(
+                "byte-identical guest view; file {:.0} MB",
+                mb(allocated_bytes(&qcow)?)
+            ),
+        ));
+        std::fs::remove_file(&qcow)?;
+
+        // The store's own file count, for the "one file per 4 MiB" target.
+        if let Some(first) = out.first_mut() {
+            first.note = format!(
+                "{}; store after 3 backups: {:.0} MB in {} files ({:.1} MiB per file)",
+                first.note,
+                mb(store_bytes),
+                store_files,
+                store_bytes as f64 / store_files.max(1) as f64 / (1 << 20) as f64
+            );
+        }
+        Ok(out)
+    }
+
+    fn restore(&self, store: &Path, target: &Path, dir: &Path) -> anyhow::Result<Measured> {
+        let mut cmd = self.engine("restore");
+        cmd.arg(store).arg("base").arg(target);
+        let log = dir.join(format!(
+            "restore-{}.log",
+            target.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let m = run_measured(&mut cmd, &log)?;
+        eprintln!(
+            "  ours: restore -> {}: {:.2} s",
+            target.display(),
+            m.wall.as_secs_f64()
+        );
+        Ok(m)
+    }
+
+    fn check_restored(&self, target: &Path) -> anyhow::Result<()> {
+        if !same_guest_view(target, &self.base_raw)? {
+            bail!(
+                "{} differs from {}: the restore is wrong",
+                target.display(),
+                self.base_raw.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn run_peer(&self, name: &'static str, dir: &Path) -> anyhow::Result<Vec<StepResult>> {
+        let peer = Peer::init(name, dir)?;
+        let mut out = Vec::new();
+        let backups = [
+            (STEP_FULL, "base", "srv-a", &self.base_raw, self.base_data),
+            (STEP_DAY2, "day2", "srv-a", &self.day2_raw, self.day2_data),
+            (
+                STEP_QCOW2,
+                "qcow",
+                "srv-b",
+                &self.base_qcow2,
+                self.qcow2_data,
+            ),
+        ];
+        for (step, id, host, image, data) in backups {
+            let before = dir_usage(&peer.repo())?.0;
+            let m = peer.backup(id, host, image)?;
+            let growth = dir_usage(&peer.repo())?.0.saturating_sub(before);
+            out.push(result(step, name, &m, data, Some(growth), String::new()));
+            eprintln!("  {name}: {step}: {:.2} s", m.wall.as_secs_f64());
+        }
+        let target = dir.join(format!("{name}-restore"));
+        let (m, restored) = peer.restore("base", "srv-a", &self.base_raw, &target)?;
+        self.check_restored(&restored)?;
+        let note = format!(
+            "byte-identical; {:.0} MB allocated",
+            mb(allocated_bytes(&restored)?)
+        );
+        out.push(result(
+            STEP_RESTORE_NEW,
+            name,
+            &m,
+            self.base_data,
+            None,
+            note,
+        ));
+        eprintln!("  {name}: restore: {:.2} s", m.wall.as_secs_f64());
+        std::fs::remove_dir_all(&target)?;
+        Ok(out)
+    }
+}
+
+fn result(
+    step: &'static str,
+    tool: &'static str,
+    m: &Measured,
+    data: u64,
+    growth: Option<u64>,
+    note: String,
+) -> StepResult {
+    StepResult {
+        step,
+        tool,
+        wall: m.wall,
+        data,
+        growth,
+        max_rss: m.max_rss,
+        note,
+    }
+}
+
+/// Reads a whole file once so it sits in the page cache.
+fn warm_page_cache(path: &Path) -> anyhow::Result<()> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::io::copy(&mut file, &mut std::io::sink())
+        .with_context(|| format!("read {}", path.display()))?;
+    Ok(())
+}
+
+fn copy_sparse(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("run cp")?;
+    if !status.success() {
+        bail!("cp {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+    v[v.len() / 2]
+}
+
+/// Medians per (step, tool), in step order, then ratios and targets.
+fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
+    let mut groups: BTreeMap<(usize, usize), Vec<&StepResult>> = BTreeMap::new();
+    let tool_rank = |t: &str| match t {
+        "ours" => 0,
+        "restic" => 1,
+        _ => 2,
+    };
+    for r in all {
+        let step = STEPS.iter().position(|s| *s == r.step).unwrap_or(99);
+        groups.entry((step, tool_rank(r.tool))).or_default().push(r);
+    }
+    struct Row {
+        step: &'static str,
+        tool: &'static str,
+        wall: f64,
+        mbps: f64,
+        growth: Option<f64>,
+        rss: f64,
+        note: String,
+    }
+    let rows: Vec<Row> = groups
+        .values()
+        .map(|rs| {
+            let wall = median(rs.iter().map(|r| r.wall.as_secs_f64()).collect());
+            Row {
+                step: rs[0].step,
+                tool: rs[0].tool,
+                wall,
+                mbps: mb(rs[0].data) / wall,
+                growth: rs[0]
+                    .growth
+                    .map(|_| median(rs.iter().map(|r| mb(r.growth.unwrap_or(0))).collect())),
+                rss: median(
+                    rs.iter()
+                        .map(|r| r.max_rss as f64 / (1 << 20) as f64)
+                        .collect(),
+                ),
+                note: rs[rs.len() / 2].note.clone(),
+            }
+        })
+        .collect();
+
+    println!();
+    println!(
+        "vpsbackup-bench: {} ({:.0} MB data), {} ({:.0} MB), {} ({:.0} MB); {} run(s), medians",
+        bench.base_raw.display(),
+        mb(bench.base_data),
+        bench.day2_raw.display(),
+        mb(bench.day2_data),
+        bench.base_qcow2.display(),
+        mb(bench.qcow2_data),
+        runs
+    );
+    println!(
+        "{:<38} {:<7} {:>8} {:>9} {:>11} {:>9}  notes",
+        "step", "tool", "wall s", "MB/s", "store +MB", "peak MiB"
+    );
+    for r in &rows {
+        println!(
+            "{:<38} {:<7} {:>8.2} {:>9.0} {:>11} {:>9.0}  {}",
+            r.step,
+            r.tool,
+            r.wall,
+            r.mbps,
+            r.growth.map_or("-".to_string(), |g| format!("{g:.1}")),
+            r.rss,
+            r.note
+        );
+    }
+
+    let find = |step: &str, tool: &str| rows.iter().find(|r| r.step == step && r.tool == tool);
+    if rows.iter().any(|r| r.tool != "ours") {
+        println!();
+        println!("speed ratios (their wall time / ours; higher is better for us):");
+        for step in STEPS {
+            let Some(ours) = find(step, "ours") else {
+                continue;
+            };
+            let mut line = format!("  {step:<38}");
+            let mut any = false;
+            for peer in ["restic", "borg"] {
+                if let Some(p) = find(step, peer) {
+                    any = true;
+                    line += &format!("  vs {peer}: {:>5.1}x", p.wall / ours.wall);
+                    if let (Some(o), Some(t)) = (ours.growth, p.growth) {
+                        line += &format!(" (store +{o:.0} MB vs +{t:.0} MB)");
+                    }
+                    line += &format!(" (peak {:.0} vs {:.0} MiB)", ours.rss, p.rss);
+                }
+            }
+            if any {
+                println!("{line}");
+            }
+        }
+    }
+
+    // The issue's targets, checked where this run has the figures.
+    println!();
+    println!("targets (issue 2):");
+    let check = |ok: bool| if ok { "ok  " } else { "MISS" };
+    if let Some(d) = find(STEP_DAY2, "ours") {
+        let g = d.growth.unwrap_or(f64::MAX);
+        println!(
+            "  {} day2 store growth {g:.1} MB <= 60 MB",
+            check(g <= 60.0)
+        );
+    }
+    let peak = rows
+        .iter()
+        .filter(|r| r.tool == "ours")
+        .map(|r| r.rss)
+        .fold(0.0, f64::max);
+    println!(
+        "  {} peak memory {peak:.0} MiB <= 256 MiB",
+        check(peak <= 256.0)
+    );
+    let ratio_targets = [
+        (STEP_FULL, "borg", 5.0),
+        (STEP_FULL, "restic", 7.0),
+        (STEP_DAY2, "restic", 10.0),
+        (STEP_RESTORE_NEW, "restic", 5.0),
+    ];
+    for (step, peer, want) in ratio_targets {
+        if let (Some(o), Some(p)) = (find(step, "ours"), find(step, peer)) {
+            let r = p.wall / o.wall;
+            println!(
+                "  {} {step}: {r:.1}x {peer} (target {want}x)",
+                check(r >= want)
+            );
+        }
+    }
+}
