@@ -1,0 +1,299 @@
+//! `vpsbackup store ...` as child processes on a bare store directory: the
+//! disaster-recovery path with no catalog, and a backup killed with SIGKILL
+//! midway.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "vpsbackup-store-cli-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vpsbackup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(args)
+        .output()
+        .expect("run vpsbackup")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = vpsbackup(args);
+    assert!(
+        out.status.success(),
+        "vpsbackup {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A real ext4 image of `size` holding a copy of `src`.
+fn image(dir: &Path, name: &str, src: &str, size: &str) -> PathBuf {
+    let tree = dir.join(format!("{name}-tree"));
+    std::fs::create_dir_all(&tree).unwrap();
+    run(Command::new("cp").arg("-a").arg(src).arg(&tree));
+    let img = dir.join(format!("{name}.raw"));
+    run(Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg("-F")
+        .arg(&img)
+        .arg(size));
+    img
+}
+
+fn cmp(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn bare_store_commands_round_trip() {
+    let t = TempDir::new("rt");
+    let img = image(&t.0, "disk0", "/usr/share/perl", "64M");
+    let img2 = image(&t.0, "disk1", "/usr/share/perl5", "16M");
+    let store = t.0.join("store");
+
+    let b = ok_json(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "b1",
+        "--server-id",
+        "srv-1",
+        "--server-name",
+        "web1",
+        "--disk",
+        s(&img),
+        "--disk",
+        s(&img2),
+        "--json",
+    ]);
+    assert_eq!(b["backup_id"], "b1");
+    assert_eq!(b["logical_bytes"], (64u64 << 20) + (16 << 20));
+    assert!(b["chunks_new"].as_u64().unwrap() > 0);
+    assert!(b["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    let ls = ok_json(&["store", "ls", s(&store), "--json"]);
+    assert_eq!(ls["backups"].as_array().unwrap().len(), 1);
+    assert_eq!(ls["backups"][0]["server_id"], "srv-1");
+    let show = ok_json(&["store", "show", s(&store), "b1", "--json"]);
+    assert_eq!(show["server_name"], "web1");
+    assert_eq!(show["disks"][1]["size"], 16u64 << 20);
+    assert_eq!(show["disks"][0]["format"], "raw");
+
+    // All disks, then one disk alone.
+    let (o0, o1) = (t.0.join("o0.raw"), t.0.join("o1.raw"));
+    ok_json(&[
+        "store",
+        "restore",
+        s(&store),
+        "b1",
+        "--to",
+        s(&o0),
+        "--to",
+        s(&o1),
+        "--json",
+    ]);
+    cmp(&img, &o0);
+    cmp(&img2, &o1);
+    let o2 = t.0.join("o2.qcow2");
+    ok_json(&[
+        "store",
+        "restore",
+        s(&store),
+        "b1",
+        "--disk",
+        "1",
+        "--to",
+        s(&o2),
+        "--json",
+    ]);
+    let back = t.0.join("back.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&o2)
+        .arg(&back));
+    cmp(&img2, &back);
+
+    let v = ok_json(&["store", "verify", s(&store), "--json"]);
+    assert_eq!(v["ok"], true);
+    assert!(v["chunks_checked"].as_u64().unwrap() > 0);
+    let st = ok_json(&["store", "stats", s(&store), "--json"]);
+    assert_eq!(st["backups"], 1);
+    assert!(st["stored_bytes"].as_u64().unwrap() > 0);
+
+    // Failures exit non-zero with a message.
+    let out = vpsbackup(&["store", "restore", s(&store), "nope", "--to", s(&o0)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    let out = vpsbackup(&["store", "ls", s(&t.0.join("not-a-store"))]);
+    assert!(!out.status.success());
+    let out = vpsbackup(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "b1",
+        "--server-id",
+        "x",
+        "--disk",
+        s(&img),
+    ]);
+    assert!(!out.status.success(), "a duplicate id is refused");
+
+    let out = vpsbackup(&["store", "delete", s(&store), "b1"]);
+    assert!(out.status.success());
+    let g = ok_json(&["store", "gc", s(&store), "--grace", "0", "--json"]);
+    assert!(g["packs_deleted"].as_u64().unwrap() > 0);
+    let st = ok_json(&["store", "stats", s(&store), "--json"]);
+    assert_eq!(st["stored_bytes"], 0);
+    assert_eq!(st["backups"], 0);
+}
+
+#[test]
+fn backup_killed_with_sigkill_leaves_a_consistent_store() {
+    let t = TempDir::new("kill");
+    let img = image(&t.0, "a", "/usr/share/perl", "64M");
+    let big = image(&t.0, "b", "/usr/lib/python3", "96M");
+    let store = t.0.join("store");
+    ok_json(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "done",
+        "--server-id",
+        "a",
+        "--disk",
+        s(&img),
+        "--json",
+    ]);
+    let baseline = ok_json(&["store", "stats", s(&store), "--json"])["stored_bytes"]
+        .as_u64()
+        .unwrap();
+
+    // Kill at different moments of a slowed-down backup.
+    for (round, delay_ms) in [300u64, 900, 1700].into_iter().enumerate() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+            .args([
+                "store",
+                "backup",
+                s(&store),
+                "--id",
+                &format!("killed{round}"),
+                "--server-id",
+                "b",
+                "--disk",
+                s(&big),
+                "--read-limit",
+                "20000000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SIGKILL: no destructor, no cleanup runs.
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "round {round}: the backup finished before the kill"
+        );
+
+        let ls = ok_json(&["store", "ls", s(&store), "--json"]);
+        let ids: Vec<&str> = ls["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            ["done"],
+            "round {round}: no manifest for the killed backup"
+        );
+        let v = ok_json(&["store", "verify", s(&store), "--json"]);
+        assert_eq!(v["ok"], true, "round {round}: {v}");
+    }
+    let before_gc = ok_json(&["store", "stats", s(&store), "--json"])["stored_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(before_gc > baseline, "the killed backups left packs behind");
+
+    // The writers are dead (their markers name gone processes): GC reclaims
+    // everything they left, and the completed backup still restores.
+    let g = ok_json(&["store", "gc", s(&store), "--grace", "0", "--json"]);
+    assert!(g["packs_deleted"].as_u64().unwrap() > 0, "{g}");
+    let after = ok_json(&["store", "stats", s(&store), "--json"]);
+    assert_eq!(after["stored_bytes"].as_u64().unwrap(), baseline, "{after}");
+    assert!(std::fs::read_dir(store.join("writers"))
+        .unwrap()
+        .next()
+        .is_none());
+    let out = t.0.join("out.raw");
+    ok_json(&[
+        "store",
+        "restore",
+        s(&store),
+        "done",
+        "--to",
+        s(&out),
+        "--json",
+    ]);
+    cmp(&img, &out);
+    // And the store takes new backups, the killed id included.
+    ok_json(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "killed0",
+        "--server-id",
+        "b",
+        "--disk",
+        s(&big),
+        "--json",
+    ]);
+    let v = ok_json(&["store", "verify", s(&store), "--json"]);
+    assert_eq!(v["ok"], true);
+}
