@@ -46,6 +46,8 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
     tracing::debug!(?settings, "settings");
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        // Installed first, so a SIGTERM during start-up is a clean stop too.
+        let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(&settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -53,7 +55,7 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
         if args.demo {
             demo(&settings, addr).await?;
         }
-        vpsbackup_service::run(settings, listener, shutdown_signal()).await?;
+        vpsbackup_service::run(settings, listener, shutdown).await?;
         Ok(())
     })
 }
@@ -84,22 +86,17 @@ async fn demo(settings: &Settings, addr: std::net::SocketAddr) -> anyhow::Result
     Ok(())
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM or Ctrl-C. The handlers are registered when this is called, not
+/// when the returned future is first polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received");
+        tracing::info!("shutdown signal received");
+    })
 }

@@ -1,0 +1,385 @@
+//! The admin command line and `serve --demo`, running the built binary on a
+//! fresh data dir: the names, flags and outputs scripts depend on.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = vpsbackup(dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Fails with a non-zero exit and a reason on stderr containing `why`.
+fn fails(dir: &Path, args: &[&str], why: &str) {
+    let out = vpsbackup(dir, args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: stderr {err:?} lacks {why:?}");
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().last().unwrap_or("")
+}
+
+fn is_token(s: &str) -> bool {
+    s.len() == 44
+        && s.starts_with("vps_")
+        && s[4..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn make_disk(path: &Path) {
+    let content = path.with_extension("d");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "hello\n".repeat(10_000)).unwrap();
+    let out = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&content)
+        .arg("-F")
+        .arg(path)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+fn http_get(addr: &str, path: &str, token: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn accounts_tokens_plans_and_servers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let disk = tmp.path().join("disk.img");
+    make_disk(&disk);
+
+    ok(&dir, &["account", "create", "acme"]);
+    fails(&dir, &["account", "create", "acme"], "already exists");
+    assert!(ok(&dir, &["account", "list"]).contains("acme"));
+
+    let out = ok(
+        &dir,
+        &["token", "create", "--account", "acme", "--name", "ci"],
+    );
+    let token = last_line(&out).to_owned();
+    assert!(is_token(&token), "last line is not a token: {out:?}");
+    let admin = ok(&dir, &["token", "create", "--admin"]);
+    assert!(is_token(last_line(&admin)));
+    assert_ne!(last_line(&admin), token);
+    fails(
+        &dir,
+        &["token", "create", "--account", "nobody"],
+        "no account named",
+    );
+    fails(&dir, &["token", "create"], "--account");
+    let list = ok(&dir, &["token", "list"]);
+    assert!(
+        list.contains(&token[..8]) && !list.contains(&token),
+        "{list}"
+    );
+
+    ok(&dir, &["plan", "create", "gold", "--retention-days", "21"]);
+    fails(
+        &dir,
+        &["plan", "create", "huge", "--retention-days", "40"],
+        "between 7 and 30",
+    );
+    fails(
+        &dir,
+        &["plan", "create", "gold", "--retention-days", "8"],
+        "already exists",
+    );
+    ok(
+        &dir,
+        &[
+            "plan",
+            "set",
+            "gold",
+            "--retention-days",
+            "10",
+            "--window-start",
+            "01:30",
+        ],
+    );
+    ok(&dir, &["plan", "update", "gold", "--window-minutes", "60"]);
+    fails(
+        &dir,
+        &["plan", "set", "nope", "--retention-days", "10"],
+        "not found",
+    );
+    let plans = ok(&dir, &["plan", "list"]);
+    assert!(
+        plans
+            .lines()
+            .any(|l| l.contains("gold") && l.contains("10 d") && l.contains("01:30")),
+        "{plans}"
+    );
+
+    let d = disk.to_str().unwrap();
+    ok(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "12345",
+            "--name",
+            "web-server-01",
+            "--account",
+            "acme",
+            "--disk",
+            d,
+            "--plan",
+            "gold",
+            "--hostname",
+            "web.example.com",
+        ],
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "12345",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            d,
+        ],
+        "already exists",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "7",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            "/nonexistent.img",
+        ],
+        "does not exist",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "7",
+            "--name",
+            "x",
+            "--account",
+            "ghost",
+            "--disk",
+            d,
+        ],
+        "no account named",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "7",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            d,
+            "--plan",
+            "ghost",
+        ],
+        "no plan named",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "0",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            d,
+        ],
+        "positive",
+    );
+    ok(
+        &dir,
+        &[
+            "server",
+            "set",
+            "12345",
+            "--auto-backup",
+            "off",
+            "--window-start",
+            "04:15",
+        ],
+    );
+    let servers = ok(&dir, &["server", "list"]);
+    let row = servers.lines().find(|l| l.contains("12345")).unwrap();
+    assert!(
+        row.contains("web-server-01")
+            && row.contains("gold")
+            && row.contains("off")
+            && row.contains("04:15")
+            && row.contains(d),
+        "{row}"
+    );
+
+    ok(&dir, &["token", "revoke", &token]);
+    fails(&dir, &["token", "revoke", &token], "no active token");
+    fails(&dir, &["server", "remove", "999"], "not found");
+    ok(&dir, &["server", "remove", "12345"]);
+    assert!(!ok(&dir, &["server", "list"]).contains("web-server-01"));
+}
+
+#[test]
+fn serve_demo_answers_the_seed_request_and_admin_commands_work_beside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    let mut token = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while token.is_none() {
+        assert!(Instant::now() < deadline, "no token printed");
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            addr.get_or_insert_with(|| rest.split('/').next().unwrap().to_owned());
+        }
+        if is_token(line.trim()) {
+            token = Some(line.trim().to_owned());
+        }
+    }
+    let (addr, token) = (addr.unwrap(), token.unwrap());
+
+    // The seed's first example, with only host and token changed.
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        if let Ok(s) = TcpStream::connect(&addr) {
+            drop(s);
+            answer = http_get(&addr, "/api/v1/backups/?server_id=12345", &token);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert!(answer.1.contains("\"count\""), "{}", answer.1);
+    let (status, servers) = http_get(&addr, "/api/v1/servers/12345/", &token);
+    assert_eq!(status, 200);
+    assert!(servers.contains("web-server-01"), "{servers}");
+
+    // The admin command line writes to the same catalog while serve runs.
+    let disk = tmp.path().join("second.img");
+    make_disk(&disk);
+    ok(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "2",
+            "--name",
+            "db-01",
+            "--account",
+            "demo",
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    );
+    let (_, list) = http_get(&addr, "/api/v1/servers/", &token);
+    assert!(list.contains("\"count\":2"), "{list}");
+    ok(&dir, &["token", "revoke", &token]);
+    assert_eq!(http_get(&addr, "/api/v1/servers/", &token).0, 401);
+
+    // A second serve on the same data dir is refused.
+    fails(
+        &dir,
+        &["serve", "--listen", "127.0.0.1:0"],
+        "another `vpsbackup serve`",
+    );
+
+    // SIGTERM: a clean stop.
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+
+    // Running --demo again keeps the data and says how to get a token.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Keep reading stdout to its end: closing the pipe early would make serve's
+    // next println fail.
+    let mut out = BufReader::new(again.stdout.take().unwrap()).lines();
+    let first = out.next().unwrap().unwrap();
+    assert!(first.contains("already set up"), "{first}");
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(again.id().to_string())
+        .status()
+        .unwrap();
+    assert!(again.wait().unwrap().success());
+}
