@@ -35,6 +35,9 @@ use vpsbackup_disk::{is_zero, AlignedBuf, DiskReader};
 const BLOCK: usize = 4 << 20;
 /// Blocks in flight between reader and writer.
 const WINDOW: usize = 6;
+/// Entries in the per-backup set of new chunks (~48 bytes each): 1 Mi
+/// entries cover 64 GiB of new data at 64 KiB chunks in about 50 MiB.
+const CLAIMED_CAP: usize = 1 << 20;
 /// The uploader writes an index object after this many packs, so its
 /// memory stays bounded and a long backup's packs get indexed early.
 const PACKS_PER_INDEX: usize = 64;
@@ -159,7 +162,10 @@ struct Pipeline<'a> {
     inner: &'a RepoInner,
     index: &'a ChunkIndex,
     job: &'a JobControl,
-    /// New chunks some worker of this backup already took on.
+    /// New chunks some worker of this backup already took on. Capped at
+    /// [`CLAIMED_CAP`] entries so memory does not grow with the disk: past
+    /// the cap it starts afresh, and a chunk repeated far apart within one
+    /// huge backup may be stored twice (harmless: GC keeps one copy).
     claimed: Mutex<HashSet<ChunkId>>,
     abort: AtomicBool,
     chunk_size: usize,
@@ -181,6 +187,16 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T, EngineError>>) -> Resu
 }
 
 impl Pipeline<'_> {
+    /// True if this caller is the first in this backup to take on chunk `id`.
+    fn claim(&self, id: ChunkId) -> bool {
+        let mut set = self.claimed.lock().expect("claimed lock");
+        if set.len() >= CLAIMED_CAP {
+            set.clear();
+            set.shrink_to_fit();
+        }
+        set.insert(id)
+    }
+
     fn fail<T>(&self, e: EngineError) -> Result<T, EngineError> {
         self.abort.store(true, Ordering::SeqCst);
         Err(e)
@@ -335,9 +351,7 @@ impl Pipeline<'_> {
                             continue;
                         }
                         let id = ChunkId::of(raw);
-                        if self.index.has_for_dedup(&id)
-                            || !self.claimed.lock().expect("claimed lock").insert(id)
-                        {
+                        if self.index.has_for_dedup(&id) || !self.claim(id) {
                             chunks.push(ChunkOut::Known(id));
                             continue;
                         }
@@ -559,9 +573,7 @@ impl PackWriter<'_, '_> {
         } else {
             let raw = encode_chunk_list(&self.current);
             let id = ChunkId::of(&raw);
-            if !self.p.index.has_for_dedup(&id)
-                && self.p.claimed.lock().expect("claimed lock").insert(id)
-            {
+            if !self.p.index.has_for_dedup(&id) && self.p.claim(id) {
                 let mut payload = Vec::new();
                 let flags = compress_into(&mut self.compressor, &raw, &mut payload);
                 self.out.stored_bytes += payload.len() as u64;

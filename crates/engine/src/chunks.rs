@@ -62,20 +62,34 @@ fn fetch_at(
         Ok(p) => p,
         Err(f) => return Ok(Err(f)),
     };
-    Ok(decode(loc, payload))
+    Ok(decode(loc, &payload))
 }
 
 /// Decompresses a payload and checks its hash.
-pub(crate) fn decode(loc: &Location, payload: Vec<u8>) -> Result<Vec<u8>, ChunkFault> {
+pub(crate) fn decode(loc: &Location, payload: &[u8]) -> Result<Vec<u8>, ChunkFault> {
+    decode_with(None, loc, payload)
+}
+
+/// [`decode`] with a reusable decompression context (saves its setup per chunk).
+pub(crate) fn decode_with(
+    dec: Option<&mut zstd::bulk::Decompressor<'_>>,
+    loc: &Location,
+    payload: &[u8],
+) -> Result<Vec<u8>, ChunkFault> {
     let raw = if loc.entry.flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(&payload, loc.entry.raw_len as usize).map_err(|e| {
+        let cap = loc.entry.raw_len as usize;
+        match dec {
+            Some(d) => d.decompress(payload, cap),
+            None => zstd::bulk::decompress(payload, cap),
+        }
+        .map_err(|e| {
             ChunkFault::Corrupt(format!(
                 "cannot decompress it from pack {}: {e}",
                 loc.pack.key()
             ))
         })?
     } else {
-        payload
+        payload.to_vec()
     };
     if raw.len() != loc.entry.raw_len as usize || ChunkId::of(&raw) != loc.entry.id {
         return Err(ChunkFault::Corrupt(format!(

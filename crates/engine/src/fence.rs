@@ -1,7 +1,8 @@
 //! The fence between GC and running writers, without a global lock.
 //!
 //! A backup registers `writers/<id>` (start time, refreshed periodically)
-//! before it reads the index or writes anything. GC removes nothing newer
+//! before it reads the index or writes anything; restores and verifies
+//! register too, so GC does not delete a pack they may still read. GC removes nothing newer
 //! than the oldest live writer's start (nor than its own start minus a
 //! grace period), and deletes a pack a writer might dedup against only
 //! after condemning it in `pending/` and seeing no writer that started
@@ -35,10 +36,10 @@ pub(crate) fn hostname() -> String {
 }
 
 impl WriterGuard {
-    pub(crate) fn register(inner: &RepoInner, backup_id: &str) -> Result<Self, EngineError> {
+    pub(crate) fn register(inner: &RepoInner, job: &str) -> Result<Self, EngineError> {
         let started_at_ms = now_ms();
         let marker = WriterMarker {
-            backup_id: backup_id.to_owned(),
+            backup_id: job.to_owned(),
             host: hostname(),
             pid: std::process::id(),
             started_at_ms,

@@ -450,6 +450,7 @@ impl IndexFile {
 /// newer than the oldest live writer's start.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WriterMarker {
+    /// What runs: a backup id, or `restore:<id>` / `verify`.
     pub backup_id: String,
     pub host: String,
     pub pid: u32,

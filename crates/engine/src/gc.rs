@@ -31,6 +31,9 @@ use crate::{EngineError, GcReport, RepoInner};
 use std::collections::{HashMap, HashSet};
 use std::time::UNIX_EPOCH;
 
+/// See where `tc` is taken.
+const CONDEMN_MARGIN_MS: u64 = 10_000;
+
 pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let storage = &*inner.storage;
     let opts = &inner.options;
@@ -102,7 +105,10 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
 
     // Condemn, then look at the writers: one that started before this
     // point may have loaded an index offering these packs for dedup.
-    let tc = now_ms();
+    // `since` must not be earlier than the moment the pending object becomes
+    // visible, or a writer starting in between could be taken for a newer
+    // one that saw it: the margin covers the time the put takes.
+    let tc = now_ms() + CONDEMN_MARGIN_MS;
     for since in condemned.values_mut() {
         if *since == 0 {
             *since = tc;
@@ -314,7 +320,7 @@ fn repack(
                 Err(_) => continue 'packs,
             };
             // Never copy a damaged chunk: leave the pack for verify to report.
-            if chunks::decode(&loc, payload.clone()).is_err() {
+            if chunks::decode(&loc, &payload).is_err() {
                 continue 'packs;
             }
             moved.push((*e, payload));

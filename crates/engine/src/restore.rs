@@ -10,7 +10,7 @@
 
 use crate::chunks::{self, ChunkFault};
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
-use crate::index::ChunkIndex;
+use crate::index::{ChunkIndex, Location};
 use crate::{EngineError, JobControl, RepoInner, RestoreSummary};
 use crossbeam_channel::bounded;
 use std::path::PathBuf;
@@ -45,6 +45,8 @@ pub(crate) fn run(
             targets.len()
         )));
     }
+    // Registered before the index is read: GC keeps every pack it may name.
+    let _guard = crate::fence::WriterGuard::register(inner, &format!("restore:{backup_id}"))?;
     let index = ChunkIndex::load(&*inner.storage, &Default::default())?;
     job.set_total(disks.iter().map(|d| manifest.header.disks[*d].size).sum());
     let mut summary = RestoreSummary::default();
@@ -214,13 +216,16 @@ impl DiskRestore<'_> {
         let h = &self.manifest.header;
         let cs = h.chunk_size as u64;
         let size = h.disks[self.disk].size;
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_at = 0u64;
+        let span = |i: usize| {
+            let off = (first + i as u64) * cs;
+            (off, cs.min(size - off) as usize)
+        };
+        // Pass 1: zero chunks and chunks the target already holds.
+        let mut needed = Vec::with_capacity(ids.len());
         let mut target = vec![0u8; cs as usize];
         for (i, id) in ids.iter().enumerate() {
             self.job.check()?;
-            let off = (first + i as u64) * cs;
-            let len = cs.min(size - off) as usize;
+            let (off, len) = span(i);
             let current = if self.fresh {
                 None
             } else {
@@ -228,20 +233,64 @@ impl DiskRestore<'_> {
                 Some(&target[..len])
             };
             if id.is_zero() {
-                self.flush(&mut run, run_at)?;
                 if current.is_some_and(|t| !is_zero(t)) {
                     self.writer.write_zeroes(off, len as u64)?;
                     self.written.fetch_add(1, Ordering::Relaxed);
                     self.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
+                self.job.add_done(len as u64);
             } else if current.is_some_and(|t| ChunkId::of(t) == *id) {
-                self.flush(&mut run, run_at)?;
                 self.skipped.fetch_add(1, Ordering::Relaxed);
+                self.job.add_done(len as u64);
             } else {
-                let raw = fetch_or_fail(self.inner, self.index, id, &h.backup_id)?;
+                needed.push(i);
+            }
+        }
+        // Pass 2: fetch the rest, one read per run of chunks lying back to
+        // back in one pack (a backup writes neighbours together), and write
+        // neighbouring chunks with one call.
+        let mut dec = zstd::bulk::Decompressor::new()
+            .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at = 0u64;
+        let mut k = 0;
+        while k < needed.len() {
+            self.job.check()?;
+            let group = self.read_group(&needed[k..], ids);
+            let raws: Vec<Vec<u8>> = match &group {
+                Some((locs, payload)) => {
+                    let base = locs[0].entry.offset as usize;
+                    let mut v = Vec::with_capacity(locs.len());
+                    for loc in locs {
+                        let at = loc.entry.offset as usize - base;
+                        let p = &payload[at..at + loc.entry.stored_len as usize];
+                        match crate::chunks::decode_with(Some(&mut dec), loc, p) {
+                            Ok(raw) => v.push(raw),
+                            // Another copy may be good: the slow path tries them all.
+                            Err(_) => break,
+                        }
+                    }
+                    v
+                }
+                None => Vec::new(),
+            };
+            let raws = if raws.is_empty() {
+                vec![fetch_or_fail(
+                    self.inner,
+                    self.index,
+                    &ids[needed[k]],
+                    &h.backup_id,
+                )?]
+            } else {
+                raws
+            };
+            for raw in raws {
+                let i = needed[k];
+                k += 1;
+                let (off, len) = span(i);
                 if raw.len() != len {
                     return Err(EngineError::Corrupt {
-                        chunk: id.to_hex(),
+                        chunk: ids[i].to_hex(),
                         backup: Some(h.backup_id.clone()),
                         detail: format!("it holds {} bytes where the disk needs {len}", raw.len()),
                     });
@@ -254,10 +303,42 @@ impl DiskRestore<'_> {
                 }
                 run.extend_from_slice(&raw);
                 self.written.fetch_add(1, Ordering::Relaxed);
+                self.job.add_done(len as u64);
             }
-            self.job.add_done(len as u64);
         }
         self.flush(&mut run, run_at)
+    }
+
+    /// Reads the payloads of the longest prefix of `needed` whose preferred
+    /// copies sit back to back in one pack, with one ranged read.
+    fn read_group(&self, needed: &[usize], ids: &[ChunkId]) -> Option<(Vec<Location>, Vec<u8>)> {
+        let mut locs: Vec<Location> = Vec::new();
+        for &i in needed {
+            let Some(loc) = self.index.locations(&ids[i]).into_iter().next() else {
+                break;
+            };
+            if let Some(last) = locs.last() {
+                let end = last.entry.offset as u64 + last.entry.stored_len as u64;
+                let total = end - locs[0].entry.offset as u64;
+                if loc.pack != last.pack
+                    || loc.entry.offset as u64 != end
+                    || total + loc.entry.stored_len as u64 > MAX_WRITE as u64
+                {
+                    break;
+                }
+            }
+            locs.push(loc);
+        }
+        let first = locs.first()?;
+        let last = locs.last()?;
+        let len =
+            last.entry.offset as u64 + last.entry.stored_len as u64 - first.entry.offset as u64;
+        let payload = self
+            .inner
+            .storage
+            .get_range(&first.pack.key(), first.entry.offset as u64, len)
+            .ok()?;
+        Some((locs, payload))
     }
 
     fn flush(&self, run: &mut Vec<u8>, at: u64) -> Result<(), EngineError> {
