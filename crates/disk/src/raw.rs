@@ -10,6 +10,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::{DiskError, DiskFormat, DiskReader, DiskWriter, Extent};
 
@@ -207,6 +208,12 @@ fn size_of(file: &mut File, path: &Path, block_device: bool) -> Result<u64, Disk
 /// Reads a raw image file or a block device.
 pub struct RawReader {
     inner: RawFile,
+    /// The last map answer: a query from `.0` found `.1`. Callers walk the
+    /// disk in blocks and ask again at every block; inside a long extent the
+    /// answer is the same one clipped, and asking the kernel each time costs
+    /// two `lseek`s that may walk the page cache. Like any map read without
+    /// a snapshot, it describes the file as it was when first asked.
+    last_map: Mutex<Option<(u64, Option<Extent>)>>,
 }
 
 impl RawReader {
@@ -224,6 +231,7 @@ impl RawReader {
                 size,
                 block_device,
             },
+            last_map: Mutex::new(None),
         })
     }
 }
@@ -242,11 +250,40 @@ impl DiskReader for RawReader {
     }
 
     fn next_data(&self, from: u64) -> Result<Option<Extent>, DiskError> {
-        self.inner.next_data(from)
+        let cached = *self.last_map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((asked, found)) = cached {
+            if let Some(hit) = clip_cached(asked, found, from) {
+                return Ok(hit);
+            }
+        }
+        let found = self.inner.next_data(from)?;
+        *self.last_map.lock().unwrap_or_else(|p| p.into_inner()) = Some((from, found));
+        Ok(found)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         self.inner.read_exact_at(buf, offset)
+    }
+}
+
+/// Answers a query from `from` out of an earlier answer `found` to a query
+/// from `asked`, when it covers `from`: everything between `asked` and the
+/// found extent is a hole, so any `from` in `[asked, end of extent)` gets the
+/// same extent clipped (and `None` stays `None` further on).
+fn clip_cached(asked: u64, found: Option<Extent>, from: u64) -> Option<Option<Extent>> {
+    if from < asked {
+        return None;
+    }
+    match found {
+        None => Some(None),
+        Some(e) if from < e.offset + e.len => {
+            let start = e.offset.max(from);
+            Some(Some(Extent {
+                offset: start,
+                len: e.offset + e.len - start,
+            }))
+        }
+        Some(_) => None,
     }
 }
 
@@ -335,5 +372,35 @@ impl DiskWriter for RawWriter {
 
     fn finish(self: Box<Self>) -> Result<(), DiskError> {
         self.inner.file.sync_all().map_err(self.inner.io("fsync"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_map_answers_only_inside_what_it_saw() {
+        let e = Extent {
+            offset: 100,
+            len: 50,
+        };
+        // Before the question: unknown.
+        assert_eq!(clip_cached(10, Some(e), 5), None);
+        // In the hole before the extent, and inside it: clipped extent.
+        assert_eq!(clip_cached(10, Some(e), 10), Some(Some(e)));
+        assert_eq!(clip_cached(10, Some(e), 99), Some(Some(e)));
+        assert_eq!(
+            clip_cached(10, Some(e), 120),
+            Some(Some(Extent {
+                offset: 120,
+                len: 30
+            }))
+        );
+        // At or past its end: unknown (another extent may follow).
+        assert_eq!(clip_cached(10, Some(e), 150), None);
+        // "No more data" holds for every later offset.
+        assert_eq!(clip_cached(10, None, 1 << 40), Some(None));
+        assert_eq!(clip_cached(10, None, 9), None);
     }
 }

@@ -229,3 +229,19 @@ fn missing_image_is_an_error_naming_the_path() {
     };
     assert!(err.to_string().contains("/nonexistent/disk.raw"), "{err}");
 }
+
+#[test]
+fn raw_map_answers_match_the_kernel_at_every_block() {
+    // The raw reader remembers its last map answer; walking block by block
+    // (as the engine does) must give what a fresh lseek gives.
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_ext4(dir.path(), "fs.raw", 32);
+    let walker = open_reader(&image).unwrap();
+    let step = 64 << 10;
+    let mut pos = 0;
+    while pos < walker.size() {
+        let fresh = open_reader(&image).unwrap().next_data(pos).unwrap();
+        assert_eq!(walker.next_data(pos).unwrap(), fresh, "at {pos}");
+        pos += step;
+    }
+}
