@@ -21,7 +21,13 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let repo = Repository::open_local(std::path::Path::new(&args[0]))?;
+    let mut repo = Repository::open_local(std::path::Path::new(&args[0]))?;
+    // Knobs for measuring alternatives without rebuilding.
+    if let Ok(level) = std::env::var("ZSTD_LEVEL") {
+        let mut o = repo.options().clone();
+        o.zstd_level = level.parse()?;
+        repo = repo.with_options(o);
+    }
     let job = JobControl::new();
     let t = Instant::now();
     let what = match args[1].as_str() {
