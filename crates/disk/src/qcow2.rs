@@ -8,8 +8,18 @@
 //! The map is streamed line by line and merged into guest-contiguous data
 //! extents as it is read, so memory follows the number of data runs, not the
 //! number of clusters.
+//!
+//! Fast path: clusters of the top image that are stored plainly (not
+//! compressed, not encrypted, no external data file) are read straight from
+//! the image file at the host offset `qemu-img map` reports, at page-cache
+//! speed; NBD serves the rest (backing files, compressed clusters). Both
+//! come from the same map, taken once when the reader opens, and the image
+//! must not change while it is read (QEMU's image locks already refuse a
+//! reader beside a running VM).
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -20,16 +30,57 @@ use crate::{DiskError, DiskFormat, DiskReader, DiskWriter, Extent};
 /// engine's reader threads on a 2-core machine, with headroom.
 const CONNECTIONS: usize = 4;
 
+/// At most this many direct runs are kept (24 bytes each); past that, on a
+/// badly fragmented huge image, the rest is read through NBD so memory stays
+/// bounded.
+const MAX_DIRECT_RUNS: usize = 1 << 20;
+
+/// A guest range stored verbatim in the top image file at `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirectRun {
+    guest: u64,
+    len: u64,
+    host: u64,
+}
+
 /// Reads the guest view of a qcow2 image.
 pub struct Qcow2Reader {
     pool: NbdPool,
+    path: PathBuf,
     /// Sorted, non-overlapping, non-adjacent regions that may hold data.
     extents: Vec<Extent>,
+    /// Sorted guest ranges readable straight from `file`.
+    direct: Vec<DirectRun>,
+    file: File,
 }
 
 impl Qcow2Reader {
     pub fn open(path: &Path) -> Result<Qcow2Reader, DiskError> {
-        let extents = allocation_map(path)?;
+        let info = image_info(path)?;
+        let plain_clusters = info.get("encrypted").and_then(|e| e.as_bool()) != Some(true)
+            && info.pointer("/format-specific/data/data-file").is_none();
+        let file = File::open(path).map_err(|source| DiskError::Io {
+            op: "open",
+            path: path.to_owned(),
+            source,
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| DiskError::Io {
+                op: "stat",
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let map = allocation_map(path, plain_clusters)?;
+        let extents = map.extents;
+        // A run past the end of the file would mean the map and the file
+        // disagree: trust only NBD then.
+        let direct = if map.direct.iter().all(|r| r.host + r.len <= file_len) {
+            map.direct
+        } else {
+            Vec::new()
+        };
         let pool = NbdPool::start(path, "qcow2", false, CONNECTIONS)?;
         let size = pool.size();
         if let Some(last) = extents.last() {
@@ -44,7 +95,18 @@ impl Qcow2Reader {
                 });
             }
         }
-        Ok(Qcow2Reader { pool, extents })
+        Ok(Qcow2Reader {
+            pool,
+            path: path.to_owned(),
+            extents,
+            direct,
+            file,
+        })
+    }
+
+    /// Guest bytes this reader reads straight from the image file.
+    pub fn direct_bytes(&self) -> u64 {
+        self.direct.iter().map(|r| r.len).sum()
     }
 }
 
@@ -62,7 +124,32 @@ impl DiskReader for Qcow2Reader {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        self.pool.read_exact_at(buf, offset)
+        crate::raw::check_range(&self.path, self.size(), offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        let mut cur = offset;
+        while cur < end {
+            let piece = |to: u64| (cur - offset) as usize..(to - offset) as usize;
+            let i = self.direct.partition_point(|r| r.guest + r.len <= cur);
+            match self.direct.get(i) {
+                Some(r) if r.guest <= cur => {
+                    let to = end.min(r.guest + r.len);
+                    self.file
+                        .read_exact_at(&mut buf[piece(to)], r.host + (cur - r.guest))
+                        .map_err(|source| DiskError::Io {
+                            op: "read",
+                            path: self.path.clone(),
+                            source,
+                        })?;
+                    cur = to;
+                }
+                next => {
+                    let to = next.map_or(end, |r| r.guest.min(end));
+                    self.pool.read_exact_at(&mut buf[piece(to)], cur)?;
+                    cur = to;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -78,8 +165,50 @@ fn next_in_map(map: &[Extent], from: u64) -> Option<Extent> {
     })
 }
 
-/// Runs `qemu-img map --output=json` and merges the regions that hold data.
-fn allocation_map(path: &Path) -> Result<Vec<Extent>, DiskError> {
+/// What `qemu-img map` told us, merged.
+struct AllocationMap {
+    extents: Vec<Extent>,
+    direct: Vec<DirectRun>,
+}
+
+/// One line of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    /// Reads as something other than zeros.
+    data: bool,
+    depth: u64,
+    compressed: bool,
+    offset: Option<u64>,
+}
+
+impl MapEntry {
+    fn extent(&self) -> Option<Extent> {
+        (self.data && self.length > 0).then_some(Extent {
+            offset: self.start,
+            len: self.length,
+        })
+    }
+
+    /// Stored plainly in the top image at `offset`.
+    fn direct(&self) -> Option<DirectRun> {
+        match self.offset {
+            Some(host) if self.data && self.depth == 0 && !self.compressed && self.length > 0 => {
+                Some(DirectRun {
+                    guest: self.start,
+                    len: self.length,
+                    host,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Runs `qemu-img map --output=json` and merges the regions that hold data
+/// (and, with `want_direct`, those stored plainly in the top image).
+fn allocation_map(path: &Path, want_direct: bool) -> Result<AllocationMap, DiskError> {
     let tool_err = |stderr: String| DiskError::Tool {
         tool: "qemu-img map",
         path: path.to_owned(),
@@ -107,6 +236,7 @@ fn allocation_map(path: &Path) -> Result<Vec<Extent>, DiskError> {
     });
     let stdout = BufReader::new(child.stdout.take().expect("stdout was piped"));
     let mut extents: Vec<Extent> = Vec::new();
+    let mut direct: Vec<DirectRun> = Vec::new();
     let mut parse_error = None;
     for line in stdout.lines() {
         let line = match line {
@@ -117,7 +247,14 @@ fn allocation_map(path: &Path) -> Result<Vec<Extent>, DiskError> {
             }
         };
         match parse_map_line(&line) {
-            Ok(Some(e)) => push_merged(&mut extents, e),
+            Ok(Some(entry)) => {
+                if let Some(e) = entry.extent() {
+                    push_merged(&mut extents, e);
+                }
+                if let Some(run) = entry.direct().filter(|_| want_direct) {
+                    push_direct(&mut direct, run);
+                }
+            }
             Ok(None) => {}
             Err(msg) => {
                 parse_error = Some(msg);
@@ -137,12 +274,12 @@ fn allocation_map(path: &Path) -> Result<Vec<Extent>, DiskError> {
     if let Some(msg) = parse_error {
         return Err(tool_err(msg));
     }
-    Ok(extents)
+    Ok(AllocationMap { extents, direct })
 }
 
 /// Parses one line of `qemu-img map --output=json` (one JSON object per line,
-/// inside a JSON array). Returns the region if it holds data.
-fn parse_map_line(line: &str) -> Result<Option<Extent>, String> {
+/// inside a JSON array).
+fn parse_map_line(line: &str) -> Result<Option<MapEntry>, String> {
     let obj = line
         .trim()
         .trim_start_matches('[')
@@ -154,27 +291,37 @@ fn parse_map_line(line: &str) -> Result<Option<Extent>, String> {
     }
     let v: serde_json::Value =
         serde_json::from_str(obj).map_err(|e| format!("unexpected map line {line:?}: {e}"))?;
-    let field = |name: &str| {
+    let number = |name: &str| {
         v.get(name)
+            .and_then(|n| n.as_u64())
             .ok_or_else(|| format!("map line lacks {name}: {line}"))
     };
-    let start = field("start")?
-        .as_u64()
-        .ok_or_else(|| format!("bad start in {line}"))?;
-    let length = field("length")?
-        .as_u64()
-        .ok_or_else(|| format!("bad length in {line}"))?;
-    let data = field("data")?.as_bool().unwrap_or(true);
+    let flag = |name: &str| v.get(name).and_then(|b| b.as_bool());
+    let start = number("start")?;
+    let length = number("length")?;
+    let data = flag("data").ok_or_else(|| format!("map line lacks data: {line}"))?;
     // "zero": true means the region reads as zeros whatever "data" says
     // (preallocated zero clusters have both).
-    let zero = v.get("zero").and_then(|z| z.as_bool()).unwrap_or(false);
-    if data && !zero && length > 0 {
-        Ok(Some(Extent {
-            offset: start,
-            len: length,
-        }))
-    } else {
-        Ok(None)
+    let zero = flag("zero").unwrap_or(false);
+    Ok(Some(MapEntry {
+        start,
+        length,
+        data: data && !zero,
+        depth: number("depth").unwrap_or(0),
+        compressed: flag("compressed").unwrap_or(false),
+        offset: v.get("offset").and_then(|o| o.as_u64()),
+    }))
+}
+
+fn push_direct(runs: &mut Vec<DirectRun>, run: DirectRun) {
+    if let Some(last) = runs.last_mut() {
+        if last.guest + last.len == run.guest && last.host + last.len == run.host {
+            last.len += run.len;
+            return;
+        }
+    }
+    if runs.len() < MAX_DIRECT_RUNS {
+        runs.push(run);
     }
 }
 
@@ -218,8 +365,8 @@ impl Qcow2Writer {
     }
 }
 
-/// Virtual size of a qcow2 image, from `qemu-img info`.
-pub fn virtual_size(path: &Path) -> Result<u64, DiskError> {
+/// `qemu-img info --output=json` of a qcow2 image.
+fn image_info(path: &Path) -> Result<serde_json::Value, DiskError> {
     let out = run_tool(
         "qemu-img info",
         path,
@@ -227,12 +374,17 @@ pub fn virtual_size(path: &Path) -> Result<u64, DiskError> {
             .args(["info", "--output=json", "-f", "qcow2", "--"])
             .arg(path),
     )?;
-    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
+    serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
         tool: "qemu-img info",
         path: path.to_owned(),
         stderr: format!("unexpected output: {e}"),
-    })?;
-    v.get("virtual-size")
+    })
+}
+
+/// Virtual size of a qcow2 image, from `qemu-img info`.
+pub fn virtual_size(path: &Path) -> Result<u64, DiskError> {
+    image_info(path)?
+        .get("virtual-size")
         .and_then(|s| s.as_u64())
         .ok_or_else(|| DiskError::Tool {
             tool: "qemu-img info",
@@ -326,11 +478,34 @@ mod tests {
 { "start": 1179648, "length": 65536, "depth": 0, "present": true, "zero": true, "data": true, "compressed": false, "offset": 9000},
 { "start": 4194304, "length": 131072, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 393216}]"#;
         let mut extents = Vec::new();
+        let mut direct = Vec::new();
         for line in out.lines() {
-            if let Some(e) = parse_map_line(line).unwrap() {
-                push_merged(&mut extents, e);
+            if let Some(entry) = parse_map_line(line).unwrap() {
+                if let Some(e) = entry.extent() {
+                    push_merged(&mut extents, e);
+                }
+                if let Some(r) = entry.direct() {
+                    push_direct(&mut direct, r);
+                }
             }
         }
+        // Only the first data cluster is plain, at depth 0, with an offset;
+        // the compressed one (depth 1) and the zero one are not direct.
+        assert_eq!(
+            direct,
+            vec![
+                DirectRun {
+                    guest: 1048576,
+                    len: 65536,
+                    host: 327680
+                },
+                DirectRun {
+                    guest: 4194304,
+                    len: 131072,
+                    host: 393216
+                }
+            ]
+        );
         assert_eq!(
             extents,
             vec![

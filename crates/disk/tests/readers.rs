@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use vpsbackup_disk::{detect_format, open_reader, open_reader_as, DiskFormat, DiskReader};
+use vpsbackup_disk::{
+    detect_format, open_reader, open_reader_as, DiskFormat, DiskReader, Qcow2Reader,
+};
 
 #[test]
 fn raw_sparse_extents_skip_holes_and_read_the_file() {
@@ -104,6 +106,9 @@ fn qcow2_plain_matches_qemu() {
         covered < reader.size() / 2,
         "unallocated clusters are not data"
     );
+    // Plain clusters of the top image are read straight from the file.
+    let direct = Qcow2Reader::open(&qcow).unwrap().direct_bytes();
+    assert_eq!(direct, covered, "every data cluster of a converted image is plain");
     // The guest view is the raw image we converted from.
     assert_same(
         &read_via_extents(reader.as_ref()),
@@ -130,6 +135,9 @@ fn qcow2_with_backing_file_matches_qemu() {
         .args(["-c", "write -P 0x11 31M 1M"])
         .arg(&overlay));
     let reader = check_qcow2(&overlay, dir.path());
+    // The overlay's own clusters are read from its file, the base's via NBD.
+    let direct = Qcow2Reader::open(&overlay).unwrap().direct_bytes();
+    assert_eq!(direct, (64 << 10) + (192 << 10) + (1 << 20), "overlay clusters only");
     let mut buf = vec![0u8; 64 << 10];
     reader.read_exact_at(&mut buf, 1 << 20).unwrap();
     assert!(
