@@ -21,7 +21,14 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut repo = Repository::open_local(std::path::Path::new(&args[0]))?;
+    let chunk_size = match std::env::var("CHUNK_SIZE") {
+        Ok(c) => c.parse()?,
+        Err(_) => vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+    };
+    let storage = std::sync::Arc::new(vpsbackup_engine::LocalStorage::new(
+        std::path::Path::new(&args[0]),
+    )?);
+    let mut repo = Repository::open_with(storage, Default::default(), chunk_size)?;
     // Knobs for measuring alternatives without rebuilding.
     if let Ok(level) = std::env::var("ZSTD_LEVEL") {
         let mut o = repo.options().clone();

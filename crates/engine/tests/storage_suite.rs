@@ -12,6 +12,12 @@ fn local_storage_passes_the_backend_suite() {
 }
 
 #[test]
+fn buffered_local_storage_passes_the_backend_suite() {
+    let t = tempfile::tempdir().unwrap();
+    check_backend(&LocalStorage::new(&t.path().join("s")).unwrap().buffered());
+}
+
+#[test]
 fn temp_files_of_crashed_writers_are_invisible_and_cleaned() {
     let t = tempfile::tempdir().unwrap();
     let s = LocalStorage::new(t.path()).unwrap();

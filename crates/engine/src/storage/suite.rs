@@ -13,6 +13,18 @@ pub fn check_backend(s: &dyn Storage) {
     put_replaces_and_delete_is_idempotent(s);
     invalid_keys_are_refused(s);
     concurrent_put_if_absent_has_one_winner(s);
+    large_objects_round_trip(s);
+}
+
+fn large_objects_round_trip(s: &dyn Storage) {
+    // Pack-sized, and not a multiple of any page or sector size.
+    let data: Vec<u8> = (0..(3 << 20) + 123u32).map(|i| (i % 253) as u8).collect();
+    assert!(s.put_if_absent("t6/big", &data).unwrap());
+    assert_eq!(s.head("t6/big").unwrap().unwrap().size, data.len() as u64);
+    assert_eq!(s.get("t6/big").unwrap(), data);
+    let tail = s.get_range("t6/big", data.len() as u64 - 200, 200).unwrap();
+    assert_eq!(tail, &data[data.len() - 200..]);
+    assert!(!s.put_if_absent("t6/big", b"small").unwrap());
 }
 
 fn put_if_absent_writes_once(s: &dyn Storage) {
