@@ -46,6 +46,8 @@ pub struct Settings {
     /// Address to listen on.
     pub listen: String,
     /// Jobs (backups and restores) run at once, host-wide. At most one per server.
+    /// Also accepted as `max_concurrent_jobs` in the TOML file.
+    #[serde(alias = "max_concurrent_jobs")]
     pub workers: usize,
     /// Seconds without a heartbeat after which a running job is taken over.
     pub job_lease_secs: u64,

@@ -712,9 +712,14 @@ async fn damaged_backup_is_reported_by_verify_and_marked_in_the_api() {
 
     let (_, b) = call(reqwest::Method::GET, format!("/backups/{}/", ids[0]), None).await;
     assert_eq!(b["damaged"], true, "{b}");
+    assert!(
+        b["verify_error"].as_str().unwrap().contains("corrupt"),
+        "{b}"
+    );
     assert!(b["verified_at"].is_string(), "{b}");
     let (_, good) = call(reqwest::Method::GET, format!("/backups/{}/", ids[1]), None).await;
     assert_eq!(good["damaged"], false);
+    assert!(good["verify_error"].is_null());
     assert!(good["verified_at"].is_string());
     // Never offered as good: a restore from it is refused.
     let (st, body) = call(
@@ -922,4 +927,48 @@ async fn the_service_schedules_and_catches_up_once_after_a_restart() {
         .collect();
     assert_eq!(slots, vec![day(6), day(0)]);
     sqlite.close().await;
+}
+
+/// The scheduled pass verifies each completed backup once per interval:
+/// new backups at the next pass, old ones again when their check is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_verification_rechecks_each_backup_once_per_interval() {
+    let sim = Sim::new(day(0), |s| {
+        s.schedule.verify_interval_days = 7;
+        s.schedule.verify_duty_percent = 100;
+        s.schedule.gc_interval_hours = 0;
+    })
+    .await;
+    let plan = sim.plan("monthly", 30).await;
+    let disk = sim.dir.path().join("vps.img");
+    make_image(&disk, 16, &[("a.txt", text(9, MIB as usize))]);
+    sim.server(3, plan, &disk, Hooks::default()).await;
+    let verified = |bs: Vec<Backup>| -> Vec<Option<OffsetDateTime>> {
+        bs.iter().rev().map(|b| b.verified_at).collect()
+    };
+
+    sim.tick_at(day(0) + time::Duration::hours(5)).await;
+    let t1 = day(0) + time::Duration::hours(6);
+    sim.clock.set(t1);
+    sim.scheduler.maintain(t1).await.unwrap();
+    assert_eq!(verified(sim.backups(3, None).await), vec![Some(t1)]);
+
+    sim.tick_at(day(3) + time::Duration::hours(5)).await;
+    let t2 = day(3) + time::Duration::hours(6);
+    sim.clock.set(t2);
+    sim.scheduler.maintain(t2).await.unwrap();
+    assert_eq!(
+        verified(sim.backups(3, None).await),
+        vec![Some(t1), Some(t2)]
+    );
+
+    let t3 = day(7) + time::Duration::hours(7);
+    sim.clock.set(t3);
+    sim.scheduler.maintain(t3).await.unwrap();
+    assert_eq!(
+        verified(sim.backups(3, None).await),
+        vec![Some(t3), Some(t2)]
+    );
+    assert!(sim.backups(3, None).await.iter().all(|b| !b.damaged));
+    sim.shutdown().await;
 }

@@ -41,6 +41,8 @@ pub struct BackupView {
     pub verified_at: Option<String>,
     /// True when verification found the backup's data damaged; it cannot be restored.
     pub damaged: bool,
+    /// What verification found wrong (null when not damaged).
+    pub verify_error: Option<String>,
     /// Present on the answer to a create.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<&'static str>,
@@ -65,6 +67,7 @@ impl From<&Backup> for BackupView {
             completed_at: b.completed_at.map(rfc3339),
             verified_at: b.verified_at.map(rfc3339),
             damaged: b.damaged,
+            verify_error: b.verify_error.clone(),
             message: None,
         }
     }
