@@ -25,9 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(c) => c.parse()?,
         Err(_) => vpsbackup_engine::DEFAULT_CHUNK_SIZE,
     };
-    let storage = std::sync::Arc::new(vpsbackup_engine::LocalStorage::new(
-        std::path::Path::new(&args[0]),
-    )?);
+    let storage = std::sync::Arc::new(vpsbackup_engine::LocalStorage::new(std::path::Path::new(
+        &args[0],
+    ))?);
     let mut repo = Repository::open_with(storage, Default::default(), chunk_size)?;
     // Knobs for measuring alternatives without rebuilding.
     if let Ok(level) = std::env::var("ZSTD_LEVEL") {

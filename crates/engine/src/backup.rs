@@ -112,6 +112,8 @@ pub(crate) fn run(
         job,
         claimed: Mutex::new(HashSet::new()),
         abort: AtomicBool::new(false),
+        spare_payloads: bounded(WINDOW * 2),
+        spare_packs: bounded(2),
         chunk_size: inner.config.chunk_size as usize,
         block: BLOCK.max(inner.config.chunk_size as usize),
     };
@@ -168,6 +170,11 @@ struct Pipeline<'a> {
     /// huge backup may be stored twice (harmless: GC keeps one copy).
     claimed: Mutex<HashSet<ChunkId>>,
     abort: AtomicBool,
+    /// Buffers handed back for reuse (payloads by the writer, packs by the
+    /// uploader), so the steady state allocates nothing large: fresh large
+    /// allocations each time fragment the heap and inflate peak RSS.
+    spare_payloads: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    spare_packs: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
     chunk_size: usize,
     block: usize,
 }
@@ -344,7 +351,8 @@ impl Pipeline<'_> {
                     buf,
                 } => {
                     let mut chunks = Vec::with_capacity(len.div_ceil(self.chunk_size));
-                    let mut payload = Vec::new();
+                    let mut payload = self.spare_payloads.1.try_recv().unwrap_or_default();
+                    payload.clear();
                     for raw in buf[..len].chunks(self.chunk_size) {
                         if is_zero(raw) {
                             chunks.push(ChunkOut::Zero);
@@ -416,6 +424,7 @@ impl Pipeline<'_> {
                     return self.fail(e);
                 }
                 self.job.add_done(d.len);
+                let _ = self.spare_payloads.0.try_send(d.payload);
                 if let Some(buf) = d.buf {
                     // The reader may be gone (cancelled); the buffer is then just freed.
                     let _ = pool.send(buf);
@@ -448,6 +457,7 @@ impl Pipeline<'_> {
             if let Err(e) = storage.put_if_absent(&id.key(), &bytes) {
                 return self.fail(e.into());
             }
+            let _ = self.spare_packs.0.try_send(bytes);
             index.packs.push((id, entries));
             if index.packs.len() >= PACKS_PER_INDEX {
                 if let Err(e) = write_index(storage, &index) {
@@ -587,10 +597,11 @@ impl PackWriter<'_, '_> {
     }
 
     fn flush_pack(&mut self) -> Result<(), EngineError> {
-        let pack = std::mem::replace(
-            &mut self.pack,
-            PackBuilder::new(self.p.inner.options.pack_target + BLOCK),
-        );
+        let next = match self.p.spare_packs.1.try_recv() {
+            Ok(buf) => PackBuilder::with_buffer(buf),
+            Err(_) => PackBuilder::new(self.p.inner.options.pack_target + BLOCK),
+        };
+        let pack = std::mem::replace(&mut self.pack, next);
         let (bytes, entries) = pack.finish();
         self.packs
             .send((PackId::random(), bytes, entries))
