@@ -108,7 +108,10 @@ fn qcow2_plain_matches_qemu() {
     );
     // Plain clusters of the top image are read straight from the file.
     let direct = Qcow2Reader::open(&qcow).unwrap().direct_bytes();
-    assert_eq!(direct, covered, "every data cluster of a converted image is plain");
+    assert_eq!(
+        direct, covered,
+        "every data cluster of a converted image is plain"
+    );
     // The guest view is the raw image we converted from.
     assert_same(
         &read_via_extents(reader.as_ref()),
@@ -137,7 +140,11 @@ fn qcow2_with_backing_file_matches_qemu() {
     let reader = check_qcow2(&overlay, dir.path());
     // The overlay's own clusters are read from its file, the base's via NBD.
     let direct = Qcow2Reader::open(&overlay).unwrap().direct_bytes();
-    assert_eq!(direct, (64 << 10) + (192 << 10) + (1 << 20), "overlay clusters only");
+    assert_eq!(
+        direct,
+        (64 << 10) + (192 << 10) + (1 << 20),
+        "overlay clusters only"
+    );
     let mut buf = vec![0u8; 64 << 10];
     reader.read_exact_at(&mut buf, 1 << 20).unwrap();
     assert!(
