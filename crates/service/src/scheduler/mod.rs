@@ -128,6 +128,8 @@ pub struct Scheduler {
     /// The running verification, cancelled on stop.
     verifying: Mutex<Option<Arc<JobControl>>>,
     stopping: AtomicBool,
+    /// Wakes the verification pass out of its throttling pause on stop.
+    stop_pause: tokio::sync::Notify,
 }
 
 impl Scheduler {
@@ -153,6 +155,7 @@ impl Scheduler {
             maintenance: tokio::sync::Mutex::new(()),
             verifying: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            stop_pause: tokio::sync::Notify::new(),
         }
     }
 
@@ -160,21 +163,17 @@ impl Scheduler {
         &self.settings
     }
 
-    /// Runs [`Scheduler::tick`] and [`Scheduler::maintain`] every `tick_secs`
-    /// until `shutdown` turns true. Errors are logged and retried next time.
-    pub fn spawn(
-        self: &Arc<Self>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
+    /// Runs [`Scheduler::tick`] every `tick_secs` and, in a task of its own
+    /// (a long throttled verification must not hold up a backup window),
+    /// [`Scheduler::maintain`], until `shutdown` turns true. Errors are
+    /// logged and retried next time.
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let every = Duration::from_secs(self.settings.tick_secs.max(1));
         let me = self.clone();
-        tokio::spawn(async move {
-            let every = Duration::from_secs(me.settings.tick_secs.max(1));
-            loop {
-                if *shutdown.borrow() || me.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let now = me.clock.now();
-                match me.tick(now).await {
+        let mut stop = shutdown.clone();
+        let ticks = tokio::spawn(async move {
+            while !me.stopped(&stop) {
+                match me.tick(me.clock.now()).await {
                     Ok(r) if r != TickReport::default() => tracing::info!(
                         created = r.created.len(),
                         retried = r.retried.len(),
@@ -184,20 +183,39 @@ impl Scheduler {
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "scheduler tick failed"),
                 }
-                if let Err(e) = me.maintain(now).await {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        });
+        let me = self.clone();
+        let mut stop = shutdown;
+        let maintenance = tokio::spawn(async move {
+            while !me.stopped(&stop) {
+                if let Err(e) = me.maintain(me.clock.now()).await {
                     tracing::error!(error = %e, "scheduled maintenance failed");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = shutdown.changed() => {}
+                    _ = stop.changed() => {}
                 }
             }
+        });
+        tokio::spawn(async move {
+            let _ = ticks.await;
+            let _ = maintenance.await;
         })
     }
 
-    /// Stops a running verification; the loop ends at its next check.
+    fn stopped(&self, shutdown: &watch::Receiver<bool>) -> bool {
+        *shutdown.borrow() || self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stops a running verification and its pauses; the loops end at their next check.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.stop_pause.notify_waiters();
         if let Some(c) = self
             .verifying
             .lock()
@@ -410,7 +428,14 @@ impl Scheduler {
             verdicts.push(v);
             let pause = started.elapsed().mul_f64(1.0 / duty - 1.0);
             if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
+                let woken = self.stop_pause.notified();
+                if self.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = woken => break,
+                }
             }
         }
         if !verdicts.is_empty() {
