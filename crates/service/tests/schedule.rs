@@ -785,9 +785,15 @@ async fn read_bandwidth_limit_and_job_limit_hold() {
     let t0 = Instant::now();
     let mut seen: [Option<(f64, f64)>; 2] = [None, None];
     let mut max_running = 0;
+    let mut gc_beside = None;
     loop {
         let c = sim.schedule.job_counts(sim.clock.now()).await.unwrap();
         max_running = max_running.max(c.running);
+        // GC runs beside a running backup (`vpsbackup gc` while serve works).
+        if c.running == 1 && gc_beside.is_none() && t0.elapsed() > Duration::from_secs(2) {
+            let s = sim.scheduler.clone();
+            gc_beside = Some(tokio::spawn(async move { s.gc_now().await }));
+        }
         for (i, id) in [1i64, 2].iter().enumerate() {
             let s = sim
                 .catalog
@@ -816,6 +822,14 @@ async fn read_bandwidth_limit_and_job_limit_hold() {
         let b = sim.backups(id, None).await.remove(0);
         assert_eq!(b.status, WorkStatus::Completed, "{b:?}");
     }
+    gc_beside
+        .expect("GC ran during a backup")
+        .await
+        .unwrap()
+        .unwrap();
+    let verdicts = sim.scheduler.verify_now(None).await.unwrap();
+    assert_eq!(verdicts.len(), 2);
+    assert!(verdicts.iter().all(|v| v.damage.is_none()), "{verdicts:?}");
     // The big disk's job: between its first and last sighting (poll granularity 20 ms).
     let elapsed = a.1 - a.0 + 0.02;
     let limit = (LIMIT_MB * 1_000_000) as f64;
