@@ -141,6 +141,7 @@ struct StepResult {
     step: &'static str,
     tool: &'static str,
     wall: Duration,
+    cpu: Duration,
     /// Bytes of source data the step processed (for MB/s).
     data: u64,
     /// Store/repository growth in bytes (backups only).
@@ -423,6 +424,7 @@ fn result(
         step,
         tool,
         wall: m.wall,
+        cpu: m.cpu,
         data,
         growth,
         max_rss: m.max_rss,
@@ -451,6 +453,16 @@ fn copy_sparse(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The 1-minute load average and the number of cores.
+fn machine_load() -> (String, usize) {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (load, cores)
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -476,6 +488,7 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
         step: &'static str,
         tool: &'static str,
         wall: f64,
+        cpu: f64,
         mbps: f64,
         growth: Option<f64>,
         rss: f64,
@@ -489,6 +502,7 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
                 step: rs[0].step,
                 tool: rs[0].tool,
                 wall,
+                cpu: median(rs.iter().map(|r| r.cpu.as_secs_f64()).collect()),
                 mbps: mb(rs[0].data) / wall,
                 growth: rs[0]
                     .growth
@@ -504,6 +518,8 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
         .collect();
 
     println!();
+    let (load1, cores) = machine_load();
+    println!("machine: {cores} cores, load average {load1} at the end (wall times suffer when it exceeds the cores; cpu s does not)");
     println!(
         "vpsbackup-bench: {} ({:.0} MB data), {} ({:.0} MB), {} ({:.0} MB); {} run(s), medians",
         bench.base_raw.display(),
@@ -515,15 +531,16 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
         runs
     );
     println!(
-        "{:<38} {:<7} {:>8} {:>9} {:>11} {:>9}  notes",
-        "step", "tool", "wall s", "MB/s", "store +MB", "peak MiB"
+        "{:<38} {:<7} {:>8} {:>7} {:>9} {:>11} {:>9}  notes",
+        "step", "tool", "wall s", "cpu s", "MB/s", "store +MB", "peak MiB"
     );
     for r in &rows {
         println!(
-            "{:<38} {:<7} {:>8.2} {:>9.0} {:>11} {:>9.0}  {}",
+            "{:<38} {:<7} {:>8.2} {:>7.2} {:>9.0} {:>11} {:>9.0}  {}",
             r.step,
             r.tool,
             r.wall,
+            r.cpu,
             r.mbps,
             r.growth.map_or("-".to_string(), |g| format!("{g:.1}")),
             r.rss,

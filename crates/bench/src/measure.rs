@@ -18,6 +18,9 @@ pub struct Measured {
     pub wall: Duration,
     /// Peak resident set, bytes.
     pub max_rss: u64,
+    /// User + system CPU time: unlike wall time, not inflated when other
+    /// work shares the machine.
+    pub cpu: Duration,
     pub stdout: String,
 }
 
@@ -39,7 +42,7 @@ pub fn run_measured(cmd: &mut Command, log: &Path) -> anyhow::Result<Measured> {
         .expect("stdout was piped")
         .read_to_string(&mut stdout)
         .with_context(|| format!("read output of {cmd:?}"))?;
-    let (status, max_rss) = wait4(child.id())?;
+    let (status, max_rss, cpu) = wait4(child.id())?;
     let wall = start.elapsed();
     if !exited_ok(status) {
         let log_text = std::fs::read_to_string(log).unwrap_or_default();
@@ -53,14 +56,15 @@ pub fn run_measured(cmd: &mut Command, log: &Path) -> anyhow::Result<Measured> {
     Ok(Measured {
         wall,
         max_rss,
+        cpu,
         stdout,
     })
 }
 
-/// Reaps `pid` and returns (wait status, peak RSS in bytes). std's
+/// Reaps `pid` and returns (wait status, peak RSS in bytes, CPU time). std's
 /// `Child::wait` drops the rusage, hence the raw call; the `Child` handle is
 /// not waited on again afterwards.
-fn wait4(pid: u32) -> anyhow::Result<(i32, u64)> {
+fn wait4(pid: u32) -> anyhow::Result<(i32, u64, Duration)> {
     let mut status: libc::c_int = 0;
     #[allow(unsafe_code)]
     // SAFETY: rusage is plain old data, so all-zero is a valid value.
@@ -71,8 +75,15 @@ fn wait4(pid: u32) -> anyhow::Result<(i32, u64)> {
         // live locals; pid is our own child, not yet reaped.
         let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
         if rc == pid as libc::pid_t {
+            let secs = |t: libc::timeval| {
+                Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+            };
             // ru_maxrss is in KiB on Linux.
-            return Ok((status, usage.ru_maxrss as u64 * 1024));
+            return Ok((
+                status,
+                usage.ru_maxrss as u64 * 1024,
+                secs(usage.ru_utime) + secs(usage.ru_stime),
+            ));
         }
         let err = std::io::Error::last_os_error();
         if err.kind() != std::io::ErrorKind::Interrupted {
