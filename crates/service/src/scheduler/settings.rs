@@ -46,3 +46,23 @@ impl Default for ScheduleSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Settings;
+
+    #[test]
+    fn the_schedule_table_and_the_job_limit_alias_parse() {
+        let s: Settings = toml::from_str(
+            "max_concurrent_jobs = 3\nread_limit_mb_per_s = 50\n\n[schedule]\nretry_limit = 5\nverify_interval_days = 0\n",
+        )
+        .unwrap();
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.read_limit_mb_per_s, Some(50));
+        assert_eq!(s.schedule.retry_limit, 5);
+        assert_eq!(s.schedule.verify_interval_days, 0);
+        assert_eq!(s.schedule.tick_secs, 30, "defaults fill the rest");
+        assert!(s.schedule.enabled);
+        assert!(toml::from_str::<Settings>("[schedule]\nretries = 5\n").is_err());
+    }
+}
