@@ -23,6 +23,8 @@ use time::OffsetDateTime;
 use crate::model::*;
 use crate::{Catalog, CatalogError, Result};
 
+// The per-request hot reads, inline on rusqlite.
+mod reader;
 // The scheduler's queries (issue 4), in their own file.
 mod schedule;
 
@@ -31,6 +33,8 @@ mod schedule;
 pub struct SqliteCatalog {
     write: SqlitePool,
     read: SqlitePool,
+    /// The per-request hot reads, inline on rusqlite (see `reader`).
+    inline: std::sync::Arc<reader::InlineReader>,
 }
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -280,7 +284,11 @@ impl SqliteCatalog {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.pragma("query_only", "ON"))
             .await?;
-        Ok(SqliteCatalog { write, read })
+        Ok(SqliteCatalog {
+            write,
+            read,
+            inline: std::sync::Arc::new(reader::InlineReader::new(path)),
+        })
     }
 
     /// Closes both pools, checkpointing the WAL.
@@ -448,12 +456,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>> {
-        sqlx::query(&format!("{TOKEN_SELECT} WHERE t.token_hash = ?"))
-            .bind(&hash[..])
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| token_from_row(&r))
-            .transpose()
+        self.inline.token_by_hash(hash)
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
@@ -844,56 +847,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>> {
-        // Only the conditions in use go into the SQL, so SQLite picks the
-        // narrowest index (account, server or type) for both the COUNT and the page.
-        let mut conds: Vec<&str> = Vec::new();
-        if filter.scope.is_some() {
-            conds.push("b.account_id = ?");
-        }
-        if filter.server_id.is_some() {
-            conds.push("b.server_id = ?");
-        }
-        if filter.backup_type.is_some() {
-            conds.push("b.backup_type = ?");
-        }
-        let where_sql = if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        };
-        let count_sql = format!("SELECT COUNT(*) FROM backups b{where_sql}");
-        let page_sql = format!("{BACKUP_SELECT}{where_sql} ORDER BY b.id DESC LIMIT ? OFFSET ?");
-        let mut count_q = sqlx::query_scalar::<_, i64>(&count_sql);
-        let mut page_q = sqlx::query(&page_sql);
-        if let Some(a) = filter.scope {
-            count_q = count_q.bind(a.0);
-            page_q = page_q.bind(a.0);
-        }
-        if let Some(s) = filter.server_id {
-            count_q = count_q.bind(s.0);
-            page_q = page_q.bind(s.0);
-        }
-        if let Some(t) = filter.backup_type {
-            count_q = count_q.bind(t.as_str());
-            page_q = page_q.bind(t.as_str());
-        }
-        let count = count_q.fetch_one(&self.read).await?;
-        let items = if count > offset(page) {
-            page_q
-                .bind(page.size as i64)
-                .bind(offset(page))
-                .fetch_all(&self.read)
-                .await?
-                .iter()
-                .map(backup_from_row)
-                .collect::<Result<_>>()?
-        } else {
-            Vec::new()
-        };
-        Ok(Paged {
-            count: count as u64,
-            items,
-        })
+        self.inline.list_backups(&filter, page)
     }
 
     async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup> {

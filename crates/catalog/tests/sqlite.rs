@@ -402,3 +402,133 @@ async fn retention_change_moves_expiry() {
     let b = cat.backup(b.id, Scope::All).await.unwrap().unwrap();
     assert_eq!(b.expires_at, Some(now() + Duration::days(20)));
 }
+
+#[tokio::test]
+async fn list_counts_stay_exact_through_inserts_deletes_and_server_reuse() {
+    let (_d, cat) = fresh().await;
+    let a = server(&cat, 1, "a").await.account_id;
+    let b = server(&cat, 2, "b").await.account_id;
+    let page = PageRequest { number: 1, size: 5 };
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let sid = if i % 2 == 0 { 1 } else { 2 };
+        ids.push(
+            cat.create_backup(manual(sid, Scope::All), now())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    cat.create_backup(
+        NewBackup {
+            backup_type: BackupType::Automatic,
+            scheduled_for: Some(now()),
+            ..manual(1, Scope::All)
+        },
+        now(),
+    )
+    .await
+    .unwrap();
+    let count = |f: BackupFilter| {
+        let cat = cat.clone();
+        async move { cat.list_backups(f, page).await.unwrap() }
+    };
+    let all = count(BackupFilter::default()).await;
+    assert_eq!((all.count, all.items.len()), (7, 5));
+    assert!(all.items.windows(2).all(|w| w[0].id > w[1].id));
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(a),
+            ..Default::default()
+        })
+        .await
+        .count,
+        4
+    );
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(b),
+            ..Default::default()
+        })
+        .await
+        .count,
+        3
+    );
+    assert_eq!(
+        count(BackupFilter {
+            server_id: Some(ServerId(1)),
+            backup_type: Some(BackupType::Manual),
+            ..Default::default()
+        })
+        .await
+        .count,
+        3
+    );
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(b),
+            server_id: Some(ServerId(1)),
+            ..Default::default()
+        })
+        .await
+        .count,
+        0
+    );
+    assert_eq!(
+        count(BackupFilter {
+            backup_type: Some(BackupType::Automatic),
+            ..Default::default()
+        })
+        .await
+        .count,
+        1
+    );
+
+    cat.delete_backup(ids[0], Scope::All).await.unwrap();
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(a),
+            ..Default::default()
+        })
+        .await
+        .count,
+        3
+    );
+    // Remove server 1 with its backups and give the id to account b.
+    cat.execute_raw("UPDATE jobs SET state = 'done'")
+        .await
+        .unwrap();
+    assert_eq!(cat.remove_server(ServerId(1), true).await.unwrap().len(), 3);
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(a),
+            ..Default::default()
+        })
+        .await
+        .count,
+        0
+    );
+    server(&cat, 1, "b").await;
+    cat.create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(a),
+            ..Default::default()
+        })
+        .await
+        .count,
+        0
+    );
+    assert_eq!(
+        count(BackupFilter {
+            scope: Some(b),
+            ..Default::default()
+        })
+        .await
+        .count,
+        4
+    );
+    assert_eq!(count(BackupFilter::default()).await.count, 4);
+}

@@ -943,3 +943,49 @@ async fn interrupted_jobs_are_resumed_or_failed_after_a_restart() {
     assert_eq!(done["status"], "completed", "{done}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_graceful_stop_hands_running_jobs_back_and_the_next_start_finishes_them() {
+    let app = TestApp::start_with(|s| s.read_limit_mb_per_s = Some(1)).await;
+    let (acc, token) = app.account("acme").await;
+    app.server(12345, acc, Hooks::default()).await;
+    let (_, b) = app
+        .post("/api/v1/backups/", &token, json!({"server_id": 12345}))
+        .await;
+    let id = b["id"].as_i64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, bk) = app.get(&format!("/api/v1/backups/{id}/"), &token).await;
+        if bk["progress"].as_i64().unwrap() > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {bk}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (dir, mut settings) = app.stop().await;
+
+    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1)
+        .await
+        .unwrap();
+    let job = cat.job(vpsbackup_catalog::JobId(1)).await.unwrap().unwrap();
+    assert_eq!(job.state, vpsbackup_catalog::JobState::Queued);
+    assert_eq!(job.attempts, 0, "a shutdown does not use up an attempt");
+    let row = cat
+        .backup(
+            vpsbackup_catalog::BackupId(id),
+            vpsbackup_catalog::Scope::All,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, vpsbackup_catalog::WorkStatus::InProgress);
+    cat.close().await;
+
+    settings.read_limit_mb_per_s = None;
+    let app = TestApp::start_in(dir, settings).await;
+    let done = app
+        .wait_done(&format!("/api/v1/backups/{id}/"), &token)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    app.stop().await;
+}
