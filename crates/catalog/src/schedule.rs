@@ -25,6 +25,9 @@ pub struct AutoBackupServer {
     pub retention_days: u32,
     /// The automatic backup with the latest `scheduled_for`, if any.
     pub latest: Option<AutoBackupSlot>,
+    /// The latest slot an automatic backup was created for, even if that
+    /// backup has been deleted since (see [`ScheduleCatalog::record_slot`]).
+    pub last_slot: Option<OffsetDateTime>,
 }
 
 /// The latest automatic backup of a server and how its attempts went.
@@ -62,6 +65,10 @@ pub struct TaskRun {
 pub trait ScheduleCatalog: Send + Sync {
     /// Every server with its effective window and its latest automatic backup.
     async fn auto_backup_servers(&self) -> Result<Vec<AutoBackupServer>>;
+
+    /// Records that the automatic backup of slot `day` was created, so the
+    /// slot is not taken again if that backup is deleted. Never moves back.
+    async fn record_slot(&self, server: ServerId, day: OffsetDateTime) -> Result<()>;
 
     /// Puts a failed automatic backup back in the queue for another attempt
     /// at `run_after`, in one transaction (row back to in progress, new job).

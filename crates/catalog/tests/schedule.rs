@@ -151,6 +151,19 @@ async fn slots_attempts_and_retries() {
     let row = cat.backup(b.id, Scope::All).await.unwrap().unwrap();
     assert!(row.error.unwrap().contains("does not exist"));
 
+    // A recorded slot outlives its backup.
+    cat.record_slot(ServerId(1), t0()).await.unwrap();
+    cat.record_slot(ServerId(1), t0() - Duration::days(3))
+        .await
+        .unwrap();
+    cat.delete_backup(b.id, Scope::All).await.unwrap();
+    let s1 = cat.auto_backup_servers().await.unwrap().remove(0);
+    assert_eq!(
+        (s1.latest, s1.last_slot),
+        (None, Some(t0())),
+        "never moves back"
+    );
+
     // The latest slot is the newest day's.
     let next_day = t0() + Duration::days(1);
     let b2 = cat

@@ -480,6 +480,26 @@ async fn catch_up_after_downtime_makes_one_backup() {
             .len(),
         1
     );
+    // A customer deleting today's automatic backup does not get another
+    // one today; tomorrow's comes as planned.
+    let today = sim.backups(7, Some(BackupType::Automatic)).await.remove(0);
+    assert_eq!(today.scheduled_for, Some(day(10)));
+    sim.catalog
+        .delete_backup(today.id, Scope::All)
+        .await
+        .unwrap();
+    assert!(sim
+        .tick_at(day(10) + time::Duration::hours(7))
+        .await
+        .created
+        .is_empty());
+    assert_eq!(
+        sim.tick_at(day(11) + time::Duration::hours(5))
+            .await
+            .created
+            .len(),
+        1
+    );
     sim.shutdown().await;
 }
 

@@ -20,8 +20,10 @@ impl ScheduleCatalog for SqliteCatalog {
                COALESCE(s.window_start_minute, p.window_start_minute) AS window_start, \
                p.window_minutes, p.retention_days, \
                b.id AS b_id, b.scheduled_for, b.status, b.created_at AS b_created, b.completed_at, \
-               (SELECT COUNT(*) FROM jobs j WHERE j.backup_id = b.id AND j.kind = 'backup') AS attempts \
+               (SELECT COUNT(*) FROM jobs j WHERE j.backup_id = b.id AND j.kind = 'backup') AS attempts, \
+               abs.last_slot \
              FROM servers s JOIN plans p ON p.id = s.plan_id \
+             LEFT JOIN auto_backup_slots abs ON abs.server_id = s.id \
              LEFT JOIN backups b ON b.id = (SELECT b2.id FROM backups b2 \
                  WHERE b2.server_id = s.id AND b2.scheduled_for IS NOT NULL \
                  ORDER BY b2.scheduled_for DESC LIMIT 1) \
@@ -45,6 +47,8 @@ impl ScheduleCatalog for SqliteCatalog {
                         })
                     }
                 };
+                let recorded = opt_ts(r.try_get("last_slot")?);
+                let last_slot = recorded.max(latest.as_ref().map(|l| l.scheduled_for));
                 Ok(AutoBackupServer {
                     server_id: ServerId(r.try_get("id")?),
                     server_name: r.try_get("name")?,
@@ -53,9 +57,22 @@ impl ScheduleCatalog for SqliteCatalog {
                     window_minutes: r.try_get::<i64, _>("window_minutes")? as u32,
                     retention_days: r.try_get::<i64, _>("retention_days")? as u32,
                     latest,
+                    last_slot,
                 })
             })
             .collect()
+    }
+
+    async fn record_slot(&self, server: ServerId, day: OffsetDateTime) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO auto_backup_slots (server_id, last_slot) VALUES (?1, ?2) \
+             ON CONFLICT (server_id) DO UPDATE SET last_slot = MAX(last_slot, excluded.last_slot)",
+        )
+        .bind(server.0)
+        .bind(secs(day))
+        .execute(&self.write)
+        .await?;
+        Ok(())
     }
 
     async fn retry_backup(

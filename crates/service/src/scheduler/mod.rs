@@ -247,7 +247,11 @@ impl Scheduler {
                         scheduled_for: Some(day),
                         run_after: None,
                     };
-                    match self.catalog.create_backup(new, now).await {
+                    let created = self.catalog.create_backup(new, now).await;
+                    if matches!(created, Ok(_) | Err(CatalogError::Conflict(_))) {
+                        self.schedule.record_slot(server.server_id, day).await?;
+                    }
+                    match created {
                         Ok(b) => {
                             tracing::info!(server = server.server_id.0, backup = b.id.0,
                                 slot = %crate::clock::rfc3339(day), "automatic backup queued");

@@ -102,12 +102,13 @@ pub fn decide(
         return Decision::Idle;
     }
     let day = latest_due_day(server, now);
-    let Some(slot) = &server.latest else {
-        return Decision::Create { day };
-    };
-    if slot.scheduled_for < day {
+    // A slot is taken once: a deleted automatic backup is not made again.
+    if server.last_slot.is_none_or(|last| last < day) {
         return Decision::Create { day };
     }
+    let Some(slot) = &server.latest else {
+        return Decision::Idle;
+    };
     if slot.scheduled_for != day || slot.status != WorkStatus::Failed {
         return Decision::Idle;
     }
@@ -176,6 +177,7 @@ mod tests {
             window_minutes: 120,
             retention_days: 7,
             latest: None,
+            last_slot: None,
         }
     }
 
@@ -217,14 +219,26 @@ mod tests {
             completed_at: None,
             attempts: 1,
         });
+        s2.last_slot = Some(day - Duration::days(10));
         assert_eq!(
             decide(&s2, day + Duration::hours(12), &settings),
             Decision::Create { day }
         );
         s2.latest.as_mut().unwrap().scheduled_for = day;
+        s2.last_slot = Some(day);
         assert_eq!(
             decide(&s2, day + Duration::hours(12), &settings),
             Decision::Idle
+        );
+        // Today's backup deleted by the customer: not taken again today.
+        s2.latest = None;
+        assert_eq!(
+            decide(&s2, day + Duration::hours(12), &settings),
+            Decision::Idle
+        );
+        assert_eq!(
+            decide(&s2, day + Duration::hours(29), &settings),
+            Decision::Create { day: day + DAY }
         );
         s2.auto_backup_enabled = false;
         assert_eq!(
@@ -247,6 +261,7 @@ mod tests {
             completed_at: Some(start + Duration::seconds(10)),
             attempts: 1,
         });
+        s.last_slot = Some(day);
         let failed_at = start + Duration::seconds(10);
         assert_eq!(
             decide(&s, failed_at + Duration::seconds(299), &settings),
