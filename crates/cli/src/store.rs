@@ -78,6 +78,12 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild the index from the pack trailers (lost or damaged index objects).
+    RebuildIndex {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stored bytes, logical bytes, object counts.
     Stats {
         dir: PathBuf,
@@ -336,6 +342,28 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                     r.packs_rewritten,
                     r.chunks_removed,
                     r.packs_pending
+                );
+            }
+        }
+        StoreCommand::RebuildIndex { dir, json } => {
+            let repo = open_existing(&dir)?;
+            let r = repo.rebuild_index()?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"op": "rebuild-index", "packs": r.packs, "chunks": r.chunks,
+                           "damaged_packs": r.damaged_packs})
+                );
+            } else {
+                println!("indexed {} chunks in {} packs", r.chunks, r.packs);
+                for p in &r.damaged_packs {
+                    println!("  damaged pack (not indexed): {p}");
+                }
+            }
+            if !r.damaged_packs.is_empty() {
+                bail!(
+                    "{} pack(s) are damaged; run verify to see the backups affected",
+                    r.damaged_packs.len()
                 );
             }
         }

@@ -80,6 +80,21 @@ fn cmp(a: &Path, b: &Path) {
     );
 }
 
+fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            count_files(&p)
+        } else {
+            1
+        }
+    })
+    .sum()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -180,6 +195,16 @@ fn bare_store_commands_round_trip() {
     ]);
     assert!(!out.status.success(), "a duplicate id is refused");
 
+    // Disaster recovery: the index objects are lost; rebuilt from the packs.
+    std::fs::remove_dir_all(store.join("index")).unwrap();
+    assert!(!vpsbackup(&["store", "verify", s(&store)]).status.success());
+    let r = ok_json(&["store", "rebuild-index", s(&store), "--json"]);
+    assert!(r["chunks"].as_u64().unwrap() > 0);
+    assert_eq!(
+        ok_json(&["store", "verify", s(&store), "--json"])["ok"],
+        true
+    );
+
     let out = vpsbackup(&["store", "delete", s(&store), "b1"]);
     assert!(out.status.success());
     let g = ok_json(&["store", "gc", s(&store), "--grace", "0", "--json"]);
@@ -211,8 +236,11 @@ fn backup_killed_with_sigkill_leaves_a_consistent_store() {
         .as_u64()
         .unwrap();
 
-    // Kill at different moments of a slowed-down backup.
-    for (round, delay_ms) in [300u64, 900, 1700].into_iter().enumerate() {
+    // Kill at different moments of a slowed-down backup: as its first pack
+    // lands, and a little later (mid-way through later packs and writes).
+    let packs_now = || count_files(&store.join("packs"));
+    for (round, extra_ms) in [0u64, 100, 300].into_iter().enumerate() {
+        let before = packs_now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
             .args([
                 "store",
@@ -225,13 +253,17 @@ fn backup_killed_with_sigkill_leaves_a_consistent_store() {
                 "--disk",
                 s(&big),
                 "--read-limit",
-                "20000000",
+                "10000000",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let start = Instant::now();
+        while packs_now() == before && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(extra_ms));
         // SIGKILL: no destructor, no cleanup runs.
         child.kill().unwrap();
         let status = child.wait().unwrap();

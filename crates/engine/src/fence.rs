@@ -59,6 +59,11 @@ impl WriterGuard {
                     let (lock, cv) = &*stop;
                     let mut stopped = lock.lock().expect("marker lock");
                     loop {
+                        // Checked before each wait: a stop signalled before this
+                        // thread first took the lock must not be missed.
+                        if *stopped {
+                            return;
+                        }
                         let (s, timeout) = cv.wait_timeout(stopped, every).expect("marker lock");
                         stopped = s;
                         if *stopped {

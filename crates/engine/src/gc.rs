@@ -79,8 +79,20 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     }
 
     // Previously condemned packs that are live again (a writer that started
-    // before the condemnation used them) or gone are dropped from the list.
+    // before the condemnation used them) are dropped from the list. Packs
+    // that are gone but still named by an index object (a GC stopped between
+    // deleting them and consolidating the index) stay condemned until this
+    // run's consolidation drops their entries, so no writer dedups against them.
+    let indexed_missing: HashSet<PackId> = index
+        .packs()
+        .iter()
+        .filter(|p| !packs.contains_key(p))
+        .copied()
+        .collect();
     condemned.retain(|p, _| packs.contains_key(p) && !canonical.contains_key(p));
+    for p in &indexed_missing {
+        condemned.entry(*p).or_insert(0);
+    }
 
     let mut to_repack = Vec::new();
     for (pack, meta) in &packs {
@@ -124,7 +136,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let writers = live_writers(inner)?;
     let mut deletable: HashSet<PackId> = condemned
         .iter()
-        .filter(|(_, since)| writers.iter().all(|w| w > since))
+        .filter(|(p, since)| packs.contains_key(p) && writers.iter().all(|w| w > since))
         .map(|(p, _)| *p)
         .collect();
 
@@ -155,12 +167,15 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         .filter(|l| deletable.contains(&l.pack) && !live.contains(&l.entry.id))
         .count() as u64;
     report.bytes_freed = report.bytes_freed.saturating_sub(repacked.bytes_written);
-    report.packs_pending = condemned.len() as u64;
+    report.packs_pending = condemned
+        .keys()
+        .filter(|p| !indexed_missing.contains(p))
+        .count() as u64;
 
     // Consolidate the index objects read into one, without deleted packs.
     let mut sources = index.sources.clone();
     sources.extend(repacked.index_key.clone());
-    if !deletable.is_empty() || sources.len() > 1 {
+    if !deletable.is_empty() || sources.len() > 1 || !indexed_missing.is_empty() {
         let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
         let mut seen = HashSet::new();
         for loc in index.iter().chain(repacked.entries.iter().copied()) {
@@ -181,6 +196,8 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         }
     }
 
+    // Their entries are gone from the index now.
+    condemned.retain(|p, _| !indexed_missing.contains(p));
     if let Some(k) = step_pending {
         if !condemned.is_empty() {
             write_pending(storage, &condemned)?;

@@ -27,12 +27,14 @@ pub mod format;
 mod gc;
 pub mod index;
 mod job;
+mod rebuild;
 mod restore;
 pub mod storage;
 mod verify;
 
 pub use error::EngineError;
 pub use job::JobControl;
+pub use rebuild::RebuildReport;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
@@ -347,6 +349,12 @@ impl Repository {
     /// Reclaims what no manifest references; safe beside running backups.
     pub fn gc(&self) -> Result<GcReport, EngineError> {
         gc::run(&self.inner)
+    }
+
+    /// Rebuilds the index from the pack trailers alone, replacing the
+    /// index objects (disaster recovery when they are lost or damaged).
+    pub fn rebuild_index(&self) -> Result<RebuildReport, EngineError> {
+        rebuild::run(&self.inner)
     }
 
     pub fn list_backups(&self) -> Result<Vec<BackupInfo>, EngineError> {

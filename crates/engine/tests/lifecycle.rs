@@ -317,3 +317,39 @@ fn bad_requests_are_refused_with_clear_errors() {
     assert_eq!(again.config(), repo.config());
     assert_eq!(again.list_backups().unwrap().len(), 1);
 }
+
+#[test]
+fn index_is_rebuilt_from_packs_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    let s = backup(&repo, "b1", "srv1", &[&img]);
+    // The index objects are lost.
+    std::fs::remove_dir_all(store.join("index")).unwrap();
+    let report = repo.verify(None, &JobControl::new()).unwrap();
+    assert!(!report.is_ok());
+    assert!(!report.backups[0].missing_chunks.is_empty());
+
+    let r = repo.rebuild_index().unwrap();
+    assert!(r.damaged_packs.is_empty());
+    assert_eq!(r.packs, pack_files(&store).len() as u64);
+    // Every data chunk plus the chunk list.
+    assert_eq!(r.chunks, s.chunks_new + 1);
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o.raw");
+    restore(&repo, "b1", &[&o]);
+    cmp(&img, &o);
+    // Deduplication works against the rebuilt index.
+    assert_eq!(backup(&repo, "b2", "srv1", &[&img]).chunks_new, 0);
+
+    // A pack with a damaged trailer is reported, the rest indexed.
+    let victim = pack_files(&store).pop().unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 30] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    let r = repo.rebuild_index().unwrap();
+    assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
+    assert!(!repo.verify(Some("b1"), &JobControl::new()).unwrap().is_ok());
+}
