@@ -9,10 +9,11 @@
 //! extents as it is read, so memory follows the number of data runs, not the
 //! number of clusters.
 //!
-//! Fast path: clusters of the top image that are stored plainly (not
-//! compressed, not encrypted, no external data file) are read straight from
-//! the image file at the host offset `qemu-img map` reports, at page-cache
-//! speed; NBD serves the rest (backing files, compressed clusters). Both
+//! Fast path: clusters stored plainly in a file of the chain (a qcow2 layer
+//! that is not encrypted and has no external data file, or a raw backing
+//! file; not compressed) are read straight from that file at the host offset
+//! `qemu-img map` reports, at page-cache speed; NBD serves the rest
+//! (compressed clusters, layers of other formats). Both
 //! come from the same map, taken once when the reader opens, and the image
 //! must not change while it is read (QEMU's image locks already refuse a
 //! reader beside a running VM).
@@ -30,17 +31,25 @@ use crate::{DiskError, DiskFormat, DiskReader, DiskWriter, Extent};
 /// engine's reader threads on a 2-core machine, with headroom.
 const CONNECTIONS: usize = 4;
 
-/// At most this many direct runs are kept (24 bytes each); past that, on a
+/// At most this many direct runs are kept (32 bytes each); past that, on a
 /// badly fragmented huge image, the rest is read through NBD so memory stays
 /// bounded.
 const MAX_DIRECT_RUNS: usize = 1 << 20;
 
-/// A guest range stored verbatim in the top image file at `host`.
+/// A guest range stored verbatim at `host` in the file of chain layer
+/// `layer` (0 = the image itself, 1 = its backing file, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct DirectRun {
     guest: u64,
     len: u64,
     host: u64,
+    layer: u32,
+}
+
+/// A file of the backing chain we may read directly.
+struct Layer {
+    path: PathBuf,
+    file: File,
 }
 
 /// Reads the guest view of a qcow2 image.
@@ -49,34 +58,25 @@ pub struct Qcow2Reader {
     path: PathBuf,
     /// Sorted, non-overlapping, non-adjacent regions that may hold data.
     extents: Vec<Extent>,
-    /// Sorted guest ranges readable straight from `file`.
+    /// Sorted guest ranges readable straight from a layer's file.
     direct: Vec<DirectRun>,
-    file: File,
+    /// Indexed by depth; `None` where the layer must be read through NBD.
+    layers: Vec<Option<Layer>>,
 }
 
 impl Qcow2Reader {
     pub fn open(path: &Path) -> Result<Qcow2Reader, DiskError> {
-        let info = image_info(path)?;
-        let plain_clusters = info.get("encrypted").and_then(|e| e.as_bool()) != Some(true)
-            && info.pointer("/format-specific/data/data-file").is_none();
-        let file = File::open(path).map_err(|source| DiskError::Io {
-            op: "open",
-            path: path.to_owned(),
-            source,
-        })?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| DiskError::Io {
-                op: "stat",
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
-        let map = allocation_map(path, plain_clusters)?;
+        let (layers, layer_lens) = direct_layers(path)?;
+        let usable: Vec<bool> = layers.iter().map(Option::is_some).collect();
+        let map = allocation_map(path, &usable)?;
         let extents = map.extents;
-        // A run past the end of the file would mean the map and the file
+        // A run past the end of its file would mean the map and the files
         // disagree: trust only NBD then.
-        let direct = if map.direct.iter().all(|r| r.host + r.len <= file_len) {
+        let direct = if map
+            .direct
+            .iter()
+            .all(|r| r.host + r.len <= layer_lens[r.layer as usize])
+        {
             map.direct
         } else {
             Vec::new()
@@ -100,11 +100,11 @@ impl Qcow2Reader {
             path: path.to_owned(),
             extents,
             direct,
-            file,
+            layers,
         })
     }
 
-    /// Guest bytes this reader reads straight from the image file.
+    /// Guest bytes this reader reads straight from files of the chain.
     pub fn direct_bytes(&self) -> u64 {
         self.direct.iter().map(|r| r.len).sum()
     }
@@ -133,11 +133,15 @@ impl DiskReader for Qcow2Reader {
             match self.direct.get(i) {
                 Some(r) if r.guest <= cur => {
                     let to = end.min(r.guest + r.len);
-                    self.file
+                    let layer = self.layers[r.layer as usize]
+                        .as_ref()
+                        .expect("direct runs only name usable layers");
+                    layer
+                        .file
                         .read_exact_at(&mut buf[piece(to)], r.host + (cur - r.guest))
                         .map_err(|source| DiskError::Io {
                             op: "read",
-                            path: self.path.clone(),
+                            path: layer.path.clone(),
                             source,
                         })?;
                     cur = to;
@@ -191,14 +195,15 @@ impl MapEntry {
         })
     }
 
-    /// Stored plainly in the top image at `offset`.
+    /// Stored plainly at `offset` in the file of layer `depth`.
     fn direct(&self) -> Option<DirectRun> {
-        match self.offset {
-            Some(host) if self.data && self.depth == 0 && !self.compressed && self.length > 0 => {
+        match (self.offset, u32::try_from(self.depth)) {
+            (Some(host), Ok(layer)) if self.data && !self.compressed && self.length > 0 => {
                 Some(DirectRun {
                     guest: self.start,
                     len: self.length,
                     host,
+                    layer,
                 })
             }
             _ => None,
@@ -207,8 +212,8 @@ impl MapEntry {
 }
 
 /// Runs `qemu-img map --output=json` and merges the regions that hold data
-/// (and, with `want_direct`, those stored plainly in the top image).
-fn allocation_map(path: &Path, want_direct: bool) -> Result<AllocationMap, DiskError> {
+/// (and those stored plainly in a layer marked in `usable`).
+fn allocation_map(path: &Path, usable: &[bool]) -> Result<AllocationMap, DiskError> {
     let tool_err = |stderr: String| DiskError::Tool {
         tool: "qemu-img map",
         path: path.to_owned(),
@@ -251,7 +256,10 @@ fn allocation_map(path: &Path, want_direct: bool) -> Result<AllocationMap, DiskE
                 if let Some(e) = entry.extent() {
                     push_merged(&mut extents, e);
                 }
-                if let Some(run) = entry.direct().filter(|_| want_direct) {
+                if let Some(run) = entry
+                    .direct()
+                    .filter(|r| usable.get(r.layer as usize) == Some(&true))
+                {
                     push_direct(&mut direct, run);
                 }
             }
@@ -315,7 +323,10 @@ fn parse_map_line(line: &str) -> Result<Option<MapEntry>, String> {
 
 fn push_direct(runs: &mut Vec<DirectRun>, run: DirectRun) {
     if let Some(last) = runs.last_mut() {
-        if last.guest + last.len == run.guest && last.host + last.len == run.host {
+        if last.layer == run.layer
+            && last.guest + last.len == run.guest
+            && last.host + last.len == run.host
+        {
             last.len += run.len;
             return;
         }
@@ -363,6 +374,66 @@ impl Qcow2Writer {
             created: recreate,
         })
     }
+}
+
+/// Opens the files of the backing chain whose clusters can be read
+/// directly, by depth, with their lengths. A layer is usable when it is a
+/// regular file holding qcow2 without encryption or external data file, or
+/// raw; anything else (other formats, `json:` pseudo-filenames, protocols)
+/// is left to NBD.
+#[allow(clippy::type_complexity)]
+fn direct_layers(path: &Path) -> Result<(Vec<Option<Layer>>, Vec<u64>), DiskError> {
+    let out = run_tool(
+        "qemu-img info",
+        path,
+        Command::new("qemu-img")
+            .args([
+                "info",
+                "--backing-chain",
+                "--output=json",
+                "-f",
+                "qcow2",
+                "--",
+            ])
+            .arg(path),
+    )?;
+    let chain: Vec<serde_json::Value> =
+        serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
+            tool: "qemu-img info",
+            path: path.to_owned(),
+            stderr: format!("unexpected output: {e}"),
+        })?;
+    let mut layers = Vec::with_capacity(chain.len());
+    let mut lens = Vec::with_capacity(chain.len());
+    for (depth, info) in chain.iter().enumerate() {
+        let file_path = if depth == 0 {
+            Some(path.to_owned())
+        } else {
+            // qemu resolves a backing file relative to its overlay's directory.
+            chain[depth - 1]
+                .get("full-backing-filename")
+                .or_else(|| info.get("filename"))
+                .and_then(|f| f.as_str())
+                .map(PathBuf::from)
+        };
+        let plain = match info.get("format").and_then(|f| f.as_str()) {
+            Some("raw") => true,
+            Some("qcow2") => {
+                info.get("encrypted").and_then(|e| e.as_bool()) != Some(true)
+                    && info.pointer("/format-specific/data/data-file").is_none()
+            }
+            _ => false,
+        };
+        let layer = file_path.filter(|_| plain).and_then(|p| {
+            let file = File::open(&p).ok()?;
+            let meta = file.metadata().ok()?;
+            meta.is_file()
+                .then_some((Layer { path: p, file }, meta.len()))
+        });
+        lens.push(layer.as_ref().map_or(0, |(_, len)| *len));
+        layers.push(layer.map(|(l, _)| l));
+    }
+    Ok((layers, lens))
 }
 
 /// `qemu-img info --output=json` of a qcow2 image.
@@ -489,20 +560,21 @@ mod tests {
                 }
             }
         }
-        // Only the first data cluster is plain, at depth 0, with an offset;
-        // the compressed one (depth 1) and the zero one are not direct.
+        // The compressed cluster (no offset) and the zero one are not direct.
         assert_eq!(
             direct,
             vec![
                 DirectRun {
                     guest: 1048576,
                     len: 65536,
-                    host: 327680
+                    host: 327680,
+                    layer: 0
                 },
                 DirectRun {
                     guest: 4194304,
                     len: 131072,
-                    host: 393216
+                    host: 393216,
+                    layer: 0
                 }
             ]
         );
