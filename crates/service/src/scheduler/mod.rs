@@ -15,12 +15,18 @@
 //!   `verify_interval_days`, one at a time, only while no job runs, pausing
 //!   between backups to stay under `verify_duty_percent` of wall time.
 //!
-//! [`Scheduler::spawn`] runs both on an interval until the shutdown watch
-//! channel turns true. [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
+//! [`Scheduler::spawn`] runs each in its own task on an interval until the
+//! shutdown watch channel turns true (a long verification never delays a
+//! backup window). [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
 //! serve `vpsbackup gc` and `vpsbackup verify`. GC and verification never
-//! overlap in one process: a pack rewritten by GC under a running verify
-//! would read as missing, so a verify that finds damage checks again before
-//! it marks a backup damaged.
+//! overlap in one process; GC in another process (the command line) may
+//! move a pack under a running verify, so a verify that finds damage checks
+//! again before it marks a backup damaged.
+//!
+//! Error policy: [`SchedulerError`] (thiserror) wraps catalog and engine
+//! errors; the background loops log them and try again at the next tick.
+//! Customer-facing texts (a damaged backup's `verify_error`) are sentences
+//! that say what to do.
 
 pub mod settings;
 pub mod status;
