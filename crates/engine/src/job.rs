@@ -101,3 +101,49 @@ impl ReadLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_reaches_100_only_when_finished() {
+        let job = JobControl::new();
+        assert_eq!(job.percent(), 0);
+        job.set_total(1000);
+        job.add_done(500);
+        assert_eq!(job.percent(), 50);
+        job.add_done(500);
+        assert_eq!(job.progress(), (1000, 1000));
+        assert_eq!(job.percent(), 99);
+        job.set_finished();
+        assert_eq!(job.percent(), 100);
+    }
+
+    #[test]
+    fn cancel_is_seen_by_check() {
+        let job = JobControl::new();
+        assert!(job.check().is_ok());
+        job.cancel();
+        assert!(job.is_cancelled());
+        assert!(matches!(job.check(), Err(crate::EngineError::Cancelled)));
+    }
+
+    #[test]
+    fn read_limiter_paces_after_one_second_of_burst() {
+        let job = JobControl::new();
+        let mut l = ReadLimiter::new(10_000_000);
+        let t = Instant::now();
+        l.take(10_000_000, &job); // the burst: no wait
+        assert!(t.elapsed() < Duration::from_millis(100));
+        l.take(3_000_000, &job); // 0.3 s of budget beyond the burst
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(280), "{e:?}");
+        assert!(e < Duration::from_millis(1000), "{e:?}");
+        // A cancelled job is not kept sleeping.
+        job.cancel();
+        let t = Instant::now();
+        l.take(100_000_000, &job);
+        assert!(t.elapsed() < Duration::from_millis(200));
+    }
+}

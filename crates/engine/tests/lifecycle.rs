@@ -353,3 +353,96 @@ fn index_is_rebuilt_from_packs_alone() {
     assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
     assert!(!repo.verify(Some("b1"), &JobControl::new()).unwrap().is_ok());
 }
+
+/// Writes a writer marker as a running backup in another process would.
+fn fake_writer(store: &Path, name: &str, pid: u32, started_ago_ms: u64, refreshed_ago_ms: u64) {
+    use vpsbackup_engine::format::{encode_json, now_ms, WriterMarker, WRITER_MAGIC};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let m = WriterMarker {
+        backup_id: "other".into(),
+        host: host.trim().into(),
+        pid,
+        started_at_ms: now_ms() - started_ago_ms,
+        refreshed_at_ms: now_ms() - refreshed_ago_ms,
+    };
+    let s = vpsbackup_engine::LocalStorage::new(store).unwrap();
+    vpsbackup_engine::Storage::put(
+        &s,
+        &format!("writers/{name}"),
+        &encode_json(WRITER_MAGIC, &m),
+    )
+    .unwrap();
+}
+
+#[test]
+fn gc_condemns_but_keeps_packs_while_an_older_writer_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "old", "srv1", &[&img]);
+    repo.delete_backup("old").unwrap();
+    let full = stored(&repo);
+
+    // A live writer (this very process) that started before the GC, after
+    // the packs were written: it may have loaded an index offering them.
+    std::thread::sleep(Duration::from_millis(20));
+    fake_writer(&store, "live", std::process::id(), 0, 0);
+    // Stale markers block nothing: one not refreshed for an hour, one whose
+    // process is gone from this host.
+    fake_writer(&store, "stale", std::process::id(), 7_200_000, 3_600_000);
+    fake_writer(&store, "dead", u32::MAX - 1, 1_000, 0);
+    let r = repo.gc().unwrap();
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert!(r.packs_pending > 0, "{r:?}");
+    assert_eq!(stored(&repo), full);
+    assert!(!store.join("writers/stale").exists() && !store.join("writers/dead").exists());
+    assert!(store.join("writers/live").exists());
+    // Condemned packs are no longer offered for dedup: a new backup of the
+    // same disk stores its chunks afresh rather than lean on them.
+    let s = backup(&repo, "new", "srv1", &[&img]);
+    assert_eq!(s.chunks_new, s.chunks_total, "{s:?}");
+
+    // The writer finishes: the next GC deletes what no manifest needs.
+    std::fs::remove_file(store.join("writers/live")).unwrap();
+    let r = repo.gc().unwrap();
+    assert!(r.packs_deleted > 0, "{r:?}");
+    assert_eq!(r.packs_pending, 0, "{r:?}");
+    assert!(stored(&repo) <= full + full / 10);
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o.raw");
+    restore(&repo, "new", &[&o]);
+    cmp(&img, &o);
+}
+
+#[test]
+fn a_writer_that_used_a_condemned_pack_saves_it() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "old", "srv1", &[&img]);
+    // A backup of the same disk starts (its marker is up) and dedups
+    // against the packs of "old" ...
+    std::thread::sleep(Duration::from_millis(20));
+    fake_writer(&store, "w", std::process::id(), 0, 0);
+    backup(&repo, "new", "srv1", &[&img]);
+    // (its manifest is not written yet as far as the GC below can see)
+    let aside = t.path().join("new.manifest");
+    std::fs::rename(store.join("backups/new"), &aside).unwrap();
+    // ... "old" is deleted and GC condemns its packs while that writer runs.
+    repo.delete_backup("old").unwrap();
+    let r = repo.gc().unwrap();
+    assert!(r.packs_pending > 0 && r.packs_deleted == 0, "{r:?}");
+    // The writer finishes: manifest written, marker removed.
+    std::fs::rename(&aside, store.join("backups/new")).unwrap();
+    std::fs::remove_file(store.join("writers/w")).unwrap();
+    // Now the packs are referenced by "new": the next GC un-condemns them.
+    let r = repo.gc().unwrap();
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert_eq!(r.packs_pending, 0, "{r:?}");
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o.raw");
+    restore(&repo, "new", &[&o]);
+    cmp(&img, &o);
+}
