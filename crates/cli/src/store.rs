@@ -137,6 +137,12 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
         StoreCommand::Ls { dir, json } => {
             let repo = open_existing(&dir)?;
             let backups = repo.list_backups()?;
+            // Damaged manifests are left out of the list: name them.
+            for id in repo.backup_ids()? {
+                if !backups.iter().any(|b| b.backup_id == id) {
+                    eprintln!("warning: backup {id} has a damaged manifest; run verify");
+                }
+            }
             if json {
                 let list: Vec<_> = backups
                     .iter()

@@ -357,14 +357,16 @@ impl Repository {
         rebuild::run(&self.inner)
     }
 
+    /// Every readable backup, oldest first. A backup whose manifest is
+    /// damaged is left out (verify reports it; [`Repository::backup_ids`]
+    /// lists it).
     pub fn list_backups(&self) -> Result<Vec<BackupInfo>, EngineError> {
         let mut out = Vec::new();
-        for meta in self.inner.storage.list("backups/")? {
-            let id = &meta.key["backups/".len()..];
-            match self.backup_info(id) {
+        for id in self.backup_ids()? {
+            match self.backup_info(&id) {
                 Ok(info) => out.push(info),
-                // Deleted while listing.
-                Err(EngineError::BackupNotFound(_)) => {}
+                // Deleted while listing, or damaged.
+                Err(EngineError::BackupNotFound(_)) | Err(EngineError::BadObject { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -374,6 +376,19 @@ impl Repository {
                 .then_with(|| a.backup_id.cmp(&b.backup_id))
         });
         Ok(out)
+    }
+
+    /// The ids of every manifest in the store, readable or not, sorted.
+    pub fn backup_ids(&self) -> Result<Vec<String>, EngineError> {
+        let mut ids: Vec<String> = self
+            .inner
+            .storage
+            .list("backups/")?
+            .into_iter()
+            .map(|m| m.key["backups/".len()..].to_owned())
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     pub fn backup_info(&self, backup_id: &str) -> Result<BackupInfo, EngineError> {

@@ -446,3 +446,50 @@ fn a_writer_that_used_a_condemned_pack_saves_it() {
     restore(&repo, "new", &[&o]);
     cmp(&img, &o);
 }
+
+#[test]
+fn damaged_manifest_is_reported_and_stops_gc() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    backup(&repo, "a", "srv1", &[&img]);
+    backup(&repo, "b", "srv1", &[&img]);
+    let m = store.join("backups/b");
+    let mut bytes = std::fs::read(&m).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&m, &bytes).unwrap();
+
+    let ids: Vec<String> = repo
+        .list_backups()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.backup_id)
+        .collect();
+    assert_eq!(ids, ["a"]);
+    assert_eq!(repo.backup_ids().unwrap(), ["a", "b"]);
+    assert!(matches!(
+        repo.backup_info("b"),
+        Err(EngineError::BadObject { .. })
+    ));
+    let report = repo.verify(None, &JobControl::new()).unwrap();
+    let b = report.backups.iter().find(|v| v.backup_id == "b").unwrap();
+    assert!(b.manifest_error.is_some() && !b.is_ok());
+    assert!(report
+        .backups
+        .iter()
+        .find(|v| v.backup_id == "a")
+        .unwrap()
+        .is_ok());
+    // GC cannot know what "b" references: it deletes nothing.
+    let before = stored(&repo);
+    let e = repo.gc().unwrap_err();
+    assert!(e.to_string().contains("backup b"), "{e}");
+    assert_eq!(stored(&repo), before);
+    // Deleting the damaged backup lets GC run again.
+    repo.delete_backup("b").unwrap();
+    repo.gc().unwrap();
+    let o = t.path().join("o.raw");
+    restore(&repo, "a", &[&o]);
+    cmp(&img, &o);
+}
