@@ -110,6 +110,16 @@ fn qcow2_with_backing_file_round_trips() {
     let back = t.path().join("back.raw");
     to_raw(&outq, &back);
     cmp(&changed, &back);
+
+    // Rolling that qcow2 disk back to the template's state rewrites only the
+    // chunks the server changed (20 scattered writes).
+    backup(&repo, "t1", "template", &[&img]);
+    let r = restore(&repo, "t1", &[&outq]);
+    assert!(r.chunks_written >= 1 && r.chunks_written <= 20, "{r:?}");
+    assert!(r.chunks_skipped > 0, "{r:?}");
+    let back = t.path().join("back2.raw");
+    to_raw(&outq, &back);
+    cmp(&img, &back);
 }
 
 #[test]
