@@ -489,6 +489,8 @@ fn fill_block(r: &dyn DiskReader, buf: &mut [u8], pos: u64) -> Result<u64, Engin
     let mut read = 0;
     while cur < end {
         let (start, stop) = match r.next_data(cur)? {
+            // An empty extent would never advance: read the rest instead.
+            Some(e) if e.offset < end && e.len == 0 => (cur, end),
             Some(e) if e.offset < end => (e.offset.max(cur), (e.offset + e.len).min(end)),
             _ => (end, end),
         };

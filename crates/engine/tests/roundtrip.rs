@@ -179,3 +179,31 @@ fn servers_cloned_from_one_template_share_chunks() {
     restore(&repo, "b1", &[&out]);
     cmp(&b, &out);
 }
+
+#[test]
+fn odd_sized_sparse_file_round_trips() {
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("odd.raw");
+    let size = (5u64 << 20) + 4097;
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    let noise: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    f.write_all_at(&noise, 1000).unwrap(); // unaligned data at the start
+    f.write_all_at(&vec![0u8; 200_000], 2 << 20).unwrap(); // written zeros, not a hole
+    f.write_all_at(&noise[..5000], size - 5000).unwrap(); // data in the short last chunk
+    drop(f);
+
+    let repo = open_repo(&t.path().join("store"));
+    let s = backup(&repo, "odd", "srv1", &[&img]);
+    assert_eq!(s.logical_bytes, size);
+    // Zero chunks are not data: the start (5 chunks) and the last 1-2 chunks.
+    assert!(s.data_bytes < 8 * 65536 + 4097, "{s:?}");
+    let out = t.path().join("out.raw");
+    restore(&repo, "odd", &[&out]);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
+    cmp(&img, &out);
+    assert!(allocated(&out) < (1 << 20), "restored copy stays sparse");
+}
