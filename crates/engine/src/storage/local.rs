@@ -81,10 +81,30 @@ impl LocalStorage {
         Ok(removed)
     }
 
+    /// Creates `dir` (and parents) under the root if missing, syncing each
+    /// parent so the new directory entries survive a crash along with the
+    /// objects about to be linked into them.
+    fn ensure_dir(&self, dir: &Path, key: &str) -> Result<(), StorageError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            if parent.starts_with(&self.root) && parent != self.root {
+                self.ensure_dir(parent, key)?;
+            }
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(io_err("create directory", key, e)),
+        }
+        sync_dir(dir.parent().expect("below the root"), key)
+    }
+
     /// Writes `data` into a synced temp file next to `path`; returns its path.
     fn write_temp(&self, key: &str, path: &Path, data: &[u8]) -> Result<PathBuf, StorageError> {
         let dir = path.parent().expect("object paths have a parent");
-        fs::create_dir_all(dir).map_err(|e| io_err("create directory", key, e))?;
+        self.ensure_dir(dir, key)?;
         let mut name = [0u8; 8];
         getrandom::fill(&mut name)
             .map_err(|e| io_err("random", key, io::Error::other(e.to_string())))?;
