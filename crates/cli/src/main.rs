@@ -14,6 +14,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+// glibc malloc showed up as ~12% of a listing request's CPU (many small
+// strings per page across threads); mimalloc halves that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "vpsbackup",

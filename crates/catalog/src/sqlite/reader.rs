@@ -60,9 +60,12 @@ impl InlineReader {
             None => self.connect()?,
         };
         let out = f(&conn).map_err(db_err);
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < KEEP_IDLE {
-            idle.push(conn);
+        // A connection that failed may be left inside a transaction: drop it.
+        if out.is_ok() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < KEEP_IDLE {
+                idle.push(conn);
+            }
         }
         out
     }
@@ -141,7 +144,7 @@ impl InlineReader {
         let offset = (page.number.max(1) as i64 - 1) * page.size as i64;
         self.with(|c| {
             // One read transaction: the count and the page see the same snapshot.
-            c.execute_batch("BEGIN")?;
+            c.prepare_cached("BEGIN")?.execute([])?;
             let result = (|| {
                 let count: i64 = c
                     .prepare_cached(&count_sql)?
@@ -162,7 +165,7 @@ impl InlineReader {
                     items,
                 })
             })();
-            c.execute_batch("COMMIT")?;
+            c.prepare_cached("COMMIT")?.execute([])?;
             result
         })
     }
