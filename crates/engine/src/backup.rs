@@ -112,8 +112,8 @@ pub(crate) fn run(
         job,
         claimed: Mutex::new(HashSet::new()),
         abort: AtomicBool::new(false),
-        spare_payloads: bounded(WINDOW * 2),
-        spare_packs: bounded(2),
+        spare_payloads: bounded(WINDOW),
+        spare_packs: bounded(1),
         chunk_size: inner.config.chunk_size as usize,
         block: BLOCK.max(inner.config.chunk_size as usize),
     };
