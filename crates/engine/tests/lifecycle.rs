@@ -493,3 +493,43 @@ fn damaged_manifest_is_reported_and_stops_gc() {
     restore(&repo, "a", &[&o]);
     cmp(&img, &o);
 }
+
+#[test]
+fn concurrent_backups_of_one_disk_then_gc_keep_everything_restorable() {
+    let t = tempfile::tempdir().unwrap();
+    let img = base_image(t.path());
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    // Two servers cloned from one image back up at the same moment: both
+    // may store the same new chunks (in different packs).
+    std::thread::scope(|s| {
+        for id in ["x", "y"] {
+            let (repo, img) = (repo.clone(), img.clone());
+            s.spawn(move || backup(&repo, id, id, &[&img]));
+        }
+    });
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    repo.delete_backup("x").unwrap();
+    let eager = repo.with_options(vpsbackup_engine::EngineOptions {
+        repack_below: 0.9,
+        ..test_options()
+    });
+    eager.gc().unwrap();
+    eager.gc().unwrap();
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = t.path().join("o.raw");
+    restore(&repo, "y", &[&o]);
+    cmp(&img, &o);
+    // Duplicates are gone: the store holds about one copy.
+    let one_copy = {
+        let t2 = tempfile::tempdir().unwrap();
+        let r2 = open_repo(t2.path());
+        backup(&r2, "z", "z", &[&img]);
+        stored(&r2)
+    };
+    assert!(
+        stored(&repo) <= one_copy + one_copy / 5,
+        "{} vs {one_copy}",
+        stored(&repo)
+    );
+}
