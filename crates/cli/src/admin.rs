@@ -33,9 +33,6 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     if global.data_dir.is_some() || global.config.is_none() {
         settings.data_dir = dir;
     }
-    if let Ok(v) = std::env::var("VPSBACKUP_JOB_LEASE_SECS") {
-        settings.job_lease_secs = v.parse().context("VPSBACKUP_JOB_LEASE_SECS")?;
-    }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;
     }

@@ -91,7 +91,12 @@ impl JobRunner {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the workers and the stale-job reaper; they stop when `shutdown` turns true.
+    /// Starts the workers; they stop when `shutdown` turns true.
+    ///
+    /// There is no periodic reaper of stale claims: `serve.pid` keeps one
+    /// service per data dir, so a job left running can only belong to a dead
+    /// process, and those are recovered at start. A wall-clock lease would
+    /// also misfire under the scheduler's simulated time.
     pub fn start(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
@@ -102,8 +107,6 @@ impl JobRunner {
             let rx = shutdown.clone();
             handles.push(tokio::spawn(async move { me.worker(n, rx).await }));
         }
-        let me = self.clone();
-        handles.push(tokio::spawn(async move { me.reaper(shutdown).await }));
         handles
     }
 
@@ -114,32 +117,6 @@ impl JobRunner {
             control.cancel();
         }
         self.notify.notify_waiters();
-    }
-
-    async fn reaper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let lease = Duration::from_secs(self.settings.job_lease_secs.max(2));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(lease / 2) => {}
-                _ = shutdown.changed() => {}
-            }
-            if *shutdown.borrow() {
-                return;
-            }
-            let now = self.clock.now();
-            let stale_before = now - time::Duration::seconds(lease.as_secs() as i64);
-            match self.catalog.recover_stale_jobs(stale_before, now).await {
-                Ok(jobs) if !jobs.is_empty() => {
-                    tracing::warn!(
-                        count = jobs.len(),
-                        "took over jobs whose worker stopped answering"
-                    );
-                    self.wake();
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "stale job check failed"),
-            }
-        }
     }
 
     async fn worker(self: Arc<Self>, n: usize, mut shutdown: watch::Receiver<bool>) {

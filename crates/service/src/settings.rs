@@ -49,10 +49,6 @@ pub struct Settings {
     /// Also accepted as `max_concurrent_jobs` in the TOML file.
     #[serde(alias = "max_concurrent_jobs")]
     pub workers: usize,
-    /// Seconds without a heartbeat after which a running job is taken over.
-    pub job_lease_secs: u64,
-    /// Times a job is started before it is failed for good (service restarts count).
-    pub job_max_attempts: u32,
     /// Largest request body accepted, bytes; larger ones get 413.
     pub max_body_bytes: usize,
     /// Seconds a hook may run before it is killed and counted as failed.
@@ -74,8 +70,6 @@ impl Default for Settings {
             data_dir: PathBuf::from("./vpsbackup-data"),
             listen: "127.0.0.1:8080".into(),
             workers: 2,
-            job_lease_secs: 30,
-            job_max_attempts: 3,
             max_body_bytes: 64 * 1024,
             hook_timeout_secs: 300,
             read_limit_mb_per_s: None,
