@@ -31,10 +31,15 @@ use crate::{DiskError, DiskFormat, DiskReader, DiskWriter, Extent};
 /// engine's reader threads on a 2-core machine, with headroom.
 const CONNECTIONS: usize = 4;
 
-/// At most this many direct runs are kept (32 bytes each); past that, on a
-/// badly fragmented huge image, the rest is read through NBD so memory stays
-/// bounded.
-const MAX_DIRECT_RUNS: usize = 1 << 20;
+/// At most this many direct runs are kept (32 bytes each, 16 MiB); past
+/// that, on a badly fragmented huge image, the rest is read through NBD so
+/// memory stays bounded.
+const MAX_DIRECT_RUNS: usize = 1 << 19;
+/// At most this many data extents are kept (16 bytes each, 16 MiB). Beyond
+/// that, neighbouring extents are merged across the holes between them:
+/// an extent only says data *may* be there, and the holes swallowed read
+/// as zeros, so the map stays correct and only gets coarser.
+const MAX_EXTENTS: usize = 1 << 20;
 
 /// A guest range stored verbatim at `host` in the file of chain layer
 /// `layer` (0 = the image itself, 1 = its backing file, ...).
@@ -240,7 +245,7 @@ fn allocation_map(path: &Path, usable: &[bool]) -> Result<AllocationMap, DiskErr
         s
     });
     let stdout = BufReader::new(child.stdout.take().expect("stdout was piped"));
-    let mut extents: Vec<Extent> = Vec::new();
+    let mut extents = ExtentList::default();
     let mut direct: Vec<DirectRun> = Vec::new();
     let mut parse_error = None;
     for line in stdout.lines() {
@@ -254,7 +259,7 @@ fn allocation_map(path: &Path, usable: &[bool]) -> Result<AllocationMap, DiskErr
         match parse_map_line(&line) {
             Ok(Some(entry)) => {
                 if let Some(e) = entry.extent() {
-                    push_merged(&mut extents, e);
+                    extents.push(e);
                 }
                 if let Some(run) = entry
                     .direct()
@@ -282,7 +287,10 @@ fn allocation_map(path: &Path, usable: &[bool]) -> Result<AllocationMap, DiskErr
     if let Some(msg) = parse_error {
         return Err(tool_err(msg));
     }
-    Ok(AllocationMap { extents, direct })
+    Ok(AllocationMap {
+        extents: extents.list,
+        direct,
+    })
 }
 
 /// Parses one line of `qemu-img map --output=json` (one JSON object per line,
@@ -336,6 +344,63 @@ fn push_direct(runs: &mut Vec<DirectRun>, run: DirectRun) {
     }
 }
 
+/// Data extents in guest order, merged when adjacent and coarsened when
+/// there are more than `cap` of them.
+struct ExtentList {
+    list: Vec<Extent>,
+    cap: usize,
+    /// Holes up to this long are merged into the extent before them.
+    bridge: u64,
+}
+
+impl Default for ExtentList {
+    fn default() -> Self {
+        ExtentList {
+            list: Vec::new(),
+            cap: MAX_EXTENTS,
+            bridge: 0,
+        }
+    }
+}
+
+impl ExtentList {
+    fn push(&mut self, e: Extent) {
+        if let Some(last) = self.list.last_mut() {
+            // saturating_sub: an entry overlapping the last one (qemu-img never
+            // sends one) merges instead of underflowing.
+            let last_end = last.offset + last.len;
+            if e.offset.saturating_sub(last_end) <= self.bridge {
+                last.len = (e.offset + e.len).max(last_end) - last.offset;
+                return;
+            }
+        }
+        self.list.push(e);
+        if self.list.len() >= self.cap {
+            self.coarsen();
+        }
+    }
+
+    /// Doubles the hole size bridged until the list is at most half full.
+    fn coarsen(&mut self) {
+        while self.list.len() > self.cap / 2 {
+            self.bridge = (self.bridge * 2).max(64 << 10);
+            let mut merged: Vec<Extent> = Vec::with_capacity(self.list.len());
+            for e in self.list.drain(..) {
+                match merged.last_mut() {
+                    Some(last)
+                        if e.offset.saturating_sub(last.offset + last.len) <= self.bridge =>
+                    {
+                        last.len = (e.offset + e.len).max(last.offset + last.len) - last.offset;
+                    }
+                    _ => merged.push(e),
+                }
+            }
+            self.list = merged;
+        }
+    }
+}
+
+#[cfg(test)]
 fn push_merged(extents: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = extents.last_mut() {
         if last.offset + last.len == e.offset {
@@ -540,6 +605,37 @@ impl DiskWriter for Qcow2Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extent_list_stays_bounded_and_covers_every_extent() {
+        let mut list = ExtentList {
+            list: Vec::new(),
+            cap: 64,
+            bridge: 0,
+        };
+        // 10,000 data clusters with holes of growing size between them.
+        let mut pushed = Vec::new();
+        let mut at = 0u64;
+        for i in 0..10_000u64 {
+            let e = Extent {
+                offset: at,
+                len: 65536,
+            };
+            list.push(e);
+            pushed.push(e);
+            at += 65536 + (i % 7 + 1) * 65536;
+        }
+        assert!(list.list.len() < 64, "{} extents kept", list.list.len());
+        // Sorted, disjoint, and every pushed extent lies inside one of them.
+        for w in list.list.windows(2) {
+            assert!(w[0].offset + w[0].len < w[1].offset);
+        }
+        for e in pushed {
+            let inside = next_in_map(&list.list, e.offset).unwrap();
+            assert_eq!(inside.offset, e.offset, "{e:?} not covered");
+            assert!(inside.len >= e.len, "{e:?} cut short");
+        }
+    }
 
     #[test]
     fn map_lines_parse_and_merge() {
