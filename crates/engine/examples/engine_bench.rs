@@ -30,6 +30,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))?);
     let mut repo = Repository::open_with(storage, Default::default(), chunk_size)?;
     // Knobs for measuring alternatives without rebuilding.
+    if let Ok(w) = std::env::var("WORKERS") {
+        let mut o = repo.options().clone();
+        o.workers = w.parse()?;
+        repo = repo.with_options(o);
+    }
     if let Ok(level) = std::env::var("ZSTD_LEVEL") {
         let mut o = repo.options().clone();
         o.zstd_level = level.parse()?;

@@ -100,6 +100,40 @@ pub(crate) fn decode_with(
     Ok(raw)
 }
 
+/// Decodes a payload into `out` (exactly the chunk's length) and checks
+/// its hash there, so the bytes need no further copy.
+pub(crate) fn decode_into(
+    dec: &mut zstd::bulk::Decompressor<'_>,
+    loc: &Location,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), ChunkFault> {
+    let bad = |what: String| ChunkFault::Corrupt(format!("{what} in pack {}", loc.pack.key()));
+    if out.len() != loc.entry.raw_len as usize {
+        return Err(bad(format!(
+            "it holds {} bytes where {} are needed",
+            loc.entry.raw_len,
+            out.len()
+        )));
+    }
+    if loc.entry.flags & FLAG_ZSTD != 0 {
+        let n = dec
+            .decompress_to_buffer(payload, out)
+            .map_err(|e| bad(format!("it cannot be decompressed ({e})")))?;
+        if n != out.len() {
+            return Err(bad("it decompresses to the wrong length".into()));
+        }
+    } else if payload.len() == out.len() {
+        out.copy_from_slice(payload);
+    } else {
+        return Err(bad("its stored length is wrong".into()));
+    }
+    if ChunkId::of(out) != loc.entry.id {
+        return Err(bad("its bytes do not match its hash".into()));
+    }
+    Ok(())
+}
+
 /// Compresses `raw` with zstd when that saves space; appends the payload to
 /// `out` and returns the entry flags.
 pub(crate) fn compress_into(

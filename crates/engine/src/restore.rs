@@ -15,7 +15,7 @@ use crate::{EngineError, JobControl, RepoInner, RestoreSummary};
 use crossbeam_channel::bounded;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use vpsbackup_disk::{is_zero, DiskWriter};
+use vpsbackup_disk::{is_zero, AlignedBuf, DiskWriter};
 
 /// Largest single write: neighbouring chunks are merged up to this size.
 const MAX_WRITE: usize = 4 << 20;
@@ -73,6 +73,13 @@ pub(crate) fn run(
         writer.finish()?;
     }
     Ok(summary)
+}
+
+/// Neighbouring chunks gathered for one write.
+struct Run {
+    buf: AlignedBuf,
+    len: usize,
+    at: u64,
 }
 
 struct DiskRestore<'a> {
@@ -157,8 +164,10 @@ pub(crate) fn fetch_or_fail(
 
 impl DiskRestore<'_> {
     fn run(&self) -> Result<(), EngineError> {
-        let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(2);
-        let workers = self.inner.options.workers.max(1);
+        // Twice the cores: each worker waits on pack reads and disk writes
+        // about as long as it decompresses and hashes.
+        let workers = (self.inner.options.workers * 2).max(2);
+        let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(workers);
         std::thread::scope(|s| {
             let mut hs = Vec::new();
             for _ in 0..workers {
@@ -251,43 +260,36 @@ impl DiskRestore<'_> {
         // neighbouring chunks with one call.
         let mut dec = zstd::bulk::Decompressor::new()
             .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_at = 0u64;
+        // Chunks are decompressed straight into a page-aligned run buffer,
+        // which the disk writer can send with O_DIRECT without a copy.
+        let mut run = Run {
+            buf: AlignedBuf::new(MAX_WRITE.max(cs as usize)),
+            len: 0,
+            at: 0,
+        };
         let mut k = 0;
         while k < needed.len() {
             self.job.check()?;
-            let group = self.read_group(&needed[k..], ids);
-            let raws: Vec<Vec<u8>> = match &group {
-                Some((locs, payload)) => {
-                    let base = locs[0].entry.offset as usize;
-                    let mut v = Vec::with_capacity(locs.len());
-                    for loc in locs {
-                        let at = loc.entry.offset as usize - base;
-                        let p = &payload[at..at + loc.entry.stored_len as usize];
-                        match crate::chunks::decode_with(Some(&mut dec), loc, p) {
-                            Ok(raw) => v.push(raw),
-                            // Another copy may be good: the slow path tries them all.
-                            Err(_) => break,
-                        }
+            let mut placed = 0;
+            if let Some((locs, payload)) = self.read_group(&needed[k..], ids) {
+                let base = locs[0].entry.offset as usize;
+                for loc in &locs {
+                    let (off, len) = span(needed[k + placed]);
+                    let at = loc.entry.offset as usize - base;
+                    let p = &payload[at..at + loc.entry.stored_len as usize];
+                    let slot = self.slot(&mut run, off, len)?;
+                    // A bad copy: the slow path below tries every copy.
+                    if crate::chunks::decode_into(&mut dec, loc, p, slot).is_err() {
+                        break;
                     }
-                    v
+                    run.len += len;
+                    placed += 1;
                 }
-                None => Vec::new(),
-            };
-            let raws = if raws.is_empty() {
-                vec![fetch_or_fail(
-                    self.inner,
-                    self.index,
-                    &ids[needed[k]],
-                    &h.backup_id,
-                )?]
-            } else {
-                raws
-            };
-            for raw in raws {
+            }
+            if placed == 0 {
                 let i = needed[k];
-                k += 1;
                 let (off, len) = span(i);
+                let raw = fetch_or_fail(self.inner, self.index, &ids[i], &h.backup_id)?;
                 if raw.len() != len {
                     return Err(EngineError::Corrupt {
                         chunk: ids[i].to_hex(),
@@ -295,18 +297,34 @@ impl DiskRestore<'_> {
                         detail: format!("it holds {} bytes where the disk needs {len}", raw.len()),
                     });
                 }
-                if run.is_empty() {
-                    run_at = off;
-                } else if run_at + run.len() as u64 != off || run.len() + len > MAX_WRITE {
-                    self.flush(&mut run, run_at)?;
-                    run_at = off;
-                }
-                run.extend_from_slice(&raw);
-                self.written.fetch_add(1, Ordering::Relaxed);
-                self.job.add_done(len as u64);
+                self.slot(&mut run, off, len)?.copy_from_slice(&raw);
+                run.len += len;
+                placed = 1;
             }
+            for &i in &needed[k..k + placed] {
+                self.written.fetch_add(1, Ordering::Relaxed);
+                self.job.add_done(span(i).1 as u64);
+            }
+            k += placed;
         }
-        self.flush(&mut run, run_at)
+        self.flush(&mut run)
+    }
+
+    /// The place in the run buffer for the chunk at disk offset `off`,
+    /// writing out the run first if the chunk does not continue it.
+    fn slot<'r>(
+        &self,
+        run: &'r mut Run,
+        off: u64,
+        len: usize,
+    ) -> Result<&'r mut [u8], EngineError> {
+        if run.len > 0 && (run.at + run.len as u64 != off || run.len + len > run.buf.len()) {
+            self.flush(run)?;
+        }
+        if run.len == 0 {
+            run.at = off;
+        }
+        Ok(&mut run.buf[run.len..run.len + len])
     }
 
     /// Reads the payloads of the longest prefix of `needed` whose preferred
@@ -341,11 +359,11 @@ impl DiskRestore<'_> {
         Some((locs, payload))
     }
 
-    fn flush(&self, run: &mut Vec<u8>, at: u64) -> Result<(), EngineError> {
-        if !run.is_empty() {
-            self.writer.write_all_at(run, at)?;
-            self.bytes.fetch_add(run.len() as u64, Ordering::Relaxed);
-            run.clear();
+    fn flush(&self, run: &mut Run) -> Result<(), EngineError> {
+        if run.len > 0 {
+            self.writer.write_all_at(&run.buf[..run.len], run.at)?;
+            self.bytes.fetch_add(run.len as u64, Ordering::Relaxed);
+            run.len = 0;
         }
         Ok(())
     }
