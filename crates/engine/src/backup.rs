@@ -222,7 +222,7 @@ impl Pipeline<'_> {
         }
         let (work_tx, work_rx) = bounded::<Work>(WINDOW);
         let (done_tx, done_rx) = bounded::<Done>(WINDOW * 2);
-        let (pack_tx, pack_rx) = bounded::<(PackId, Vec<u8>, Vec<PackEntry>)>(0);
+        let (pack_tx, pack_rx) = bounded::<(PackId, Vec<u8>, Vec<PackEntry>)>(1);
         let workers = self.inner.options.workers.max(1);
 
         std::thread::scope(|s| {
