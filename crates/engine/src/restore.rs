@@ -267,11 +267,12 @@ impl DiskRestore<'_> {
             len: 0,
             at: 0,
         };
+        let mut payload = Vec::new();
         let mut k = 0;
         while k < needed.len() {
             self.job.check()?;
             let mut placed = 0;
-            if let Some((locs, payload)) = self.read_group(&needed[k..], ids) {
+            if let Some(locs) = self.read_group(&needed[k..], ids, &mut payload) {
                 let base = locs[0].entry.offset as usize;
                 for loc in &locs {
                     let (off, len) = span(needed[k + placed]);
@@ -329,7 +330,12 @@ impl DiskRestore<'_> {
 
     /// Reads the payloads of the longest prefix of `needed` whose preferred
     /// copies sit back to back in one pack, with one ranged read.
-    fn read_group(&self, needed: &[usize], ids: &[ChunkId]) -> Option<(Vec<Location>, Vec<u8>)> {
+    fn read_group(
+        &self,
+        needed: &[usize],
+        ids: &[ChunkId],
+        payload: &mut Vec<u8>,
+    ) -> Option<Vec<Location>> {
         let mut locs: Vec<Location> = Vec::new();
         for &i in needed {
             let Some(loc) = self.index.locations(&ids[i]).into_iter().next() else {
@@ -351,12 +357,11 @@ impl DiskRestore<'_> {
         let last = locs.last()?;
         let len =
             last.entry.offset as u64 + last.entry.stored_len as u64 - first.entry.offset as u64;
-        let payload = self
-            .inner
+        self.inner
             .storage
-            .get_range(&first.pack.key(), first.entry.offset as u64, len)
+            .get_range_into(&first.pack.key(), first.entry.offset as u64, len, payload)
             .ok()?;
-        Some((locs, payload))
+        Some(locs)
     }
 
     fn flush(&self, run: &mut Run) -> Result<(), EngineError> {

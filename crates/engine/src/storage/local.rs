@@ -228,13 +228,26 @@ impl Storage for LocalStorage {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError> {
+        let mut buf = Vec::new();
+        self.get_range_into(key, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StorageError> {
         let path = self.path(key)?;
         let f = File::open(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StorageError::NotFound(key.to_owned()),
             _ => io_err("open", key, e),
         })?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
+        // Reused buffers are only zeroed where they grow.
+        buf.resize(len as usize, 0);
+        f.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 StorageError::OutOfRange {
                     key: key.to_owned(),
@@ -245,8 +258,7 @@ impl Storage for LocalStorage {
             } else {
                 io_err("read", key, e)
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {

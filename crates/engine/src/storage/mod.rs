@@ -56,6 +56,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
     /// Reads `len` bytes at `offset`; fails if the range passes the end.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError>;
+    /// [`Storage::get_range`] into a caller's buffer (replaced contents), so
+    /// hot loops reuse one allocation. The default just calls `get_range`.
+    fn get_range_into(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StorageError> {
+        *buf = self.get_range(key, offset, len)?;
+        Ok(())
+    }
     /// Metadata of `key`, or None when it does not exist.
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
     /// Every object whose key starts with `prefix`, in no particular order.
