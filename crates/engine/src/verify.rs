@@ -173,6 +173,7 @@ impl Checker<'_> {
                     s.spawn(move || -> Result<(), EngineError> {
                         let mut dec = zstd::bulk::Decompressor::new()
                             .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
+                        let mut buf = Vec::new();
                         loop {
                             let g = next.fetch_add(1, Ordering::Relaxed);
                             let Some(group) = groups.get(g) else {
@@ -183,8 +184,9 @@ impl Checker<'_> {
                             let len = last.offset as u64 + last.stored_len as u64 - base;
                             let payload = inner
                                 .storage
-                                .get_range(&group[0].pack.key(), base, len)
-                                .ok();
+                                .get_range_into(&group[0].pack.key(), base, len, &mut buf)
+                                .ok()
+                                .map(|()| &buf);
                             let mut out = Vec::with_capacity(group.len());
                             for loc in *group {
                                 let good = payload.as_ref().is_some_and(|p| {
