@@ -24,15 +24,26 @@ pub struct ServeArgs {
     demo: bool,
 }
 
+/// Human-readable logs on stderr (colours only on a terminal), or one JSON
+/// object per line with `VPSBACKUP_LOG_FORMAT=json` for log shippers.
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("VPSBACKUP_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("VPSBACKUP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
 pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VPSBACKUP_LOG")
-                .or_else(|_| EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let mut settings: Settings = load_settings(&global)?;
     if let Some(listen) = args.listen {
         settings.listen = listen;
