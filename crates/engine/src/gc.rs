@@ -223,6 +223,7 @@ fn mark(
     live: &mut HashSet<ChunkId>,
 ) -> Result<HashSet<String>, EngineError> {
     let mut seen = HashSet::new();
+    let mut fresh: Option<ChunkIndex> = None;
     for meta in inner.storage.list("backups/")? {
         if skip.is_some_and(|s| s.contains(&meta.key)) {
             continue;
@@ -238,7 +239,17 @@ fn mark(
                 continue;
             }
             live.insert(*list_id);
-            let raw = match chunks::fetch(&*inner.storage, index, list_id)? {
+            let mut found = chunks::fetch(&*inner.storage, index, list_id)?;
+            if found == Err(ChunkFault::Missing) {
+                // A backup that finished after the index was loaded: its index
+                // object was written before its manifest, so a fresh load has it.
+                if fresh.is_none() {
+                    fresh = Some(ChunkIndex::load(&*inner.storage, &HashSet::new())?);
+                }
+                let fresh = fresh.as_ref().expect("loaded above");
+                found = chunks::fetch(&*inner.storage, fresh, list_id)?;
+            }
+            let raw = match found {
                 Ok(raw) => raw,
                 Err(ChunkFault::Missing) => {
                     return Err(gc_stopped(
