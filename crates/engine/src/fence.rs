@@ -37,6 +37,41 @@ pub(crate) fn hostname() -> String {
 
 impl WriterGuard {
     pub(crate) fn register(inner: &RepoInner, job: &str) -> Result<Self, EngineError> {
+        let key = format!("writers/{}", random_hex(16));
+        Self::register_at(inner, job, key)?
+            .ok_or_else(|| EngineError::Internal("a random writer id collided".into()))
+    }
+
+    /// Takes the store's GC lock: one GC at a time (two could each delete
+    /// what the other's index consolidation still names). A lock left by a
+    /// dead GC is stale the same way writer markers are.
+    pub(crate) fn lock_gc(inner: &RepoInner) -> Result<Self, EngineError> {
+        for _ in 0..2 {
+            if let Some(g) = Self::register_at(inner, "gc", GC_LOCK.to_owned())? {
+                return Ok(g);
+            }
+            let obj = match inner.storage.get(GC_LOCK) {
+                Ok(o) => o,
+                Err(StorageError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let live = decode_json::<WriterMarker>(WRITER_MAGIC, GC_LOCK, &obj)
+                .map(|m| is_live(inner, &m))
+                .unwrap_or(false);
+            if live {
+                return Err(EngineError::InvalidRequest(
+                    "another garbage collection is running on this store; try again when it has finished".into(),
+                ));
+            }
+            inner.storage.delete(GC_LOCK)?;
+        }
+        Err(EngineError::InvalidRequest(
+            "the store's GC lock keeps changing hands; try again".into(),
+        ))
+    }
+
+    /// Registers a marker under `key` unless the key exists (then None).
+    fn register_at(inner: &RepoInner, job: &str, key: String) -> Result<Option<Self>, EngineError> {
         let started_at_ms = now_ms();
         let marker = WriterMarker {
             backup_id: job.to_owned(),
@@ -45,10 +80,12 @@ impl WriterGuard {
             started_at_ms,
             refreshed_at_ms: started_at_ms,
         };
-        let key = format!("writers/{}", random_hex(16));
-        inner
+        if !inner
             .storage
-            .put_if_absent(&key, &encode_json(WRITER_MAGIC, &marker))?;
+            .put_if_absent(&key, &encode_json(WRITER_MAGIC, &marker))?
+        {
+            return Ok(None);
+        }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let every = inner.options.writer_stale_after / 4;
         let refresher = {
@@ -82,13 +119,13 @@ impl WriterGuard {
                 })
                 .map_err(|e| EngineError::Internal(e.to_string()))?
         };
-        Ok(WriterGuard {
+        Ok(Some(WriterGuard {
             storage: inner.storage.clone(),
             key,
             started_at_ms,
             stop,
             refresher: Some(refresher),
-        })
+        }))
     }
 }
 
@@ -106,11 +143,21 @@ impl Drop for WriterGuard {
     }
 }
 
+const GC_LOCK: &str = "locks/gc";
+
+/// Whether a marker's process still runs: not gone from this host, and
+/// refreshed within `writer_stale_after`.
+fn is_live(inner: &RepoInner, m: &WriterMarker) -> bool {
+    let stale_ms = inner.options.writer_stale_after.as_millis() as u64;
+    let dead_here =
+        m.host == hostname() && !std::path::Path::new(&format!("/proc/{}", m.pid)).exists();
+    !dead_here && m.refreshed_at_ms + stale_ms >= now_ms()
+}
+
 /// The start times (ms) of writers still alive; stale markers are removed.
 pub(crate) fn live_writers(inner: &RepoInner) -> Result<Vec<u64>, EngineError> {
     let now = now_ms();
     let stale_ms = inner.options.writer_stale_after.as_millis() as u64;
-    let host = hostname();
     let mut starts = Vec::new();
     for meta in inner.storage.list("writers/")? {
         let obj = match inner.storage.get(&meta.key) {
@@ -120,13 +167,11 @@ pub(crate) fn live_writers(inner: &RepoInner) -> Result<Vec<u64>, EngineError> {
         };
         let stale = match decode_json::<WriterMarker>(WRITER_MAGIC, &meta.key, &obj) {
             Ok(m) => {
-                let dead_here =
-                    m.host == host && !std::path::Path::new(&format!("/proc/{}", m.pid)).exists();
-                if dead_here || m.refreshed_at_ms + stale_ms < now {
-                    true
-                } else {
+                if is_live(inner, &m) {
                     starts.push(m.started_at_ms);
                     false
+                } else {
+                    true
                 }
             }
             // A torn marker cannot happen with atomic puts; treat a damaged one

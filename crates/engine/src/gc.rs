@@ -37,6 +37,7 @@ const CONDEMN_MARGIN_MS: u64 = 10_000;
 pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let storage = &*inner.storage;
     let opts = &inner.options;
+    let _lock = crate::fence::WriterGuard::lock_gc(inner)?;
     let mut report = GcReport::default();
     let t0 = now_ms();
     storage.remove_stale_temp(opts.gc_grace.max(opts.writer_stale_after))?;

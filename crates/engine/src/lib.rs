@@ -5,7 +5,8 @@
 //! `config`, packs of zstd-compressed 64 KiB chunks named by BLAKE3
 //! (`packs/`), index objects saying where each chunk sits (`index/`),
 //! one manifest per backup (`backups/<id>`), markers of running writers
-//! (`writers/`) and GC's pending deletions (`pending/`). See [`format`] for
+//! (`writers/`), GC's pending deletions (`pending/`) and its lock
+//! (`locks/gc`). See [`format`] for
 //! the bytes and ARCHITECTURE.md for the flow.
 //!
 //! Ordering invariants that make a crash at any instant harmless:

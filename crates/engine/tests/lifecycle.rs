@@ -382,6 +382,16 @@ fn index_is_rebuilt_from_packs_alone() {
 
 /// Writes a writer marker as a running backup in another process would.
 fn fake_writer(store: &Path, name: &str, pid: u32, started_ago_ms: u64, refreshed_ago_ms: u64) {
+    fake_marker(
+        store,
+        &format!("writers/{name}"),
+        pid,
+        started_ago_ms,
+        refreshed_ago_ms,
+    )
+}
+
+fn fake_marker(store: &Path, key: &str, pid: u32, started_ago_ms: u64, refreshed_ago_ms: u64) {
     use vpsbackup_engine::format::{encode_json, now_ms, WriterMarker, WRITER_MAGIC};
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let m = WriterMarker {
@@ -392,12 +402,7 @@ fn fake_writer(store: &Path, name: &str, pid: u32, started_ago_ms: u64, refreshe
         refreshed_at_ms: now_ms() - refreshed_ago_ms,
     };
     let s = vpsbackup_engine::LocalStorage::new(store).unwrap();
-    vpsbackup_engine::Storage::put(
-        &s,
-        &format!("writers/{name}"),
-        &encode_json(WRITER_MAGIC, &m),
-    )
-    .unwrap();
+    vpsbackup_engine::Storage::put(&s, key, &encode_json(WRITER_MAGIC, &m)).unwrap();
 }
 
 #[test]
@@ -558,4 +563,20 @@ fn concurrent_backups_of_one_disk_then_gc_keep_everything_restorable() {
         "{} vs {one_copy}",
         stored(&repo)
     );
+}
+
+#[test]
+fn one_gc_at_a_time_and_a_dead_gcs_lock_is_taken_over() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let repo = open_repo(&store);
+    // Another GC runs (this process stands in for it).
+    fake_marker(&store, "locks/gc", std::process::id(), 0, 0);
+    let e = repo.gc().unwrap_err();
+    assert!(e.to_string().contains("another garbage collection"), "{e}");
+    // That GC died (its process is gone): its lock is stale.
+    fake_marker(&store, "locks/gc", u32::MAX - 1, 0, 0);
+    repo.gc().unwrap();
+    assert!(!store.join("locks/gc").exists(), "the lock is released");
+    repo.gc().unwrap();
 }
