@@ -334,6 +334,7 @@ impl Pipeline<'_> {
     ) -> Result<(), EngineError> {
         let mut compressor = zstd::bulk::Compressor::new(self.inner.options.zstd_level)
             .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
+        let mut scratch = Vec::new();
         for item in work {
             let out = match item {
                 Work::Zero { seq, disk, len } => Done {
@@ -353,6 +354,8 @@ impl Pipeline<'_> {
                     let mut chunks = Vec::with_capacity(len.div_ceil(self.chunk_size));
                     let mut payload = self.spare_payloads.1.try_recv().unwrap_or_default();
                     payload.clear();
+                    // Room for the worst case up front: no regrowth while compressing.
+                    payload.reserve(len);
                     for raw in buf[..len].chunks(self.chunk_size) {
                         if is_zero(raw) {
                             chunks.push(ChunkOut::Zero);
@@ -364,7 +367,7 @@ impl Pipeline<'_> {
                             continue;
                         }
                         let start = payload.len();
-                        let flags = compress_into(&mut compressor, raw, &mut payload);
+                        let flags = compress_into(&mut compressor, &mut scratch, raw, &mut payload);
                         chunks.push(ChunkOut::New {
                             id,
                             start,
@@ -587,7 +590,8 @@ impl PackWriter<'_, '_> {
             let id = ChunkId::of(&raw);
             if !self.p.index.has_for_dedup(&id) && self.p.claim(id) {
                 let mut payload = Vec::new();
-                let flags = compress_into(&mut self.compressor, &raw, &mut payload);
+                let flags =
+                    compress_into(&mut self.compressor, &mut Vec::new(), &raw, &mut payload);
                 self.out.stored_bytes += payload.len() as u64;
                 self.pack.add(id, &payload, raw.len() as u32, flags);
             }

@@ -135,15 +135,23 @@ pub(crate) fn decode_into(
 }
 
 /// Compresses `raw` with zstd when that saves space; appends the payload to
-/// `out` and returns the entry flags.
+/// `out` and returns the entry flags. `scratch` is reused between calls so
+/// compressing allocates nothing (allocation churn inflates peak RSS).
 pub(crate) fn compress_into(
     compressor: &mut zstd::bulk::Compressor<'_>,
+    scratch: &mut Vec<u8>,
     raw: &[u8],
     out: &mut Vec<u8>,
 ) -> u32 {
-    match compressor.compress(raw) {
-        Ok(c) if c.len() < raw.len() => {
-            out.extend_from_slice(&c);
+    // Only output smaller than the input is kept, so a scratch of the
+    // input's size suffices: a compressor that runs out of room reports an
+    // error and the chunk is stored raw.
+    if scratch.len() < raw.len() {
+        scratch.resize(raw.len(), 0);
+    }
+    match compressor.compress_to_buffer(raw, &mut scratch[..raw.len()]) {
+        Ok(n) if n < raw.len() => {
+            out.extend_from_slice(&scratch[..n]);
             FLAG_ZSTD
         }
         // Incompressible (or a compressor error, which only costs space): store raw.
