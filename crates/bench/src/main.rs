@@ -199,10 +199,6 @@ impl Bench {
             .prefix("vpsbackup-bench-")
             .tempdir_in(&work_parent)?;
         eprintln!("work dir: {}", work.path().display());
-        // Every tool then reads from the page cache, whichever runs first.
-        for image in [&base_raw, &day2_raw, &base_qcow2] {
-            warm_page_cache(image)?;
-        }
         Ok(Bench {
             base_data: allocated_bytes(&base_raw)?,
             day2_data: allocated_bytes(&day2_raw)?,
@@ -262,6 +258,7 @@ impl Bench {
             ),
         ];
         for (step, id, server, image, data) in backups {
+            warm_page_cache(image)?;
             let before = dir_usage(&store)?.0;
             let mut cmd = self.engine("backup");
             cmd.arg(&store).arg(id).arg(server).arg(image);
@@ -385,6 +382,7 @@ impl Bench {
             ),
         ];
         for (step, id, host, image, data) in backups {
+            warm_page_cache(image)?;
             let before = dir_usage(&peer.repo())?.0;
             let m = peer.backup(id, host, image)?;
             let growth = dir_usage(&peer.repo())?.0.saturating_sub(before);
@@ -432,7 +430,9 @@ fn result(
     }
 }
 
-/// Reads a whole file once so it sits in the page cache.
+/// Reads a whole file once so it sits in the page cache. Called before every
+/// tool's backup step: the restores of earlier steps write gigabytes and can
+/// evict the images, and whichever tool ran first would otherwise pay for it.
 fn warm_page_cache(path: &Path) -> anyhow::Result<()> {
     let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     std::io::copy(&mut file, &mut std::io::sink())
