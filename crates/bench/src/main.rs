@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
 
 /// The child side: one backup or restore through the engine, summary as JSON.
 fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
-    use vpsbackup_engine::{BackupRequest, JobControl, Repository};
+    use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, Repository};
     let job = JobControl::new();
     let out = match op {
         EngineOp::Backup {
@@ -109,7 +109,7 @@ fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
                     backup_id: id,
                     server_id: server.clone(),
                     server_name: server,
-                    disks,
+                    disks: disks.into_iter().map(DiskImage::detect).collect(),
                     read_limit: None,
                 },
                 &job,

@@ -10,7 +10,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use vpsbackup_engine::{BackupRequest, JobControl, LocalStorage, Repository};
+use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, LocalStorage, Repository};
 
 #[derive(Subcommand)]
 pub enum StoreCommand {
@@ -200,7 +200,8 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                 backup_id: id,
                 server_id,
                 server_name,
-                disks,
+                // A bare store backs up images its operator names: trusted, so detected.
+                disks: disks.into_iter().map(DiskImage::detect).collect(),
                 read_limit,
             };
             let start = Instant::now();

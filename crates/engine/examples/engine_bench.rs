@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::time::Instant;
-use vpsbackup_engine::{BackupRequest, JobControl, Repository};
+use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, Repository};
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     backup_id: args[2].clone(),
                     server_id: "bench".into(),
                     server_name: "bench".into(),
-                    disks: args[3..].iter().map(PathBuf::from).collect(),
+                    disks: args[3..].iter().map(DiskImage::detect).collect(),
                     read_limit: None,
                 },
                 &job,

@@ -94,8 +94,11 @@ pub(crate) fn run(
         return Err(EngineError::BackupExists(req.backup_id.clone()));
     }
     let mut readers = Vec::with_capacity(req.disks.len());
-    for path in &req.disks {
-        readers.push(vpsbackup_disk::open_reader(path)?);
+    for disk in &req.disks {
+        readers.push(match disk.format {
+            Some(format) => vpsbackup_disk::open_reader_as(&disk.path, format)?,
+            None => vpsbackup_disk::open_reader(&disk.path)?,
+        });
     }
     let total: u64 = readers.iter().map(|r| r.size()).sum();
     job.set_total(total);
@@ -133,7 +136,7 @@ pub(crate) fn run(
             .zip(&readers)
             .zip(&out.data_bytes)
             .map(|((p, r), data)| ManifestDisk {
-                source_path: p.display().to_string(),
+                source_path: p.path.display().to_string(),
                 format: r.format().as_str().to_owned(),
                 size: r.size(),
                 data_bytes: *data,

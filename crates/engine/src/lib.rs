@@ -37,6 +37,7 @@ pub use error::EngineError;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
+pub use vpsbackup_disk::DiskFormat;
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::path::{Path, PathBuf};
@@ -103,9 +104,42 @@ pub struct BackupRequest {
     pub backup_id: String,
     pub server_id: String,
     pub server_name: String,
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<DiskImage>,
     /// Read bandwidth limit for this job, bytes per second (None = unlimited).
     pub read_limit: Option<u64>,
+}
+
+/// A disk image to back up or restore onto: its path and, when known, its
+/// format.
+///
+/// A raw disk's first bytes belong to the guest, which can write a qcow2
+/// header there; probing such a disk would hand it to QEMU as qcow2 and let
+/// the guest name a backing file on the host. Callers that know the format
+/// (the service records it when the provider adds the server) pin it;
+/// `format: None` detects it from the image and is only for images the
+/// caller trusts (`vpsbackup store`, benchmarks, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskImage {
+    pub path: PathBuf,
+    pub format: Option<DiskFormat>,
+}
+
+impl DiskImage {
+    /// An image opened as `format`, never probed.
+    pub fn pinned(path: impl Into<PathBuf>, format: DiskFormat) -> DiskImage {
+        DiskImage {
+            path: path.into(),
+            format: Some(format),
+        }
+    }
+
+    /// An image whose format is detected when it is opened: trusted images only.
+    pub fn detect(path: impl Into<PathBuf>) -> DiskImage {
+        DiskImage {
+            path: path.into(),
+            format: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,6 +333,19 @@ impl Repository {
         targets: &[PathBuf],
         job: &JobControl,
     ) -> Result<RestoreSummary, EngineError> {
+        let targets: Vec<DiskImage> = targets.iter().cloned().map(DiskImage::detect).collect();
+        self.restore_as(backup_id, &targets, job)
+    }
+
+    /// Like [`Repository::restore`], but each target with a known format is
+    /// opened as that format without probing what it holds now (a restore
+    /// over a raw disk whose guest wrote a qcow2 header stays raw).
+    pub fn restore_as(
+        &self,
+        backup_id: &str,
+        targets: &[DiskImage],
+        job: &JobControl,
+    ) -> Result<RestoreSummary, EngineError> {
         let res = restore::run(&self.inner, backup_id, targets, None, job);
         if res.is_ok() {
             job.set_finished();
@@ -317,7 +364,7 @@ impl Repository {
         let res = restore::run(
             &self.inner,
             backup_id,
-            &[target.to_owned()],
+            &[DiskImage::detect(target)],
             Some(disk),
             job,
         );

@@ -11,9 +11,8 @@
 use crate::chunks::{self, ChunkFault};
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::{ChunkIndex, Location};
-use crate::{EngineError, JobControl, RepoInner, RestoreSummary};
+use crate::{DiskImage, EngineError, JobControl, RepoInner, RestoreSummary};
 use crossbeam_channel::bounded;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vpsbackup_disk::{is_zero, AlignedBuf, DiskWriter};
 
@@ -23,7 +22,7 @@ const MAX_WRITE: usize = 4 << 20;
 pub(crate) fn run(
     inner: &RepoInner,
     backup_id: &str,
-    targets: &[PathBuf],
+    targets: &[DiskImage],
     only_disk: Option<usize>,
     job: &JobControl,
 ) -> Result<RestoreSummary, EngineError> {
@@ -52,7 +51,10 @@ pub(crate) fn run(
     let mut summary = RestoreSummary::default();
     for (d, target) in disks.into_iter().zip(targets) {
         let size = manifest.header.disks[d].size;
-        let writer = vpsbackup_disk::open_writer(target, size)?;
+        let writer = match target.format {
+            Some(format) => vpsbackup_disk::open_writer_as(&target.path, size, format)?,
+            None => vpsbackup_disk::open_writer(&target.path, size)?,
+        };
         let ctx = DiskRestore {
             inner,
             index: &index,

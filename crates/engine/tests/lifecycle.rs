@@ -7,7 +7,7 @@ use common::*;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vpsbackup_engine::{BackupRequest, EngineError, JobControl, Repository};
+use vpsbackup_engine::{BackupRequest, DiskImage, EngineError, JobControl, Repository};
 
 fn pack_files(store: &Path) -> Vec<std::path::PathBuf> {
     let mut v = Vec::new();
@@ -170,7 +170,7 @@ fn gc_beside_a_running_backup_loses_nothing() {
         backup_id: "new".into(),
         server_id: "srv1".into(),
         server_name: String::new(),
-        disks: vec![changed.clone()],
+        disks: vec![DiskImage::detect(&changed)],
         // Slow enough that several GCs run while it is in flight.
         read_limit: Some(16 << 20),
     };
@@ -235,7 +235,7 @@ fn cancelled_backup_leaves_no_manifest_and_gc_reclaims_it() {
         backup_id: "c1".into(),
         server_id: "srv1".into(),
         server_name: String::new(),
-        disks: vec![img.clone()],
+        disks: vec![DiskImage::detect(&img)],
         read_limit: Some(8 << 20),
     };
     let (r2, j2) = (repo.clone(), job.clone());
@@ -287,7 +287,7 @@ fn read_limit_is_respected() {
         backup_id: "limited".into(),
         server_id: "srv1".into(),
         server_name: String::new(),
-        disks: vec![img.clone()],
+        disks: vec![DiskImage::detect(&img)],
         read_limit: Some(limit),
     };
     repo.backup(&req, &JobControl::new()).unwrap();
@@ -309,7 +309,7 @@ fn bad_requests_are_refused_with_clear_errors() {
         backup_id: id.into(),
         server_id: "s".into(),
         server_name: String::new(),
-        disks,
+        disks: disks.into_iter().map(DiskImage::detect).collect(),
         read_limit: None,
     };
     let job = JobControl::new();

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use vpsbackup_catalog::{
     engine_backup_id, Catalog, Hooks, Job, JobId, JobKind, JobOutcome, Scope, Server,
 };
-use vpsbackup_engine::{BackupRequest, EngineError, JobControl, Repository};
+use vpsbackup_engine::{BackupRequest, DiskImage, EngineError, JobControl, Repository};
 
 use crate::clock::Clock;
 use crate::hooks::{run_hook, HookVars};
@@ -302,7 +302,7 @@ impl JobRunner {
                     backup_id: engine_id.clone(),
                     server_id: server.id.0.to_string(),
                     server_name: server.name.clone(),
-                    disks,
+                    disks: disks.iter().map(DiskImage::detect).collect(),
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
                 let res = tokio::task::spawn_blocking(move || {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use vpsbackup_engine::{
-    BackupRequest, BackupSummary, EngineOptions, JobControl, LocalStorage, Repository,
+    BackupRequest, BackupSummary, DiskImage, EngineOptions, JobControl, LocalStorage, Repository,
 };
 
 pub fn run(cmd: &mut Command) {
@@ -97,7 +97,7 @@ pub fn backup(repo: &Repository, id: &str, server: &str, disks: &[&Path]) -> Bac
         backup_id: id.into(),
         server_id: server.into(),
         server_name: format!("{server}.example"),
-        disks: disks.iter().map(|p| p.to_path_buf()).collect(),
+        disks: disks.iter().map(|p| DiskImage::detect(*p)).collect(),
         read_limit: None,
     };
     let job = JobControl::new();
