@@ -74,6 +74,14 @@ pub trait Catalog: Send + Sync {
     /// returns them so the caller can delete their data from the store.
     async fn remove_server(&self, id: ServerId, purge: bool) -> Result<Vec<Backup>>;
     async fn server(&self, id: ServerId, scope: Scope) -> Result<Option<Server>>;
+    /// Records the format of disk `disk` of a server when none is recorded
+    /// yet (a disk added before formats were); a recorded format is kept.
+    async fn record_disk_format(
+        &self,
+        id: ServerId,
+        disk: usize,
+        format: ImageFormat,
+    ) -> Result<()>;
     async fn list_servers(&self, scope: Scope, page: PageRequest) -> Result<Paged<Server>>;
 
     // ---- backups ----

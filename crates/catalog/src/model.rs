@@ -196,6 +196,62 @@ impl ServerStatus {
     }
 }
 
+/// How a disk's image is stored on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    /// A block device, read and written as raw bytes.
+    Block,
+}
+
+impl ImageFormat {
+    /// The stored name, the same as the disk layer's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Block => "block",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ImageFormat> {
+        match s {
+            "raw" => Some(ImageFormat::Raw),
+            "qcow2" => Some(ImageFormat::Qcow2),
+            "block" => Some(ImageFormat::Block),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One disk of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDisk {
+    /// The image file or block device.
+    pub path: String,
+    /// Recorded when the server was added, a trusted moment: a guest can
+    /// write any bytes at the start of its raw disk, so the format is never
+    /// probed from the image at backup or restore time. `None` only on disks
+    /// added before formats were recorded.
+    pub format: Option<ImageFormat>,
+}
+
+impl ServerDisk {
+    pub fn new(path: impl Into<String>, format: ImageFormat) -> ServerDisk {
+        ServerDisk {
+            path: path.into(),
+            format: Some(format),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub id: ServerId,
@@ -204,8 +260,8 @@ pub struct Server {
     pub account_id: AccountId,
     pub account_name: String,
     pub plan: Plan,
-    /// Disk image paths, in order (disk 0 first).
-    pub disks: Vec<String>,
+    /// Disks in order (disk 0 first).
+    pub disks: Vec<ServerDisk>,
     pub auto_backup_enabled: bool,
     /// Overrides the plan's window start when set.
     pub window_start_minute: Option<u32>,
@@ -224,7 +280,7 @@ pub struct NewServer {
     pub hostname: String,
     pub account_id: AccountId,
     pub plan_id: PlanId,
-    pub disks: Vec<String>,
+    pub disks: Vec<ServerDisk>,
     pub hooks: Hooks,
 }
 
@@ -234,7 +290,7 @@ pub struct ServerUpdate {
     pub name: Option<String>,
     pub hostname: Option<String>,
     pub plan_id: Option<PlanId>,
-    pub disks: Option<Vec<String>>,
+    pub disks: Option<Vec<ServerDisk>>,
     pub auto_backup_enabled: Option<bool>,
     /// `Some(None)` clears the override.
     pub window_start_minute: Option<Option<u32>>,

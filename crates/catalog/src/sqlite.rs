@@ -157,7 +157,7 @@ const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.na
         AND b.status IN ('in_progress', 'completed')) AS manual_used \
      FROM servers s JOIN accounts a ON a.id = s.account_id JOIN plans p ON p.id = s.plan_id";
 
-fn server_from_row(r: &SqliteRow, disks: Vec<String>) -> Result<Server> {
+fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
     let running: Option<String> = r.try_get("running_kind")?;
     Ok(Server {
         id: ServerId(r.try_get("id")?),
@@ -310,23 +310,32 @@ impl SqliteCatalog {
             .rows_affected())
     }
 
-    async fn disks_of(&self, ids: &[i64]) -> Result<std::collections::HashMap<i64, Vec<String>>> {
-        let mut map: std::collections::HashMap<i64, Vec<String>> = Default::default();
+    async fn disks_of(
+        &self,
+        ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, Vec<ServerDisk>>> {
+        let mut map: std::collections::HashMap<i64, Vec<ServerDisk>> = Default::default();
         if ids.is_empty() {
             return Ok(map);
         }
         let placeholders = vec!["?"; ids.len()].join(",");
         let sql = format!(
-            "SELECT server_id, path FROM server_disks WHERE server_id IN ({placeholders}) ORDER BY server_id, idx"
+            "SELECT server_id, path, format FROM server_disks WHERE server_id IN ({placeholders}) ORDER BY server_id, idx"
         );
         let mut q = sqlx::query(&sql);
         for id in ids {
             q = q.bind(id);
         }
         for r in q.fetch_all(&self.read).await? {
+            // The column's CHECK admits only names `parse` knows.
+            let format: Option<String> = r.try_get("format")?;
+            let format = format.as_deref().and_then(ImageFormat::parse);
             map.entry(r.try_get("server_id")?)
                 .or_default()
-                .push(r.try_get("path")?);
+                .push(ServerDisk {
+                    path: r.try_get("path")?,
+                    format,
+                });
         }
         Ok(map)
     }
@@ -609,14 +618,17 @@ impl Catalog for SqliteCatalog {
                 &format!("A server with id {} already exists.", server.id),
             )
         })?;
-        for (i, path) in server.disks.iter().enumerate() {
-            sqlx::query("INSERT INTO server_disks (server_id, idx, path) VALUES (?, ?, ?)")
-                .bind(server.id.0)
-                .bind(i as i64)
-                .bind(path)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_db_error(e, "The same disk is listed twice."))?;
+        for (i, disk) in server.disks.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO server_disks (server_id, idx, path, format) VALUES (?, ?, ?, ?)",
+            )
+            .bind(server.id.0)
+            .bind(i as i64)
+            .bind(&disk.path)
+            .bind(disk.format.map(ImageFormat::as_str))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_db_error(e, "The same disk is listed twice."))?;
         }
         tx.commit().await?;
         self.server(server.id, Scope::All)
@@ -675,14 +687,17 @@ impl Catalog for SqliteCatalog {
                 .bind(id.0)
                 .execute(&mut *tx)
                 .await?;
-            for (i, path) in disks.iter().enumerate() {
-                sqlx::query("INSERT INTO server_disks (server_id, idx, path) VALUES (?, ?, ?)")
-                    .bind(id.0)
-                    .bind(i as i64)
-                    .bind(path)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| map_db_error(e, "The same disk is listed twice."))?;
+            for (i, disk) in disks.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO server_disks (server_id, idx, path, format) VALUES (?, ?, ?, ?)",
+                )
+                .bind(id.0)
+                .bind(i as i64)
+                .bind(&disk.path)
+                .bind(disk.format.map(ImageFormat::as_str))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| map_db_error(e, "The same disk is listed twice."))?;
             }
         }
         if update.plan_id.is_some() {
@@ -726,6 +741,23 @@ impl Catalog for SqliteCatalog {
             .await?;
         tx.commit().await?;
         Ok(backups)
+    }
+
+    async fn record_disk_format(
+        &self,
+        id: ServerId,
+        disk: usize,
+        format: ImageFormat,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE server_disks SET format = ? WHERE server_id = ? AND idx = ? AND format IS NULL",
+        )
+        .bind(format.as_str())
+        .bind(id.0)
+        .bind(disk as i64)
+        .execute(&self.write)
+        .await?;
+        Ok(())
     }
 
     async fn server(&self, id: ServerId, scope: Scope) -> Result<Option<Server>> {

@@ -24,7 +24,10 @@ async fn setup() -> (tempfile::TempDir, SqliteCatalog) {
                 hostname: String::new(),
                 account_id: acc.id,
                 plan_id: plan.id,
-                disks: vec![format!("/tmp/disk-{id}.img")],
+                disks: vec![ServerDisk::new(
+                    format!("/tmp/disk-{id}.img"),
+                    ImageFormat::Raw,
+                )],
                 hooks: Hooks::default(),
             },
             t0(),

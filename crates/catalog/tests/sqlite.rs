@@ -30,7 +30,10 @@ async fn server(cat: &SqliteCatalog, id: i64, account: &str) -> Server {
             hostname: String::new(),
             account_id: acc.id,
             plan_id: plan.id,
-            disks: vec![format!("/tmp/disk-{id}.img")],
+            disks: vec![ServerDisk::new(
+                format!("/tmp/disk-{id}.img"),
+                ImageFormat::Raw,
+            )],
             hooks: Hooks::default(),
         },
         now(),
@@ -531,4 +534,80 @@ async fn list_counts_stay_exact_through_inserts_deletes_and_server_reuse() {
         4
     );
     assert_eq!(count(BackupFilter::default()).await.count, 4);
+}
+
+#[tokio::test]
+async fn disk_formats_round_trip_and_a_missing_one_is_recorded_once() {
+    let (_d, cat) = fresh().await;
+    let acc = cat.create_account("acme", now()).await.unwrap();
+    let plan = cat.plan_by_name("standard").await.unwrap().unwrap();
+    let disks = vec![
+        ServerDisk::new("/srv/a.raw", ImageFormat::Raw),
+        ServerDisk::new("/srv/b.qcow2", ImageFormat::Qcow2),
+        ServerDisk::new("/dev/vg0/c", ImageFormat::Block),
+    ];
+    let s = cat
+        .add_server(
+            NewServer {
+                id: ServerId(9),
+                name: "multi".into(),
+                hostname: String::new(),
+                account_id: acc.id,
+                plan_id: plan.id,
+                disks: disks.clone(),
+                hooks: Hooks::default(),
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.disks, disks);
+    let listed = cat
+        .list_servers(
+            Scope::All,
+            PageRequest {
+                number: 1,
+                size: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items[0].disks, disks);
+
+    // Replacing the disks replaces their formats.
+    let replaced = vec![ServerDisk::new("/srv/d.qcow2", ImageFormat::Qcow2)];
+    let s = cat
+        .update_server(
+            ServerId(9),
+            ServerUpdate {
+                disks: Some(replaced.clone()),
+                ..Default::default()
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.disks, replaced);
+
+    // A disk from before formats were recorded reads as None; recording
+    // fills it once and never overwrites a recorded format.
+    cat.execute_raw("UPDATE server_disks SET format = NULL WHERE server_id = 9")
+        .await
+        .unwrap();
+    let s = cat.server(ServerId(9), Scope::All).await.unwrap().unwrap();
+    assert_eq!(s.disks[0].format, None);
+    cat.record_disk_format(ServerId(9), 0, ImageFormat::Raw)
+        .await
+        .unwrap();
+    cat.record_disk_format(ServerId(9), 0, ImageFormat::Qcow2)
+        .await
+        .unwrap();
+    let s = cat.server(ServerId(9), Scope::All).await.unwrap().unwrap();
+    assert_eq!(s.disks[0].format, Some(ImageFormat::Raw));
+
+    // The column admits only the three names.
+    assert!(cat
+        .execute_raw("UPDATE server_disks SET format = 'vmdk' WHERE server_id = 9")
+        .await
+        .is_err());
 }

@@ -8,9 +8,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
-    Catalog, Hooks, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate, Scope, ServerId,
-    ServerUpdate, SqliteCatalog, TokenId, TokenOwner, TokenRef, DEFAULT_WINDOW_MINUTES,
-    DEFAULT_WINDOW_START_MINUTE,
+    Catalog, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate, Scope,
+    ServerDisk, ServerId, ServerUpdate, SqliteCatalog, TokenId, TokenOwner, TokenRef,
+    DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
 };
 use vpsbackup_service::auth::{generate_token, hash_token, TOKEN_PREFIX};
 use vpsbackup_service::clock::rfc3339;
@@ -373,6 +373,12 @@ pub enum ServerCommand {
         /// A disk image or block device; repeat for more disks, in order.
         #[arg(long = "disk", required = true)]
         disks: Vec<PathBuf>,
+        /// Each disk's format: once for every disk, or once per --disk in
+        /// order [default: detected now, while the image is the provider's].
+        /// It is recorded and never probed again: a guest can write a qcow2
+        /// header at the start of its raw disk.
+        #[arg(long = "disk-format", value_parser = ["raw", "qcow2", "block"])]
+        disk_formats: Vec<String>,
         /// Plan name [default: standard].
         #[arg(long)]
         plan: Option<String>,
@@ -423,10 +429,21 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             name,
             account,
             disks,
+            disk_formats,
             plan,
             hostname,
             hooks,
         } => {
+            if !(disk_formats.is_empty()
+                || disk_formats.len() == 1
+                || disk_formats.len() == disks.len())
+            {
+                bail!(
+                    "give --disk-format once for every disk or once per --disk ({} disk(s), {} format(s))",
+                    disks.len(),
+                    disk_formats.len()
+                );
+            }
             let acc = cat
                 .account_by_name(&account)
                 .await?
@@ -436,14 +453,16 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 .plan_by_name(&plan_name)
                 .await?
                 .ok_or_else(|| anyhow!("no plan named {plan_name:?}; see `vpsbackup plan list`"))?;
-            let mut paths = Vec::new();
-            for d in &disks {
+            let mut server_disks = Vec::new();
+            for (i, d) in disks.iter().enumerate() {
                 let abs =
                     std::path::absolute(d).with_context(|| format!("disk {}", d.display()))?;
                 if !abs.exists() {
                     bail!("disk {} does not exist", abs.display());
                 }
-                paths.push(abs.to_string_lossy().into_owned());
+                let explicit = disk_formats.get(i).or(disk_formats.first());
+                let format = disk_format(&abs, explicit.map(String::as_str))?;
+                server_disks.push(ServerDisk::new(abs.to_string_lossy(), format));
             }
             let s = cat
                 .add_server(
@@ -453,19 +472,19 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                         hostname: hostname.unwrap_or_default(),
                         account_id: acc.id,
                         plan_id: plan.id,
-                        disks: paths,
+                        disks: server_disks,
                         hooks: hooks.into_hooks(),
                     },
                     now(),
                 )
                 .await?;
             println!(
-                "Added server {} {:?} for account {:?}, plan {:?}, {} disk(s).",
+                "Added server {} {:?} for account {:?}, plan {:?}, disk(s): {}.",
                 s.id,
                 s.name,
                 s.account_name,
                 s.plan.name,
-                s.disks.len()
+                disks_text(&s.disks)
             );
         }
         ServerCommand::List { account } => {
@@ -501,7 +520,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                     s.status.as_str(),
                     if s.auto_backup_enabled { "on" } else { "off" },
                     hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
-                    s.disks.join(" ")
+                    disks_text(&s.disks)
                 );
             }
         }
@@ -605,4 +624,46 @@ pub async fn bench_seed(global: Global, args: BenchSeedArgs) -> anyhow::Result<(
     println!("Inserted {n} completed backups for server {}.", server.id);
     cat.close().await;
     Ok(())
+}
+
+/// The format to record for a disk being added: `explicit` when given (a
+/// block device must be "block" and only a block device can be), else
+/// detected now. Adding a server is the provider's moment: the guest has not
+/// run on this image yet, or the provider vouches for it.
+fn disk_format(path: &std::path::Path, explicit: Option<&str>) -> anyhow::Result<ImageFormat> {
+    let detected =
+        vpsbackup_disk::detect_format(path).with_context(|| format!("disk {}", path.display()))?;
+    let detected = match detected {
+        vpsbackup_disk::DiskFormat::Raw => ImageFormat::Raw,
+        vpsbackup_disk::DiskFormat::Qcow2 => ImageFormat::Qcow2,
+        vpsbackup_disk::DiskFormat::BlockDevice => ImageFormat::Block,
+    };
+    let Some(name) = explicit else {
+        return Ok(detected);
+    };
+    let format = ImageFormat::parse(name).ok_or_else(|| anyhow!("unknown disk format {name:?}"))?;
+    if (format == ImageFormat::Block) != (detected == ImageFormat::Block) {
+        bail!(
+            "disk {} is {}, not {format}",
+            path.display(),
+            if detected == ImageFormat::Block {
+                "a block device"
+            } else {
+                "a file"
+            }
+        );
+    }
+    Ok(format)
+}
+
+/// "PATH (FORMAT)" for each disk; "unrecorded" for disks added before formats were.
+fn disks_text(disks: &[ServerDisk]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            let format = d.format.map_or("unrecorded", ImageFormat::as_str);
+            format!("{} ({format})", d.path)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -343,6 +343,13 @@ fn serve_demo_answers_the_seed_request_and_admin_commands_work_beside_it() {
     );
     let (_, list) = http_get(&addr, "/api/v1/servers/", &token);
     assert!(list.contains("\"count\":2"), "{list}");
+    // The demo's image is recorded as raw, like the one added beside it.
+    let servers = ok(&dir, &["server", "list"]);
+    assert_eq!(
+        servers.lines().filter(|l| l.contains("(raw)")).count(),
+        2,
+        "{servers}"
+    );
     ok(&dir, &["token", "revoke", &token]);
     assert_eq!(http_get(&addr, "/api/v1/servers/", &token).0, 401);
 
@@ -382,4 +389,107 @@ fn serve_demo_answers_the_seed_request_and_admin_commands_work_beside_it() {
         .status()
         .unwrap();
     assert!(again.wait().unwrap().success());
+}
+
+#[test]
+fn server_add_records_each_disks_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let raw = tmp.path().join("disk.img");
+    make_disk(&raw);
+    let qcow = tmp.path().join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (raw, qcow) = (raw.to_str().unwrap(), qcow.to_str().unwrap());
+    ok(&dir, &["account", "create", "acme"]);
+    fn add<'a>(id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "server",
+            "add",
+            "--id",
+            id,
+            "--name",
+            "s",
+            "--account",
+            "acme",
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    // Detected at add time.
+    let out = ok(&dir, &add("1", &["--disk", raw, "--disk", qcow]));
+    assert!(
+        out.contains(&format!("{raw} (raw)")) && out.contains(&format!("{qcow} (qcow2)")),
+        "{out}"
+    );
+    // Given: once for every disk, or once per disk.
+    ok(&dir, &add("2", &["--disk", qcow, "--disk-format", "raw"]));
+    ok(
+        &dir,
+        &add(
+            "3",
+            &[
+                "--disk",
+                raw,
+                "--disk",
+                qcow,
+                "--disk-format",
+                "raw",
+                "--disk-format",
+                "qcow2",
+            ],
+        ),
+    );
+    fails(
+        &dir,
+        &add(
+            "4",
+            &[
+                "--disk",
+                raw,
+                "--disk",
+                qcow,
+                "--disk",
+                raw,
+                "--disk-format",
+                "raw",
+                "--disk-format",
+                "raw",
+            ],
+        ),
+        "once per --disk",
+    );
+    fails(
+        &dir,
+        &add("5", &["--disk", raw, "--disk-format", "block"]),
+        "not block",
+    );
+    fails(
+        &dir,
+        &add("6", &["--disk", raw, "--disk-format", "vmdk"]),
+        "vmdk",
+    );
+
+    let list = ok(&dir, &["server", "list"]);
+    let row = |id: &str| {
+        list.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no server {id}: {list}"))
+            .to_owned()
+    };
+    assert!(
+        row("1").contains(&format!("{raw} (raw) {qcow} (qcow2)")),
+        "{list}"
+    );
+    assert!(row("2").contains(&format!("{qcow} (raw)")), "{list}");
+    assert!(
+        row("3").contains(&format!("{raw} (raw) {qcow} (qcow2)")),
+        "{list}"
+    );
 }

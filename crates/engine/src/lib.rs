@@ -37,7 +37,7 @@ pub use error::EngineError;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
-pub use vpsbackup_disk::DiskFormat;
+pub use vpsbackup_disk::{detect_format, DiskFormat};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::path::{Path, PathBuf};

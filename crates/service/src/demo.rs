@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use time::OffsetDateTime;
-use vpsbackup_catalog::{Catalog, CatalogError, Hooks, NewServer, NewToken, ServerId, TokenOwner};
+use vpsbackup_catalog::{
+    Catalog, CatalogError, Hooks, ImageFormat, NewServer, NewToken, ServerDisk, ServerId,
+    TokenOwner,
+};
 
 use crate::auth::generate_token;
 
@@ -70,7 +73,8 @@ pub async fn ensure_demo(
                 hostname: "web-server-01.example.com".into(),
                 account_id: account.id,
                 plan_id: plan.id,
-                disks: vec![disk.to_string_lossy().into_owned()],
+                // Made here by mke2fs: raw, whatever its guest writes later.
+                disks: vec![ServerDisk::new(disk.to_string_lossy(), ImageFormat::Raw)],
                 hooks: Hooks::default(),
             },
             now,

@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use vpsbackup_catalog::{
-    engine_backup_id, Catalog, Hooks, Job, JobId, JobKind, JobOutcome, Scope, Server,
+    engine_backup_id, Catalog, Hooks, ImageFormat, Job, JobId, JobKind, JobOutcome, Scope, Server,
 };
-use vpsbackup_engine::{BackupRequest, DiskImage, EngineError, JobControl, Repository};
+use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobControl, Repository};
 
 use crate::clock::Clock;
 use crate::hooks::{run_hook, HookVars};
@@ -241,7 +241,7 @@ impl JobRunner {
             name: server.name.clone(),
             hostname: server.hostname.clone(),
             backup_id: job.backup_id.0,
-            disks: server.disks.clone(),
+            disks: server.disks.iter().map(|d| d.path.clone()).collect(),
         };
         let timeout = Duration::from_secs(self.settings.hook_timeout_secs.max(1));
         let (pre_name, pre, post_name, post) = match job.kind {
@@ -285,6 +285,52 @@ impl JobRunner {
         result
     }
 
+    /// The server's disks for the engine, each pinned to the format recorded
+    /// when the provider added the server, so a guest that writes a qcow2
+    /// header over the start of its raw disk cannot make us open it as qcow2
+    /// (and follow a backing file to a host file).
+    ///
+    /// A disk added before formats were recorded is detected here once and
+    /// the result recorded: from its first job after the upgrade on, that
+    /// disk is pinned like any other.
+    async fn disk_images(&self, server: &Server) -> Result<Vec<DiskImage>, String> {
+        let mut images = Vec::with_capacity(server.disks.len());
+        for (i, disk) in server.disks.iter().enumerate() {
+            let format = match disk.format {
+                Some(f) => engine_format(f),
+                None => {
+                    let path = PathBuf::from(&disk.path);
+                    let detected = tokio::task::spawn_blocking(move || {
+                        vpsbackup_engine::detect_format(&path)
+                    })
+                    .await
+                    .map_err(|e| format!("The disk check failed: {e}"))?
+                    .map_err(|e| {
+                        tracing::error!(disk = %disk.path, error = %e, "cannot detect disk format");
+                        "A disk of the server cannot be read; the provider has been notified."
+                            .to_string()
+                    })?;
+                    tracing::warn!(
+                        server = server.id.0,
+                        disk = %disk.path,
+                        format = %detected,
+                        "disk had no recorded format; detected and recorded it (check with `vpsbackup server list`)"
+                    );
+                    if let Err(e) = self
+                        .catalog
+                        .record_disk_format(server.id, i, catalog_format(detected))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot record the detected disk format");
+                    }
+                    detected
+                }
+            };
+            images.push(DiskImage::pinned(&disk.path, format));
+        }
+        Ok(images)
+    }
+
     async fn engine_call(
         &self,
         job: &Job,
@@ -294,7 +340,7 @@ impl JobRunner {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
-        let disks: Vec<PathBuf> = server.disks.iter().map(PathBuf::from).collect();
+        let disks = self.disk_images(server).await?;
         let span = tracing::Span::current();
         match job.kind {
             JobKind::Backup => {
@@ -302,7 +348,7 @@ impl JobRunner {
                     backup_id: engine_id.clone(),
                     server_id: server.id.0.to_string(),
                     server_name: server.name.clone(),
-                    disks: disks.iter().map(DiskImage::detect).collect(),
+                    disks,
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
                 let res = tokio::task::spawn_blocking(move || {
@@ -326,7 +372,7 @@ impl JobRunner {
             JobKind::Restore => {
                 let res = tokio::task::spawn_blocking(move || {
                     let _g = span.enter();
-                    repo.restore(&engine_id, &disks, &control)
+                    repo.restore_as(&engine_id, &disks, &control)
                 })
                 .await
                 .map_err(|e| format!("The restore worker failed: {e}"))?;
@@ -343,6 +389,22 @@ fn engine_reason(e: EngineError) -> String {
     match e {
         EngineError::Cancelled => "The job was cancelled.".to_owned(),
         other => other.to_string(),
+    }
+}
+
+fn engine_format(f: ImageFormat) -> DiskFormat {
+    match f {
+        ImageFormat::Raw => DiskFormat::Raw,
+        ImageFormat::Qcow2 => DiskFormat::Qcow2,
+        ImageFormat::Block => DiskFormat::BlockDevice,
+    }
+}
+
+fn catalog_format(f: DiskFormat) -> ImageFormat {
+    match f {
+        DiskFormat::Raw => ImageFormat::Raw,
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
+        DiskFormat::BlockDevice => ImageFormat::Block,
     }
 }
 

@@ -176,7 +176,10 @@ impl TestApp {
                     hostname: format!("s{id}.example.com"),
                     account_id: account,
                     plan_id: plan.id,
-                    disks: vec![disk.to_string_lossy().into_owned()],
+                    disks: vec![vpsbackup_catalog::ServerDisk::new(
+                        disk.to_string_lossy(),
+                        vpsbackup_catalog::ImageFormat::Raw,
+                    )],
                     hooks,
                 },
                 Self::now(),
