@@ -408,6 +408,11 @@ pub enum ServerCommand {
         /// Move the server's backup window start (HH:MM UTC), or "plan" for the plan's.
         #[arg(long)]
         window_start: Option<String>,
+        /// Record the disks' formats: once for every disk, or once per disk
+        /// in order (e.g. to confirm one detected for a disk added before
+        /// formats were recorded; see `server list`).
+        #[arg(long = "disk-format", value_parser = ["raw", "qcow2", "block"])]
+        disk_formats: Vec<String>,
         #[command(flatten)]
         hooks: HookArgs,
     },
@@ -531,8 +536,32 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             hostname,
             auto_backup,
             window_start,
+            disk_formats,
             hooks,
         } => {
+            let disks = if disk_formats.is_empty() {
+                None
+            } else {
+                let current = cat
+                    .server(ServerId(id), Scope::All)
+                    .await?
+                    .ok_or_else(|| anyhow!("server {id} not found"))?;
+                if !(disk_formats.len() == 1 || disk_formats.len() == current.disks.len()) {
+                    bail!(
+                        "give --disk-format once for every disk or once per disk ({} disk(s), {} format(s))",
+                        current.disks.len(),
+                        disk_formats.len()
+                    );
+                }
+                let mut disks = Vec::new();
+                for (i, d) in current.disks.iter().enumerate() {
+                    let given = disk_formats.get(i).or(disk_formats.first());
+                    let format =
+                        disk_format(std::path::Path::new(&d.path), given.map(String::as_str))?;
+                    disks.push(ServerDisk::new(d.path.clone(), format));
+                }
+                Some(disks)
+            };
             let plan_id = match plan {
                 Some(p) => Some(
                     cat.plan_by_name(&p)
@@ -551,7 +580,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 name,
                 hostname,
                 plan_id,
-                disks: None,
+                disks,
                 auto_backup_enabled: auto_backup.map(|v| v == "on"),
                 window_start_minute,
                 hooks: if hooks.any() {
@@ -565,12 +594,13 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             }
             let s = cat.update_server(ServerId(id), update, now()).await?;
             println!(
-                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC.",
+                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC, disk(s): {}.",
                 s.id,
                 s.name,
                 s.plan.name,
                 if s.auto_backup_enabled { "on" } else { "off" },
-                hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute))
+                hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
+                disks_text(&s.disks)
             );
         }
         ServerCommand::Remove { id, purge } => {

@@ -492,4 +492,28 @@ fn server_add_records_each_disks_format() {
         row("3").contains(&format!("{raw} (raw) {qcow} (qcow2)")),
         "{list}"
     );
+
+    // Corrected later by the provider.
+    let out = ok(&dir, &["server", "set", "2", "--disk-format", "qcow2"]);
+    assert!(out.contains(&format!("{qcow} (qcow2)")), "{out}");
+    fails(
+        &dir,
+        &[
+            "server",
+            "set",
+            "1",
+            "--disk-format",
+            "raw",
+            "--disk-format",
+            "raw",
+            "--disk-format",
+            "raw",
+        ],
+        "once per disk",
+    );
+    fails(
+        &dir,
+        &["server", "set", "1", "--disk-format", "block"],
+        "not block",
+    );
 }
