@@ -307,14 +307,14 @@ impl JobRunner {
                     .map_err(|e| format!("The disk check failed: {e}"))?
                     .map_err(|e| {
                         tracing::error!(disk = %disk.path, error = %e, "cannot detect disk format");
-                        "A disk of the server cannot be read; the provider has been notified."
+                        "A disk of the server cannot be read; the disks were not touched."
                             .to_string()
                     })?;
                     tracing::warn!(
                         server = server.id.0,
                         disk = %disk.path,
                         format = %detected,
-                        "disk had no recorded format; detected and recorded it (check with `vpsbackup server list`)"
+                        "disk had no recorded format; detected and recorded it (check with `vpsbackup server list`, correct with `vpsbackup server set --disk-format`)"
                     );
                     if let Err(e) = self
                         .catalog
