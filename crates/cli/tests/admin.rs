@@ -4,27 +4,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = vpsbackup(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{ext4_image, ok, vpsbackup};
 
 /// Fails with a non-zero exit and a reason on stderr containing `why`.
 fn fails(dir: &Path, args: &[&str], why: &str) {
@@ -47,18 +31,7 @@ fn is_token(s: &str) -> bool {
 }
 
 fn make_disk(path: &Path) {
-    let content = path.with_extension("d");
-    std::fs::create_dir_all(&content).unwrap();
-    std::fs::write(content.join("hello.txt"), "hello\n".repeat(10_000)).unwrap();
-    let out = Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-d"])
-        .arg(&content)
-        .arg("-F")
-        .arg(path)
-        .arg("8M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    ext4_image(path, "hello.txt", "hello\n".repeat(10_000).as_bytes());
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).

@@ -2,33 +2,14 @@
 //! running `serve` whose scheduler takes the automatic backup.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = vpsbackup(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{ext4_image, ok, vpsbackup};
 
 /// A real ext4 image holding 2 MiB of incompressible data.
 fn make_disk(path: &Path) {
-    let content = path.with_extension("d");
-    std::fs::create_dir_all(&content).unwrap();
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let data: Vec<u8> = (0..2 * 1024 * 1024 / 8)
         .flat_map(|_| {
@@ -38,16 +19,7 @@ fn make_disk(path: &Path) {
             x.to_le_bytes()
         })
         .collect();
-    std::fs::write(content.join("data.bin"), data).unwrap();
-    let out = Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-d"])
-        .arg(&content)
-        .arg("-F")
-        .arg(path)
-        .arg("8M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    ext4_image(path, "data.bin", &data);
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
