@@ -41,6 +41,9 @@ const CLAIMED_CAP: usize = 1 << 20;
 /// The uploader writes an index object after this many packs, so its
 /// memory stays bounded and a long backup's packs get indexed early.
 const PACKS_PER_INDEX: usize = 64;
+/// Pack buffers that can be out at once besides the open one (one queued,
+/// one uploading): all of them come back for reuse.
+const SPARE_PACKS: usize = 2;
 
 enum Work {
     Data {
@@ -116,7 +119,7 @@ pub(crate) fn run(
         claimed: Mutex::new(HashSet::new()),
         abort: AtomicBool::new(false),
         spare_payloads: bounded(WINDOW),
-        spare_packs: bounded(1),
+        spare_packs: bounded(SPARE_PACKS),
         chunk_size: inner.config.chunk_size as usize,
         block: BLOCK.max(inner.config.chunk_size as usize),
     };
@@ -430,7 +433,10 @@ impl Pipeline<'_> {
                     return self.fail(e);
                 }
                 self.job.add_done(d.len);
-                let _ = self.spare_payloads.0.try_send(d.payload);
+                if d.payload.capacity() > 0 {
+                    // Zero ranges carry no buffer: they must not take a slot.
+                    let _ = self.spare_payloads.0.try_send(d.payload);
+                }
                 if let Some(buf) = d.buf {
                     // The reader may be gone (cancelled); the buffer is then just freed.
                     let _ = pool.send(buf);

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use vpsbackup_disk::{AlignedBuf, PAGE_SIZE};
 
+/// The direct-write staging buffer grows in steps of this size.
+const STAGING_STEP: usize = 4 << 20;
 /// Objects at least this large (packs) are written with O_DIRECT.
 const DIRECT_MIN: usize = 1 << 20;
 
@@ -173,7 +175,9 @@ impl LocalStorage {
         let padded = data.len().next_multiple_of(PAGE_SIZE);
         let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
         if staging.as_ref().is_none_or(|b| b.len() < padded) {
-            *staging = Some(AlignedBuf::new(padded));
+            // With headroom: packs vary a little in size, and regrowing by a
+            // few pages each time would allocate (and zero) a fresh buffer.
+            *staging = Some(AlignedBuf::new(padded.next_multiple_of(STAGING_STEP)));
         }
         let buf = staging.as_mut().expect("staging buffer allocated");
         buf[..data.len()].copy_from_slice(data);
