@@ -5,6 +5,9 @@
 use time::{Duration, OffsetDateTime};
 use vpsbackup_catalog::*;
 
+mod common;
+use common::new_server;
+
 fn t0() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_750_032_000).unwrap() // 2025-06-16 00:00 UTC
 }
@@ -17,23 +20,9 @@ async fn setup() -> (tempfile::TempDir, SqliteCatalog) {
     let acc = cat.create_account("acme", t0()).await.unwrap();
     let plan = cat.plan_by_name("basic").await.unwrap().unwrap();
     for id in [1, 2] {
-        cat.add_server(
-            NewServer {
-                id: ServerId(id),
-                name: format!("srv-{id}"),
-                hostname: String::new(),
-                account_id: acc.id,
-                plan_id: plan.id,
-                disks: vec![ServerDisk::new(
-                    format!("/tmp/disk-{id}.img"),
-                    ImageFormat::Raw,
-                )],
-                hooks: Hooks::default(),
-            },
-            t0(),
-        )
-        .await
-        .unwrap();
+        cat.add_server(new_server(id, acc.id, plan.id), t0())
+            .await
+            .unwrap();
     }
     (dir, cat)
 }

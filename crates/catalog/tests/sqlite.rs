@@ -5,6 +5,9 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 use vpsbackup_catalog::*;
 
+mod common;
+use common::new_server;
+
 async fn fresh() -> (tempfile::TempDir, Arc<SqliteCatalog>) {
     let dir = tempfile::tempdir().unwrap();
     let cat = SqliteCatalog::open(&dir.path().join("catalog.db"))
@@ -23,23 +26,9 @@ async fn server(cat: &SqliteCatalog, id: i64, account: &str) -> Server {
         None => cat.create_account(account, now()).await.unwrap(),
     };
     let plan = cat.plan_by_name("standard").await.unwrap().unwrap();
-    cat.add_server(
-        NewServer {
-            id: ServerId(id),
-            name: format!("srv-{id}"),
-            hostname: String::new(),
-            account_id: acc.id,
-            plan_id: plan.id,
-            disks: vec![ServerDisk::new(
-                format!("/tmp/disk-{id}.img"),
-                ImageFormat::Raw,
-            )],
-            hooks: Hooks::default(),
-        },
-        now(),
-    )
-    .await
-    .unwrap()
+    cat.add_server(new_server(id, acc.id, plan.id), now())
+        .await
+        .unwrap()
 }
 
 fn manual(server: i64, scope: Scope) -> NewBackup {
