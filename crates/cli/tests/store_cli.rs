@@ -329,3 +329,58 @@ fn backup_killed_with_sigkill_leaves_a_consistent_store() {
     let v = ok_json(&["store", "verify", s(&store), "--json"]);
     assert_eq!(v["ok"], true);
 }
+
+#[test]
+fn restore_whose_writes_fail_exits_with_the_error() {
+    let t = TempDir::new("efbig");
+    let img = image(&t.0, "disk0", "/usr/share/perl", "64M");
+    let store = t.0.join("store");
+    ok_json(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "b1",
+        "--server-id",
+        "srv-1",
+        "--disk",
+        s(&img),
+        "--json",
+    ]);
+    // An existing all-zero target of the right size, written in place. The
+    // child may grow files to 1 MiB at most (`ulimit -f` counts 512-byte
+    // blocks in dash, 1 KiB in bash) with SIGXFSZ ignored, so every write
+    // past that fails with EFBIG, from whichever writer thread sends it.
+    let target = t.0.join("target.raw");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 2048; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(["store", "restore", s(&store), "b1", "--to", s(&target)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a restore with failing writes did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the restore must fail");
+    assert!(
+        stderr.contains("too large") || stderr.contains("EFBIG"),
+        "the error says why: {stderr}"
+    );
+}

@@ -12,7 +12,7 @@ use crate::chunks::{self, ChunkFault};
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::{ChunkIndex, Location};
 use crate::{DiskImage, EngineError, JobControl, RepoInner, RestoreSummary};
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vpsbackup_disk::{is_zero, AlignedBuf, DiskWriter};
 
@@ -165,21 +165,58 @@ pub(crate) fn fetch_or_fail(
 }
 
 impl DiskRestore<'_> {
+    /// Runs the disk's restore with three kinds of threads: the caller
+    /// reads chunk lists and hands out pieces; one worker per core fetches,
+    /// decompresses and verifies chunks into run buffers; writer threads
+    /// send full buffers to the disk. Writes (O_DIRECT on raw targets) wait
+    /// on the device, so they get their own threads and both cores stay on
+    /// decompression and hashing. Run buffers circulate through a fixed
+    /// pool, which bounds memory and avoids faulting in fresh pages.
     fn run(&self) -> Result<(), EngineError> {
-        // Twice the cores: each worker waits on pack reads and disk writes
-        // about as long as it decompresses and hashes.
-        let workers = (self.inner.options.workers * 2).max(2);
-        let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(workers);
+        let workers = self.inner.options.workers.max(1);
+        let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(workers * 2);
+        let (full_tx, full_rx) = bounded::<Run>(POOL);
+        let (free_tx, free_rx) = bounded::<AlignedBuf>(POOL + workers);
+        let buf_len = MAX_WRITE.max(self.manifest.header.chunk_size as usize);
+        for _ in 0..POOL + workers {
+            let _ = free_tx.send(AlignedBuf::new(buf_len));
+        }
         std::thread::scope(|s| {
             let mut hs = Vec::new();
-            for _ in 0..workers {
-                let rx = rx.clone();
+            for _ in 0..WRITERS {
+                let (full_rx, free_tx) = (full_rx.clone(), free_tx.clone());
                 hs.push(s.spawn(move || -> Result<(), EngineError> {
+                    let mut result = Ok(());
+                    for run in full_rx {
+                        // After a failure, buffers still go back so no worker
+                        // waits forever for one; they stop at their next check.
+                        if result.is_ok() && !self.failed.load(Ordering::Relaxed) {
+                            result = self
+                                .writer
+                                .write_all_at(&run.buf[..run.len], run.at)
+                                .map_err(EngineError::from);
+                            match &result {
+                                Ok(()) => {
+                                    self.bytes.fetch_add(run.len as u64, Ordering::Relaxed);
+                                }
+                                Err(_) => self.failed.store(true, Ordering::SeqCst),
+                            }
+                        }
+                        let _ = free_tx.send(run.buf);
+                    }
+                    result
+                }));
+            }
+            drop((full_rx, free_tx));
+            for _ in 0..workers {
+                let (rx, full_tx, free_rx) = (rx.clone(), full_tx.clone(), free_rx.clone());
+                hs.push(s.spawn(move || -> Result<(), EngineError> {
+                    let mut w = Worker::new(self, full_tx, free_rx)?;
                     for (first, ids) in rx {
                         if self.failed.load(Ordering::Relaxed) {
                             continue;
                         }
-                        if let Err(e) = self.restore_run(first, &ids) {
+                        if let Err(e) = w.restore_piece(first, &ids) {
                             self.failed.store(true, Ordering::SeqCst);
                             return Err(e);
                         }
@@ -187,8 +224,8 @@ impl DiskRestore<'_> {
                     Ok(())
                 }));
             }
-            drop(rx);
-            // Split each list into pieces so both workers stay busy on small disks.
+            drop((rx, full_tx, free_rx));
+            // Split each list into pieces so all workers stay busy on small disks.
             let produced = for_each_list(
                 self.inner,
                 self.index,
@@ -196,9 +233,11 @@ impl DiskRestore<'_> {
                 self.disk,
                 |first, ids| {
                     self.job.check()?;
-                    for (i, piece) in ids.chunks(256).enumerate() {
+                    for (i, piece) in ids.chunks(PIECE).enumerate() {
                         if self.failed.load(Ordering::Relaxed)
-                            || tx.send((first + i as u64 * 256, piece.to_vec())).is_err()
+                            || tx
+                                .send((first + (i * PIECE) as u64, piece.to_vec()))
+                                .is_err()
                         {
                             return Ok(false);
                         }
@@ -222,77 +261,113 @@ impl DiskRestore<'_> {
             }
         })
     }
+}
 
-    fn restore_run(&self, first: u64, ids: &[ChunkId]) -> Result<(), EngineError> {
-        let h = &self.manifest.header;
+/// Chunks handed to a worker at once (16 MiB of disk at 64 KiB chunks).
+const PIECE: usize = 256;
+/// Threads writing full run buffers: two keep a device queue busy while
+/// one write waits.
+const WRITERS: usize = 2;
+/// Run buffers in flight besides the one each worker fills.
+const POOL: usize = 4;
+
+/// One restore worker's state, kept across pieces so nothing is
+/// reallocated per piece.
+struct Worker<'a, 'r> {
+    d: &'r DiskRestore<'a>,
+    dec: zstd::bulk::Decompressor<'static>,
+    run: Run,
+    payload: Vec<u8>,
+    target: Vec<u8>,
+    full: Sender<Run>,
+    free: Receiver<AlignedBuf>,
+}
+
+impl<'a, 'r> Worker<'a, 'r> {
+    fn new(
+        d: &'r DiskRestore<'a>,
+        full: Sender<Run>,
+        free: Receiver<AlignedBuf>,
+    ) -> Result<Self, EngineError> {
+        let buf = free
+            .recv()
+            .map_err(|_| EngineError::Internal("restore buffer pool closed".into()))?;
+        Ok(Worker {
+            d,
+            dec: zstd::bulk::Decompressor::new()
+                .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?,
+            run: Run { buf, len: 0, at: 0 },
+            payload: Vec::new(),
+            target: vec![0u8; d.manifest.header.chunk_size as usize],
+            full,
+            free,
+        })
+    }
+
+    fn restore_piece(&mut self, first: u64, ids: &[ChunkId]) -> Result<(), EngineError> {
+        let d = self.d;
+        let h = &d.manifest.header;
         let cs = h.chunk_size as u64;
-        let size = h.disks[self.disk].size;
+        let size = h.disks[d.disk].size;
         let span = |i: usize| {
             let off = (first + i as u64) * cs;
             (off, cs.min(size - off) as usize)
         };
         // Pass 1: zero chunks and chunks the target already holds.
         let mut needed = Vec::with_capacity(ids.len());
-        let mut target = vec![0u8; cs as usize];
         for (i, id) in ids.iter().enumerate() {
-            self.job.check()?;
+            d.job.check()?;
             let (off, len) = span(i);
-            let current = if self.fresh {
+            let current = if d.fresh {
                 None
             } else {
-                self.writer.read_exact_at(&mut target[..len], off)?;
-                Some(&target[..len])
+                d.writer.read_exact_at(&mut self.target[..len], off)?;
+                Some(&self.target[..len])
             };
             if id.is_zero() {
                 if current.is_some_and(|t| !is_zero(t)) {
-                    self.writer.write_zeroes(off, len as u64)?;
-                    self.written.fetch_add(1, Ordering::Relaxed);
-                    self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    d.writer.write_zeroes(off, len as u64)?;
+                    d.written.fetch_add(1, Ordering::Relaxed);
+                    d.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
-                self.job.add_done(len as u64);
+                d.job.add_done(len as u64);
             } else if current.is_some_and(|t| ChunkId::of(t) == *id) {
-                self.skipped.fetch_add(1, Ordering::Relaxed);
-                self.job.add_done(len as u64);
+                d.skipped.fetch_add(1, Ordering::Relaxed);
+                d.job.add_done(len as u64);
             } else {
                 needed.push(i);
             }
         }
         // Pass 2: fetch the rest, one read per run of chunks lying back to
         // back in one pack (a backup writes neighbours together), and write
-        // neighbouring chunks with one call.
-        let mut dec = zstd::bulk::Decompressor::new()
-            .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
-        // Chunks are decompressed straight into a page-aligned run buffer,
-        // which the disk writer can send with O_DIRECT without a copy.
-        let mut run = Run {
-            buf: AlignedBuf::new(MAX_WRITE.max(cs as usize)),
-            len: 0,
-            at: 0,
-        };
-        let mut payload = Vec::new();
+        // neighbouring chunks with one call. Chunks are decompressed straight
+        // into a page-aligned run buffer, which the disk writer can send with
+        // O_DIRECT without a copy.
         let mut k = 0;
         while k < needed.len() {
-            self.job.check()?;
+            d.job.check()?;
             let mut placed = 0;
-            if let Some(locs) = self.read_group(&needed[k..], ids, &mut payload) {
+            if let Some(locs) = d.read_group(&needed[k..], ids, &mut self.payload) {
                 let base = locs[0].entry.offset as usize;
                 for loc in &locs {
                     let (off, len) = span(needed[k + placed]);
                     let at = loc.entry.offset as usize - base;
-                    let p = &payload[at..at + loc.entry.stored_len as usize];
-                    let slot = self.slot(&mut run, off, len)?;
+                    let stored = loc.entry.stored_len as usize;
+                    self.make_room(off, len)?;
+                    let slot = &mut self.run.buf[self.run.len..self.run.len + len];
+                    let p = &self.payload[at..at + stored];
                     // A bad copy: the slow path below tries every copy.
-                    if crate::chunks::decode_into(&mut dec, loc, p, slot).is_err() {
+                    if crate::chunks::decode_into(&mut self.dec, loc, p, slot).is_err() {
                         break;
                     }
-                    run.len += len;
+                    self.run.len += len;
                     placed += 1;
                 }
             }
             if placed == 0 {
                 let i = needed[k];
                 let (off, len) = span(i);
-                let raw = fetch_or_fail(self.inner, self.index, &ids[i], &h.backup_id)?;
+                let raw = fetch_or_fail(d.inner, d.index, &ids[i], &h.backup_id)?;
                 if raw.len() != len {
                     return Err(EngineError::Corrupt {
                         chunk: ids[i].to_hex(),
@@ -300,36 +375,47 @@ impl DiskRestore<'_> {
                         detail: format!("it holds {} bytes where the disk needs {len}", raw.len()),
                     });
                 }
-                self.slot(&mut run, off, len)?.copy_from_slice(&raw);
-                run.len += len;
+                self.make_room(off, len)?;
+                self.run.buf[self.run.len..self.run.len + len].copy_from_slice(&raw);
+                self.run.len += len;
                 placed = 1;
             }
             for &i in &needed[k..k + placed] {
-                self.written.fetch_add(1, Ordering::Relaxed);
-                self.job.add_done(span(i).1 as u64);
+                d.written.fetch_add(1, Ordering::Relaxed);
+                d.job.add_done(span(i).1 as u64);
             }
             k += placed;
         }
-        self.flush(&mut run)
+        // A piece ends where the next worker's may begin: hand the run over.
+        self.hand_over()
     }
 
-    /// The place in the run buffer for the chunk at disk offset `off`,
-    /// writing out the run first if the chunk does not continue it.
-    fn slot<'r>(
-        &self,
-        run: &'r mut Run,
-        off: u64,
-        len: usize,
-    ) -> Result<&'r mut [u8], EngineError> {
+    /// Makes the run buffer ready for the chunk at disk offset `off`,
+    /// handing the run to the writers first if the chunk does not continue it.
+    fn make_room(&mut self, off: u64, len: usize) -> Result<(), EngineError> {
+        let run = &self.run;
         if run.len > 0 && (run.at + run.len as u64 != off || run.len + len > run.buf.len()) {
-            self.flush(run)?;
+            self.hand_over()?;
         }
-        if run.len == 0 {
-            run.at = off;
+        if self.run.len == 0 {
+            self.run.at = off;
         }
-        Ok(&mut run.buf[run.len..run.len + len])
+        Ok(())
     }
 
+    /// Sends the filled run to the writer threads and takes a free buffer.
+    fn hand_over(&mut self) -> Result<(), EngineError> {
+        if self.run.len == 0 {
+            return Ok(());
+        }
+        let closed = || EngineError::Internal("restore writers stopped".into());
+        let buf = self.free.recv().map_err(|_| closed())?;
+        let run = std::mem::replace(&mut self.run, Run { buf, len: 0, at: 0 });
+        self.full.send(run).map_err(|_| closed())
+    }
+}
+
+impl DiskRestore<'_> {
     /// Reads the payloads of the longest prefix of `needed` whose preferred
     /// copies sit back to back in one pack, with one ranged read.
     fn read_group(
@@ -364,14 +450,5 @@ impl DiskRestore<'_> {
             .get_range_into(&first.pack.key(), first.entry.offset as u64, len, payload)
             .ok()?;
         Some(locs)
-    }
-
-    fn flush(&self, run: &mut Run) -> Result<(), EngineError> {
-        if run.len > 0 {
-            self.writer.write_all_at(&run.buf[..run.len], run.at)?;
-            self.bytes.fetch_add(run.len as u64, Ordering::Relaxed);
-            run.len = 0;
-        }
-        Ok(())
     }
 }
