@@ -49,30 +49,50 @@ pub(crate) fn run(
     let index = ChunkIndex::load(&*inner.storage, &Default::default())?;
     job.set_total(disks.iter().map(|d| manifest.header.disks[*d].size).sum());
     let mut summary = RestoreSummary::default();
+    // Files this restore made: a failed restore removes them all, since a
+    // half-written new file would look like a restored disk. Existing
+    // targets are left as the failure found them.
+    let mut created = Vec::new();
     for (d, target) in disks.into_iter().zip(targets) {
         let size = manifest.header.disks[d].size;
         let writer = match target.format {
             Some(format) => vpsbackup_disk::open_writer_as(&target.path, size, format)?,
             None => vpsbackup_disk::open_writer(&target.path, size)?,
         };
+        let fresh = writer.created();
+        if fresh {
+            created.push(&target.path);
+        }
         let ctx = DiskRestore {
             inner,
             index: &index,
             manifest: &manifest,
             disk: d,
             writer: &*writer,
-            fresh: writer.created(),
+            fresh,
             job,
             failed: AtomicBool::new(false),
             written: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
         };
-        ctx.run()?;
+        let done = ctx.run();
         summary.bytes_written += ctx.bytes.into_inner();
         summary.chunks_written += ctx.written.into_inner();
         summary.chunks_skipped += ctx.skipped.into_inner();
-        writer.finish()?;
+        let finished = match done {
+            Ok(()) => writer.finish().map_err(EngineError::from),
+            Err(e) => {
+                drop(writer); // stops a qemu-nbd helper before the file goes
+                Err(e)
+            }
+        };
+        if let Err(e) = finished {
+            for path in created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
     }
     Ok(summary)
 }

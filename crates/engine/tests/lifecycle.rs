@@ -67,6 +67,19 @@ fn corrupt_pack_is_found_by_verify_and_fails_restore() {
         other => panic!("expected a corrupt chunk error, got {other}"),
     }
     assert!(err.to_string().contains("good"), "{err}");
+    assert!(
+        !out.exists(),
+        "a failed restore removes the new file it had started"
+    );
+    // An existing target is kept (and not blanked) when the restore fails.
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(std::fs::metadata(&img).unwrap().len())
+        .unwrap();
+    assert!(repo
+        .restore("good", std::slice::from_ref(&out), &JobControl::new())
+        .is_err());
+    assert!(out.exists());
 
     // A deleted pack is reported as missing chunks.
     std::fs::remove_file(&victim).unwrap();
