@@ -98,8 +98,20 @@ fn exited_ok(status: i32) -> bool {
 
 /// Apparent bytes and number of files under `dir` (a store or a peer's repository).
 pub fn dir_usage(dir: &Path) -> anyhow::Result<(u64, u64)> {
-    let mut bytes = 0;
-    let mut files = 0;
+    let (mut bytes, mut files) = (0, 0);
+    for_each_file(dir, |_, meta| {
+        bytes += meta.len();
+        files += 1;
+        Ok(())
+    })?;
+    Ok((bytes, files))
+}
+
+/// Calls `f` on every regular file under `dir`, at any depth.
+pub fn for_each_file(
+    dir: &Path,
+    mut f: impl FnMut(&Path, &std::fs::Metadata) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut stack: Vec<PathBuf> = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("list {}", d.display()))? {
@@ -108,12 +120,11 @@ pub fn dir_usage(dir: &Path) -> anyhow::Result<(u64, u64)> {
             if meta.is_dir() {
                 stack.push(entry.path());
             } else {
-                bytes += meta.len();
-                files += 1;
+                f(&entry.path(), &meta)?;
             }
         }
     }
-    Ok((bytes, files))
+    Ok(())
 }
 
 /// Bytes the file system allocated for `path` (sparse files count only data).
