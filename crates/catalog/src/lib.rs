@@ -14,11 +14,13 @@
 //! without looking at SQL error codes.
 
 mod error;
+mod idempotency;
 mod model;
 mod schedule;
 mod sqlite;
 
 pub use error::CatalogError;
+pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
 pub use model::*;
 pub use schedule::*;
 pub use sqlite::SqliteCatalog;
@@ -139,4 +141,25 @@ pub trait Catalog: Send + Sync {
         now: OffsetDateTime,
     ) -> Result<Vec<RecoveredJob>>;
     async fn job(&self, id: JobId) -> Result<Option<Job>>;
+
+    // ---- idempotency keys ----
+    /// Claims `req.key` for its owner, atomically (the key is unique per
+    /// owner, so of concurrent claims exactly one gets
+    /// [`IdempotencyClaim::Claimed`]). Keys created before `expired_before`
+    /// are deleted first, so an expired key is free again.
+    async fn claim_idempotency_key(
+        &self,
+        req: &IdempotentRequest,
+        now: OffsetDateTime,
+        expired_before: OffsetDateTime,
+    ) -> Result<IdempotencyClaim>;
+    /// Stores the answer of a claimed key's request, for its retries.
+    async fn complete_idempotency_key(
+        &self,
+        owner: TokenOwner,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<()>;
+    /// Frees a claimed key whose request is not to be remembered (it failed).
+    async fn release_idempotency_key(&self, owner: TokenOwner, key: &str) -> Result<()>;
 }

@@ -21,8 +21,10 @@ use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
 use crate::model::*;
-use crate::{Catalog, CatalogError, Result};
+use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse};
 
+// Idempotency keys of create requests.
+mod idempotency;
 // The per-request hot reads, inline on rusqlite.
 mod reader;
 // The scheduler's queries (issue 4), in their own file.
@@ -1265,5 +1267,27 @@ impl Catalog for SqliteCatalog {
             .await?
             .map(|r| job_from_row(&r))
             .transpose()
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        req: &IdempotentRequest,
+        now: OffsetDateTime,
+        expired_before: OffsetDateTime,
+    ) -> Result<IdempotencyClaim> {
+        self.claim_key(req, now, expired_before).await
+    }
+
+    async fn complete_idempotency_key(
+        &self,
+        owner: TokenOwner,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<()> {
+        self.complete_key(owner, key, response).await
+    }
+
+    async fn release_idempotency_key(&self, owner: TokenOwner, key: &str) -> Result<()> {
+        self.release_key(owner, key).await
     }
 }

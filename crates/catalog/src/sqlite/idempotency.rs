@@ -1,0 +1,93 @@
+//! Idempotency keys on SQLite: the claim is an `INSERT ... ON CONFLICT DO
+//! NOTHING` on the `(owner, idem_key)` primary key, so of two concurrent
+//! requests with one key exactly one inserts; the other reads the row.
+
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use super::{secs, SqliteCatalog};
+use crate::idempotency::owner_text;
+use crate::{IdempotencyClaim, IdempotentRequest, Result, StoredResponse, TokenOwner};
+
+impl SqliteCatalog {
+    pub(super) async fn claim_key(
+        &self,
+        req: &IdempotentRequest,
+        now: OffsetDateTime,
+        expired_before: OffsetDateTime,
+    ) -> Result<IdempotencyClaim> {
+        let owner = owner_text(req.owner);
+        let mut tx = self.begin().await?;
+        // Expiry rides on claims: one indexed delete, usually of nothing.
+        sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            .bind(secs(expired_before))
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (owner, idem_key, request_hash, created_at) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (owner, idem_key) DO NOTHING",
+        )
+        .bind(&owner)
+        .bind(&req.key)
+        .bind(&req.fingerprint[..])
+        .bind(secs(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            IdempotencyClaim::Claimed
+        } else {
+            let row = sqlx::query(
+                "SELECT request_hash, status, body FROM idempotency_keys \
+                 WHERE owner = ? AND idem_key = ?",
+            )
+            .bind(&owner)
+            .bind(&req.key)
+            .fetch_one(&mut *tx)
+            .await?;
+            let hash: Vec<u8> = row.try_get("request_hash")?;
+            let status: Option<i64> = row.try_get("status")?;
+            let body: Option<Vec<u8>> = row.try_get("body")?;
+            match status {
+                _ if hash[..] != req.fingerprint[..] => IdempotencyClaim::Mismatch,
+                Some(status) => IdempotencyClaim::Completed(StoredResponse {
+                    status: status as u16,
+                    body: body.unwrap_or_default(),
+                }),
+                None => IdempotencyClaim::InProgress,
+            }
+        };
+        tx.commit().await?;
+        Ok(claim)
+    }
+
+    pub(super) async fn complete_key(
+        &self,
+        owner: TokenOwner,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status = ?, body = ? \
+             WHERE owner = ? AND idem_key = ? AND status IS NULL",
+        )
+        .bind(response.status as i64)
+        .bind(&response.body)
+        .bind(owner_text(owner))
+        .bind(key)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn release_key(&self, owner: TokenOwner, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE owner = ? AND idem_key = ? AND status IS NULL",
+        )
+        .bind(owner_text(owner))
+        .bind(key)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+}
