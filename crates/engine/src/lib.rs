@@ -37,6 +37,7 @@ pub use error::EngineError;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
+pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
 pub use vpsbackup_disk::{detect_format, DiskFormat};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
@@ -183,6 +184,15 @@ pub struct BackupVerification {
     pub corrupt_chunks: Vec<String>,
     /// Set when the manifest itself cannot be read.
     pub manifest_error: Option<String>,
+    /// Distinct chunks (lists included) whose bytes this verification read
+    /// and hashed.
+    pub chunks_read: u64,
+    /// Chunk references answered from verdicts already known in the
+    /// session (earlier backups, or earlier in this one) without reading.
+    /// A chunk list remembered whole, with all it names, counts once.
+    pub chunks_remembered: u64,
+    /// Stored (compressed) bytes read from packs for this verification.
+    pub bytes_read: u64,
 }
 
 impl BackupVerification {
@@ -374,7 +384,8 @@ impl Repository {
         res
     }
 
-    /// Re-reads and re-hashes the chunks of one backup (Some) or of all backups (None).
+    /// Re-reads and re-hashes the chunks of one backup (Some) or of all
+    /// backups (None, each distinct chunk read once).
     pub fn verify(
         &self,
         backup_id: Option<&str>,
@@ -385,6 +396,24 @@ impl Repository {
             job.set_finished();
         }
         res
+    }
+
+    /// A session for verifying several backups one after another (with
+    /// pauses between them if the caller likes) while reading each
+    /// distinct chunk once: see [`VerifySession`]. Loads the chunk index and
+    /// registers with GC's fence; remembers up to
+    /// [`DEFAULT_VERIFY_MEMORY_CHUNKS`] chunk verdicts.
+    pub fn verify_session(&self) -> Result<VerifySession, EngineError> {
+        VerifySession::open(self.inner.clone(), DEFAULT_VERIFY_MEMORY_CHUNKS)
+    }
+
+    /// [`Repository::verify_session`] remembering at most `max_chunks`
+    /// verdicts (0: none, every backup reads all its chunks).
+    pub fn verify_session_remembering(
+        &self,
+        max_chunks: usize,
+    ) -> Result<VerifySession, EngineError> {
+        VerifySession::open(self.inner.clone(), max_chunks)
     }
 
     /// Removes the backup's manifest. Idempotent: a missing backup is Ok.
