@@ -1015,3 +1015,78 @@ async fn scheduled_verification_rechecks_each_backup_once_per_interval() {
     assert!(sim.backups(3, None).await.iter().all(|b| !b.damaged));
     sim.shutdown().await;
 }
+
+/// One pass verifies a server's backups in one engine session: a backup
+/// sharing all its data with one verified before it reads nothing, both
+/// are marked verified, and the pass records what it read. A corrupt chunk
+/// they share marks both damaged (each confirmed by a second read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_reads_data_shared_by_backups_once_and_marks_each() {
+    let sim = Sim::new(day(0), |s| {
+        s.schedule.verify_interval_days = 7;
+        s.schedule.verify_duty_percent = 100;
+        s.schedule.gc_interval_hours = 0;
+    })
+    .await;
+    let plan = sim.plan("monthly", 30).await;
+    let disk = sim.dir.path().join("vps.img");
+    // Incompressible, so the store's one pack is almost all data chunks.
+    make_image(&disk, 16, &[("data.bin", noise(5, 4 * MIB as usize))]);
+    sim.server(4, plan, &disk, Hooks::default()).await;
+    sim.tick_at(day(0) + time::Duration::hours(5)).await;
+    sim.manual_backup(4).await;
+    let backups = sim.backups(4, None).await;
+    assert_eq!(backups.len(), 2);
+    assert!(backups.iter().all(|b| b.status == WorkStatus::Completed));
+
+    let t1 = day(0) + time::Duration::hours(6);
+    sim.clock.set(t1);
+    let verdicts = sim.scheduler.verify_pass(t1).await.unwrap();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert!(verdicts.iter().all(|v| v.damage.is_none()), "{verdicts:?}");
+    let (first, second) = (&verdicts[0], &verdicts[1]);
+    assert!(first.chunks_read > 60, "4 MiB of 64 KiB chunks: {first:?}");
+    assert!(first.bytes_read >= 4 * MIB, "{first:?}");
+    assert_eq!(
+        (second.chunks_read, second.bytes_read),
+        (0, 0),
+        "the same disk again is known from the first: {second:?}"
+    );
+    assert!(second.chunks_remembered > 0, "{second:?}");
+    for b in sim.backups(4, None).await {
+        assert_eq!(b.verified_at, Some(t1), "{b:?}");
+        assert!(!b.damaged);
+    }
+    let run = sim.schedule.task_run("verify").await.unwrap().unwrap();
+    assert!(
+        run.summary
+            .starts_with("2 backups verified, 0 damaged; read 4."),
+        "{}",
+        run.summary
+    );
+
+    // Flip one byte in the middle of the pack: a chunk both backups hold.
+    let packs: Vec<PathBuf> = walk(&sim.dir.path().join("data/store/packs"));
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let mut bytes = std::fs::read(&packs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&packs[0], &bytes).unwrap();
+
+    let t2 = day(7) + time::Duration::hours(7);
+    sim.clock.set(t2);
+    let verdicts = sim.scheduler.verify_pass(t2).await.unwrap();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    for v in &verdicts {
+        let damage = v.damage.as_deref().expect("both are damaged");
+        assert!(damage.contains("1 corrupt"), "{damage}");
+    }
+    // The second backup's confirmation read only the list and the bad chunk.
+    assert!(verdicts[1].chunks_read <= 3, "{:?}", verdicts[1]);
+    for b in sim.backups(4, None).await {
+        assert!(b.damaged, "{b:?}");
+        assert_eq!(b.verified_at, Some(t2));
+        assert!(b.verify_error.unwrap().contains("corrupt"));
+    }
+    sim.shutdown().await;
+}

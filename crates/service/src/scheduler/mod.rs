@@ -13,15 +13,20 @@
 //!   is kept in the catalog, so restarts do not repeat it), then the
 //!   verification pass: every completed backup is re-read within
 //!   `verify_interval_days`, one at a time, only while no job runs, pausing
-//!   between backups to stay under `verify_duty_percent` of wall time.
+//!   between backups to stay under `verify_duty_percent` of wall time. One
+//!   engine [`VerifySession`] spans the pass, so a chunk shared by many
+//!   backups (a server's daily backups share most of theirs) is read once
+//!   per pass, not once per backup; the pass logs the bytes it read.
 //!
 //! [`Scheduler::spawn`] runs each in its own task on an interval until the
 //! shutdown watch channel turns true (a long verification never delays a
 //! backup window). [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
-//! serve `vpsbackup gc` and `vpsbackup verify`. GC and verification never
-//! overlap in one process; GC in another process (the command line) may
-//! move a pack under a running verify, so a verify that finds damage checks
-//! again before it marks a backup damaged.
+//! serve `vpsbackup gc` and `vpsbackup verify` (one session per call too).
+//! GC and verification take turns in one process (a GC may still run in a
+//! verification pass's pauses, or in another process: the session's writer
+//! marker keeps it from deleting packs the session may read). Damage is
+//! confirmed before a backup is marked damaged: the session forgets the
+//! damaged chunks it knows and reads them again.
 //!
 //! Error policy: [`SchedulerError`] (thiserror) wraps catalog and engine
 //! errors; the background loops log them and try again at the next tick.
@@ -42,7 +47,9 @@ use vpsbackup_catalog::{
     Backup, BackupId, BackupType, Catalog, CatalogError, NewBackup, ScheduleCatalog, Scope,
     WorkStatus, AUTOMATIC_DESCRIPTION,
 };
-use vpsbackup_engine::{BackupVerification, EngineError, EngineOptions, JobControl, Repository};
+use vpsbackup_engine::{
+    BackupVerification, EngineError, EngineOptions, JobControl, Repository, VerifySession,
+};
 
 use crate::clock::Clock;
 use crate::runner::JobRunner;
@@ -117,6 +124,45 @@ pub struct Verdict {
     pub backup: BackupId,
     /// `None`: intact. `Some(reason)`: damaged, the reason as shown in the API.
     pub damage: Option<String>,
+    /// Stored bytes read from the store to verify it (a damage confirmation
+    /// included).
+    pub bytes_read: u64,
+    /// Chunks read and hashed to verify it.
+    pub chunks_read: u64,
+    /// Chunks whose verdict was already known in the pass (shared with a
+    /// backup verified before it), so not read again.
+    pub chunks_remembered: u64,
+}
+
+/// One verification pass (or `verify_now` call): the engine session shared
+/// by its backups, opened at the first backup, and what the pass read.
+#[derive(Default)]
+struct VerifyPass {
+    session: Option<VerifySession>,
+    bytes_read: u64,
+    chunks_read: u64,
+    chunks_remembered: u64,
+}
+
+impl VerifyPass {
+    /// The line recorded in `scheduler_tasks` and logged.
+    fn summary(&self, verdicts: &[Verdict]) -> String {
+        let damaged = verdicts.iter().filter(|v| v.damage.is_some()).count();
+        format!(
+            "{} backups verified, {damaged} damaged; read {} ({} chunks read, {} shared with backups verified before them in the pass)",
+            verdicts.len(),
+            status::human_bytes(self.bytes_read),
+            self.chunks_read,
+            self.chunks_remembered,
+        )
+    }
+
+    /// Ends the session (its writer marker is removed off the async threads).
+    async fn finish(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+        }
+    }
 }
 
 /// The daily scheduler of one service (or of one admin command).
@@ -421,6 +467,34 @@ impl Scheduler {
             .await?;
         let duty = f64::from(self.settings.verify_duty_percent.clamp(1, 100)) / 100.0;
         let mut verdicts = Vec::new();
+        let mut pass = VerifyPass::default();
+        let res = self.verify_due(due, duty, &mut pass, &mut verdicts).await;
+        pass.finish().await;
+        res?;
+        if !verdicts.is_empty() {
+            let summary = pass.summary(&verdicts);
+            tracing::info!(
+                %summary,
+                bytes_read = pass.bytes_read,
+                chunks_read = pass.chunks_read,
+                chunks_remembered = pass.chunks_remembered,
+                "scheduled verification"
+            );
+            self.schedule
+                .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
+                .await?;
+        }
+        Ok(verdicts)
+    }
+
+    /// The loop of [`Scheduler::verify_pass`], one session for all of `due`.
+    async fn verify_due(
+        &self,
+        due: Vec<Backup>,
+        duty: f64,
+        pass: &mut VerifyPass,
+        verdicts: &mut Vec<Verdict>,
+    ) -> Result<(), SchedulerError> {
         for backup in due {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
@@ -433,7 +507,7 @@ impl Scheduler {
             let started = Instant::now();
             let v = {
                 let _turn = self.maintenance.lock().await;
-                self.verify_one(&backup).await?
+                self.verify_one(&backup, pass).await?
             };
             verdicts.push(v);
             let pause = started.elapsed().mul_f64(1.0 / duty - 1.0);
@@ -448,66 +522,60 @@ impl Scheduler {
                 }
             }
         }
-        if !verdicts.is_empty() {
-            let damaged = verdicts.iter().filter(|v| v.damage.is_some()).count();
-            let summary = format!("{} backups verified, {damaged} damaged", verdicts.len());
-            tracing::info!(%summary, "scheduled verification");
-            self.schedule
-                .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
-                .await?;
-        }
-        Ok(verdicts)
+        Ok(())
     }
 
     /// Verifies one backup (or every completed backup with `None`) now, at
-    /// full speed, and records the verdicts. For `vpsbackup verify`.
+    /// full speed, and records the verdicts. For `vpsbackup verify`. One
+    /// session serves the whole call: each distinct chunk is read once,
+    /// however many backups share it.
     pub async fn verify_now(
         &self,
         backup: Option<BackupId>,
     ) -> Result<Vec<Verdict>, SchedulerError> {
         let _turn = self.maintenance.lock().await;
-        match backup {
-            Some(id) => {
-                let b = self
-                    .catalog
-                    .backup(id, Scope::All)
-                    .await?
-                    .ok_or(CatalogError::NotFound("Backup"))?;
-                Ok(vec![self.verify_one(&b).await?])
-            }
-            None => {
-                // One engine pass reads each distinct chunk once, however
-                // many backups share it.
-                let report = self.engine_verify(None).await?;
-                let mut verdicts = Vec::new();
-                for b in self.catalog.all_backups().await? {
-                    if b.status != WorkStatus::Completed {
-                        continue;
-                    }
-                    let intact = report
-                        .iter()
-                        .any(|v| v.backup_id == b.engine_backup_id && v.is_ok());
-                    let v = if intact {
-                        let v = Verdict {
-                            backup: b.id,
-                            damage: None,
-                        };
-                        self.record(&v).await?;
-                        v
-                    } else {
-                        // Damaged or absent from the pass: look again alone.
-                        self.verify_one(&b).await?
-                    };
-                    verdicts.push(v);
+        let backups = match backup {
+            Some(id) => vec![self
+                .catalog
+                .backup(id, Scope::All)
+                .await?
+                .ok_or(CatalogError::NotFound("Backup"))?],
+            None => self
+                .catalog
+                .all_backups()
+                .await?
+                .into_iter()
+                .filter(|b| b.status == WorkStatus::Completed)
+                .collect(),
+        };
+        let mut pass = VerifyPass::default();
+        let mut verdicts = Vec::new();
+        let mut res = Ok(());
+        for b in &backups {
+            match self.verify_one(b, &mut pass).await {
+                Ok(v) => verdicts.push(v),
+                Err(e) => {
+                    res = Err(e);
+                    break;
                 }
-                let damaged = verdicts.iter().filter(|v| v.damage.is_some()).count();
-                let summary = format!("{} backups verified, {damaged} damaged", verdicts.len());
-                self.schedule
-                    .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
-                    .await?;
-                Ok(verdicts)
             }
         }
+        pass.finish().await;
+        res?;
+        let summary = pass.summary(&verdicts);
+        tracing::info!(
+            %summary,
+            bytes_read = pass.bytes_read,
+            chunks_read = pass.chunks_read,
+            chunks_remembered = pass.chunks_remembered,
+            "verification"
+        );
+        if backup.is_none() {
+            self.schedule
+                .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
+                .await?;
+        }
+        Ok(verdicts)
     }
 
     async fn record(&self, v: &Verdict) -> Result<(), SchedulerError> {
@@ -517,44 +585,56 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Verifies one backup and records the verdict. Damage is confirmed by a
-    /// second read so a pack moved by a GC in another process is not
-    /// mistaken for a loss.
-    async fn verify_one(&self, b: &Backup) -> Result<Verdict, SchedulerError> {
-        let mut damage = self.damage_of(b).await?;
+    /// Verifies one backup in the pass's session and records the verdict.
+    /// Damage is confirmed by a second read (the session forgets the
+    /// damaged chunks it knows first), so a pack moved by a GC in another
+    /// process, or a read error of the moment, is not mistaken for a loss.
+    async fn verify_one(
+        &self,
+        b: &Backup,
+        pass: &mut VerifyPass,
+    ) -> Result<Verdict, SchedulerError> {
+        let (bytes, chunks, remembered) =
+            (pass.bytes_read, pass.chunks_read, pass.chunks_remembered);
+        let mut damage = self.damage_of(b, pass).await?;
         if damage.is_some() {
-            damage = self.damage_of(b).await?;
-        }
-        if damage.is_some() {
-            // Deleted meanwhile (expiry, a client): not damage.
-            if self.catalog.backup(b.id, Scope::All).await?.is_none() {
-                return Ok(Verdict {
-                    backup: b.id,
-                    damage: None,
-                });
+            if let Some(s) = pass.session.as_mut() {
+                s.forget_damage();
             }
-            tracing::error!(backup = b.id.0, reason = ?damage, "verification found a damaged backup");
+            damage = self.damage_of(b, pass).await?;
         }
-        let v = Verdict {
+        let mut v = Verdict {
             backup: b.id,
             damage,
+            bytes_read: pass.bytes_read - bytes,
+            chunks_read: pass.chunks_read - chunks,
+            chunks_remembered: pass.chunks_remembered - remembered,
         };
+        if v.damage.is_some() {
+            // Deleted meanwhile (expiry, a client): not damage.
+            if self.catalog.backup(b.id, Scope::All).await?.is_none() {
+                v.damage = None;
+                return Ok(v);
+            }
+            tracing::error!(backup = b.id.0, reason = ?v.damage, "verification found a damaged backup");
+        }
         self.record(&v).await?;
         Ok(v)
     }
 
-    async fn damage_of(&self, b: &Backup) -> Result<Option<String>, SchedulerError> {
-        match self.engine_verify(Some(b.engine_backup_id.clone())).await {
-            Ok(report) => Ok(report
-                .iter()
-                .find(|v| v.backup_id == b.engine_backup_id)
-                .and_then(damage_text)),
+    async fn damage_of(
+        &self,
+        b: &Backup,
+        pass: &mut VerifyPass,
+    ) -> Result<Option<String>, SchedulerError> {
+        match self.engine_verify(b.engine_backup_id.clone(), pass).await {
+            Ok(v) => Ok(damage_text(&v)),
             Err(EngineError::BackupNotFound(_)) => Ok(Some(
                 "Verification found this backup's data missing from the store; it cannot be restored. Create a new backup."
                     .to_owned(),
             )),
             Err(EngineError::Cancelled) => Err(SchedulerError::Task("verification was stopped".into())),
-            // A damaged manifest, chunk list or index surfaces as an error.
+            // A damaged index or chunk list surfaces as an error.
             Err(e @ (EngineError::Corrupt { .. } | EngineError::MissingChunk { .. } | EngineError::BadObject { .. })) => {
                 Ok(Some(format!(
                     "Verification could not read this backup's data ({e}); it cannot be restored. Create a new backup."
@@ -564,21 +644,41 @@ impl Scheduler {
         }
     }
 
+    /// Verifies one store backup in the pass's session (opened on first
+    /// use), off the async threads; adds what it read to the pass.
     async fn engine_verify(
         &self,
-        id: Option<String>,
-    ) -> Result<Vec<BackupVerification>, EngineError> {
+        id: String,
+        pass: &mut VerifyPass,
+    ) -> Result<BackupVerification, EngineError> {
         let control = Arc::new(JobControl::new());
         *self.verifying.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
         if self.stopping.load(Ordering::SeqCst) {
             control.cancel();
         }
         let repo = self.repo.clone();
-        let res = tokio::task::spawn_blocking(move || repo.verify(id.as_deref(), &control))
-            .await
-            .map_err(|e| EngineError::Internal(format!("verify task failed: {e}")))?;
+        let session = pass.session.take();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut session = match session {
+                Some(s) => s,
+                None => match repo.verify_session() {
+                    Ok(s) => s,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let res = session.verify(&id, &control);
+            (Some(session), res)
+        })
+        .await;
         *self.verifying.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        Ok(res?.backups)
+        let (session, res) =
+            res.map_err(|e| EngineError::Internal(format!("verify task failed: {e}")))?;
+        pass.session = session;
+        let v = res?;
+        pass.bytes_read += v.bytes_read;
+        pass.chunks_read += v.chunks_read;
+        pass.chunks_remembered += v.chunks_remembered;
+        Ok(v)
     }
 }
 
