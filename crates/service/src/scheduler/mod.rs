@@ -675,6 +675,20 @@ impl Scheduler {
             res.map_err(|e| EngineError::Internal(format!("verify task failed: {e}")))?;
         pass.session = session;
         let v = res?;
+        if !v.is_ok() {
+            // The chunk ids are for the operator (and a repair); the
+            // customer's text only says the backup is damaged.
+            const SHOWN: usize = 8;
+            tracing::warn!(
+                engine_backup = %v.backup_id,
+                corrupt = v.corrupt_chunks.len(),
+                missing = v.missing_chunks.len(),
+                first_corrupt = ?&v.corrupt_chunks[..v.corrupt_chunks.len().min(SHOWN)],
+                first_missing = ?&v.missing_chunks[..v.missing_chunks.len().min(SHOWN)],
+                manifest_error = ?v.manifest_error,
+                "verification found damaged chunks"
+            );
+        }
         pass.bytes_read += v.bytes_read;
         pass.chunks_read += v.chunks_read;
         pass.chunks_remembered += v.chunks_remembered;
