@@ -19,9 +19,32 @@ pub struct ServeArgs {
     /// Read bandwidth limit per backup job, MB/s.
     #[arg(long, env = "VPSBACKUP_READ_LIMIT_MB")]
     read_limit_mb: Option<u64>,
+    /// Reads (GET) per token: sustained per second and burst, e.g. `100/500`
+    /// [default: 20000/40000].
+    #[arg(long, env = "VPSBACKUP_RATE_LIMIT_READ", value_name = "PER_SECOND/BURST", value_parser = parse_rate)]
+    rate_limit_read: Option<(u32, u32)>,
+    /// Writes (POST, DELETE) per token: sustained per second and burst, e.g.
+    /// `5/20` [default: 50/500].
+    #[arg(long, env = "VPSBACKUP_RATE_LIMIT_WRITE", value_name = "PER_SECOND/BURST", value_parser = parse_rate)]
+    rate_limit_write: Option<(u32, u32)>,
+    /// No rate limits and no RateLimit-* headers.
+    #[arg(long)]
+    no_rate_limit: bool,
     /// First run: create account "demo", a token and server 12345 with a small disk image.
     #[arg(long)]
     demo: bool,
+}
+
+/// `RATE/BURST` (or `RATE`, burst twice the rate), both at least 1.
+fn parse_rate(text: &str) -> Result<(u32, u32), String> {
+    let num = |t: &str| match t.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{t:?} is not a whole number of at least 1")),
+    };
+    match text.split_once('/') {
+        Some((rate, burst)) => Ok((num(rate)?, num(burst)?)),
+        None => num(text).map(|rate| (rate, rate.saturating_mul(2))),
+    }
 }
 
 /// Human-readable logs on stderr (colours only on a terminal), or one JSON
@@ -53,6 +76,17 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.read_limit_mb.is_some() {
         settings.read_limit_mb_per_s = args.read_limit_mb;
+    }
+    if let Some((rate, burst)) = args.rate_limit_read {
+        settings.rate_limit.read_per_second = rate;
+        settings.rate_limit.read_burst = burst;
+    }
+    if let Some((rate, burst)) = args.rate_limit_write {
+        settings.rate_limit.write_per_second = rate;
+        settings.rate_limit.write_burst = burst;
+    }
+    if args.no_rate_limit {
+        settings.rate_limit.enabled = false;
     }
     tracing::debug!(?settings, "settings");
     let rt = tokio::runtime::Runtime::new()?;

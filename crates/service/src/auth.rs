@@ -88,10 +88,25 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
+/// A request's authentication, done once by the rate limiter (which needs
+/// the caller before the handler runs) and kept in the request's extensions
+/// so the [`Caller`] extractor does not look the token up a second time.
+/// The error is the 401 text.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Result<Caller, &'static str>);
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+impl Caller {
+    /// Authenticates a request: the caller from the request's extensions
+    /// when a middleware already did, else from its bearer token.
+    pub async fn of_request(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
+        match parts.extensions.get::<Authenticated>() {
+            Some(Authenticated(outcome)) => outcome.clone().map_err(ApiError::Unauthenticated),
+            None => Caller::from_token(parts, state).await,
+        }
+    }
+
+    /// Looks the request's bearer token up in the catalog.
+    pub async fn from_token(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
         let token = bearer(parts)?;
         let hash = hash_token(token);
         let stored = state
@@ -103,6 +118,18 @@ impl FromRequestParts<AppState> for Caller {
             return Err(ApiError::Unauthenticated(INVALID_TOKEN));
         }
         Ok(Caller { token: stored })
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // The handler is the last to need it: take it rather than clone it.
+        match parts.extensions.remove::<Authenticated>() {
+            Some(Authenticated(outcome)) => outcome.map_err(ApiError::Unauthenticated),
+            None => Caller::from_token(parts, state).await,
+        }
     }
 }
 

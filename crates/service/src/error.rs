@@ -42,6 +42,12 @@ pub enum ApiError {
     /// 415.
     #[error("Unsupported media type \"{0}\" in request.")]
     UnsupportedMediaType(String),
+    /// 422: well-formed, but it cannot be done as asked.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 429, DRF's `Throttled` text; the seconds also go in `Retry-After`.
+    #[error("Request was throttled. Expected available in {0} second{s}.", s = if *.0 == 1 { "" } else { "s" })]
+    Throttled(u64),
     /// 500; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -72,6 +78,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +114,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::Throttled(wait) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait));
         }
         resp
     }

@@ -21,6 +21,7 @@ pub mod scheduler;
 pub mod settings;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub jobs: Arc<JobRunner>,
     pub repo: Repository,
+    /// Per-caller request limits; `None` when turned off.
+    pub limiter: Option<Arc<api::ratelimit::RateLimiter>>,
 }
 
 /// Why the service could not start or stop cleanly.
@@ -142,12 +145,21 @@ pub async fn run_with_clock(
         settings: settings.clone(),
         jobs: jobs.clone(),
         repo,
+        limiter: settings
+            .rate_limit
+            .enabled
+            .then(|| Arc::new(api::ratelimit::RateLimiter::new(&settings.rate_limit))),
     };
     let app = NormalizePathLayer::trim_trailing_slash().layer(api::router(state));
     tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
-    let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // With the peer's address: callers without a valid token are rate
+    // limited by it.
+    let served = axum::serve(
+        listener,
+        ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
 
     tracing::info!("stopping: handing running jobs back to the queue");
     jobs.stop();

@@ -2,7 +2,9 @@
 //! backup, delete (cancelling it when in progress).
 
 use axum::extract::{Path, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -23,9 +25,10 @@ pub const CREATE_MESSAGE: &str =
 /// Longest description accepted.
 pub const DESCRIPTION_MAX: usize = 255;
 
-pub fn router() -> Router<AppState> {
+pub fn router(state: &AppState) -> Router<AppState> {
+    let idempotent = from_fn_with_state(state.clone(), super::idempotency::replay_or_run);
     Router::new()
-        .route("/api/v1/backups", get(list).post(create))
+        .route("/api/v1/backups", get(list).post(create.layer(idempotent)))
         .route("/api/v1/backups/{backup_id}", get(detail).delete(delete))
 }
 
@@ -162,10 +165,13 @@ pub async fn start_manual_backup(
 
 /// Start a manual backup. Answers at once; follow it with GET /backups/{id}/.
 #[utoipa::path(post, path = "/api/v1/backups/", tag = "backups",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
     request_body(content = serde_json::Value, description = r#"{"server_id": 12345, "description": "Pre-deployment backup"}"#),
     responses(
-        (status = 201, description = "Backup started", body = BackupView),
-        (status = 400, description = "Invalid parameters, or the manual backup limit (10 per server) is reached"),
+        (status = 201, description = "Backup started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = BackupView),
+        (status = 400, description = "Invalid parameters or Idempotency-Key, or the manual backup limit (10 per server) is reached"),
+        (status = 409, description = "The first request with this Idempotency-Key is still running", body = super::views::Detail),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
         (status = 401, description = "Missing or invalid token", body = super::views::Detail),
         (status = 404, description = "Server not found", body = super::views::Detail),
     ),

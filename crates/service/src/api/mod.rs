@@ -4,7 +4,9 @@
 
 pub mod account;
 pub mod backups;
+pub mod idempotency;
 pub mod openapi;
+pub mod ratelimit;
 pub mod restores;
 pub mod servers;
 pub mod views;
@@ -26,16 +28,21 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page size honoured.
 pub const MAX_PAGE_SIZE: u32 = 500;
 
-/// Every route, with request tracing and JSON errors for unknown paths and methods.
+/// Every route, with request tracing, rate limits, and JSON errors for
+/// unknown paths and methods.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(backups::router())
-        .merge(servers::router())
+        .merge(backups::router(&state))
+        .merge(servers::router(&state))
         .merge(restores::router())
         .merge(account::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn(json_method_not_allowed))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()

@@ -5,7 +5,9 @@
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Object, RefOr, ResponseBuilder, Type};
 use utoipa::{Modify, OpenApi};
 
 use super::views::{
@@ -17,14 +19,17 @@ use crate::AppState;
 #[openapi(
     info(title = "vpsbackup: VPS.org Backups API", version = "1",
         description = "Backups of virtual servers' disks: list, create, delete, restore. \
-            Authenticate with `Authorization: Bearer <token>`."),
+            Authenticate with `Authorization: Bearer <token>`. \
+            Requests are rate limited per token (reads and writes apart): every answer carries \
+            `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`; past the limit, 429 with `Retry-After`. \
+            Creates take an `Idempotency-Key` header so a retry does not start a second backup or restore."),
     paths(
         super::backups::list, super::backups::create, super::backups::detail, super::backups::delete,
         super::servers::list, super::servers::detail, super::servers::backup, super::servers::restore,
         super::restores::detail, super::account::me,
     ),
     components(schemas(BackupView, RestoreView, ServerView, ServerRef, PlanView, BackupWindow, MeView, Detail)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     tags(
         (name = "backups", description = "Backups of servers"),
         (name = "servers", description = "The account's servers; restore"),
@@ -43,6 +48,54 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Adds the 429 answer and the `RateLimit-*` headers to every operation
+/// that takes a token, rather than repeating them in each annotation.
+struct RateLimited;
+
+impl Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let int_header = |text: &str| {
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::Integer))
+                .description(Some(text))
+                .build()
+        };
+        let throttled = ResponseBuilder::new()
+            .description(
+                "Rate limit reached: {\"detail\": \"Request was throttled. Expected available in N seconds.\"}",
+            )
+            .header(
+                "Retry-After",
+                int_header("Seconds until a request is allowed again"),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                if op.security.is_none() {
+                    continue;
+                }
+                for resp in op.responses.responses.values_mut() {
+                    if let RefOr::T(resp) = resp {
+                        for (name, text) in [
+                            ("RateLimit-Limit", "Requests the caller's bucket holds (reads and writes have their own)"),
+                            ("RateLimit-Remaining", "Requests left in the bucket"),
+                            ("RateLimit-Reset", "Seconds until the bucket is full again"),
+                        ] {
+                            resp.headers.insert(name.into(), int_header(text));
+                        }
+                    }
+                }
+                op.responses
+                    .responses
+                    .insert("429".into(), RefOr::T(throttled.clone()));
+            }
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! a server, and restoring a backup onto it.
 
 use axum::extract::{Path, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -20,12 +22,19 @@ use crate::AppState;
 pub const RESTORE_MESSAGE: &str =
     "Restore has started. The server's disks will be overwritten with the backup's content.";
 
-pub fn router() -> Router<AppState> {
+pub fn router(state: &AppState) -> Router<AppState> {
+    let idempotent = from_fn_with_state(state.clone(), super::idempotency::replay_or_run);
     Router::new()
         .route("/api/v1/servers", get(list))
         .route("/api/v1/servers/{server_id}", get(detail))
-        .route("/api/v1/servers/{server_id}/backup", post(backup))
-        .route("/api/v1/servers/{server_id}/restore", post(restore))
+        .route(
+            "/api/v1/servers/{server_id}/backup",
+            post(backup.layer(idempotent.clone())),
+        )
+        .route(
+            "/api/v1/servers/{server_id}/restore",
+            post(restore.layer(idempotent)),
+        )
 }
 
 fn server_path_id(raw: &str) -> Result<ServerId, ApiError> {
@@ -91,13 +100,15 @@ pub async fn detail(
 
 /// Start a manual backup of this server (same as POST /backups/).
 #[utoipa::path(post, path = "/api/v1/servers/{server_id}/backup/", tag = "servers",
-    params(("server_id" = i64, Path, description = "Server id")),
+    params(("server_id" = i64, Path, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
     request_body(content = serde_json::Value, description = r#"{"description": "Pre-deployment backup"} (optional)"#),
     responses(
-        (status = 201, description = "Backup started", body = BackupView),
-        (status = 400, description = "Invalid parameters or manual backup limit reached"),
+        (status = 201, description = "Backup started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = BackupView),
+        (status = 400, description = "Invalid parameters or Idempotency-Key, or manual backup limit reached"),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
         (status = 401, description = "Missing or invalid token", body = super::views::Detail),
         (status = 404, description = "Server not found", body = super::views::Detail),
+        (status = 409, description = "The first request with this Idempotency-Key is still running", body = super::views::Detail),
     ),
     security(("bearer" = [])))]
 pub async fn backup(
@@ -113,14 +124,15 @@ pub async fn backup(
 
 /// Overwrite the server's disks with a completed backup of it. Answers at once.
 #[utoipa::path(post, path = "/api/v1/servers/{server_id}/restore/", tag = "servers",
-    params(("server_id" = i64, Path, description = "Server id")),
+    params(("server_id" = i64, Path, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
     request_body(content = serde_json::Value, description = r#"{"backup_id": 501}"#),
     responses(
-        (status = 202, description = "Restore started", body = RestoreView),
-        (status = 400, description = "Bad backup_id, a backup not completed, or of another server"),
+        (status = 202, description = "Restore started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = RestoreView),
+        (status = 400, description = "Bad backup_id or Idempotency-Key, a backup not completed, or of another server"),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
         (status = 401, description = "Missing or invalid token", body = super::views::Detail),
         (status = 404, description = "Server or backup not found", body = super::views::Detail),
-        (status = 409, description = "A backup or restore of this server is running", body = super::views::Detail),
+        (status = 409, description = "A backup or restore of this server is running, or the first request with this Idempotency-Key is", body = super::views::Detail),
     ),
     security(("bearer" = [])))]
 pub async fn restore(
