@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use time::OffsetDateTime;
+
 use crate::TokenOwner;
 
 /// A keyed request, as the first request with the key claims it.
@@ -39,8 +41,9 @@ pub struct StoredResponse {
 pub enum IdempotencyClaim {
     /// The key was free: this request runs, then completes or releases it.
     Claimed,
-    /// The same request under this key is still running.
-    InProgress,
+    /// The same request under this key is still running, since `started_at`
+    /// (or was cut short by a crash, when that is long ago).
+    InProgress { started_at: OffsetDateTime },
     /// The same request under this key already ran: answer with this.
     Completed(StoredResponse),
     /// The key was used for a different request.

@@ -46,7 +46,10 @@ async fn a_key_is_claimed_once_then_replayed_or_refused() {
     };
 
     assert_eq!(claim(first.clone()).await, IdempotencyClaim::Claimed);
-    assert_eq!(claim(first.clone()).await, IdempotencyClaim::InProgress);
+    assert_eq!(
+        claim(first.clone()).await,
+        IdempotencyClaim::InProgress { started_at: now() }
+    );
     assert_eq!(
         claim(request(alice, "k-1", 8)).await,
         IdempotencyClaim::Mismatch
@@ -144,7 +147,7 @@ async fn concurrent_claims_of_one_key_let_exactly_one_through() {
     for t in tasks {
         match t.await.unwrap() {
             IdempotencyClaim::Claimed => claimed += 1,
-            other => assert_eq!(other, IdempotencyClaim::InProgress),
+            other => assert_eq!(other, IdempotencyClaim::InProgress { started_at: now() }),
         }
     }
     assert_eq!(claimed, 1);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::{send, TestApp};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
-use vpsbackup_catalog::{Catalog, Hooks, TokenOwner};
+use vpsbackup_catalog::{Catalog, Hooks, IdempotencyClaim, IdempotentRequest, TokenOwner};
+use vpsbackup_service::api::idempotency::fingerprint;
 
 fn header(resp: &Response, name: &str) -> Option<u64> {
     resp.headers()
@@ -120,7 +121,7 @@ async fn rate_limits_throttle_one_token_and_recover_after_retry_after() {
 }
 
 #[tokio::test]
-async fn rate_limits_can_be_turned_off() {
+async fn rate_limits_can_be_turned_off_and_both_features_are_documented() {
     let app = TestApp::start_with(|s| {
         s.rate_limit.enabled = false;
         s.rate_limit.read_burst = 1;
@@ -131,6 +132,22 @@ async fn rate_limits_can_be_turned_off() {
         let (status, limits, _, _) =
             limited(&app, Method::GET, "/api/v1/backups/", Some(&alice)).await;
         assert_eq!((status, limits), (StatusCode::OK, None));
+    }
+    // Both features are in the OpenAPI document.
+    let (status, doc) = app.get("/api/v1/openapi.json", &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    let create = &doc["paths"]["/api/v1/backups/"]["post"];
+    assert!(create["responses"]["429"]["headers"]["Retry-After"].is_object());
+    assert!(create["responses"]["201"]["headers"]["RateLimit-Remaining"].is_object());
+    assert!(create["responses"]["422"].is_object());
+    for path in ["/api/v1/backups/", "/api/v1/servers/{server_id}/restore/"] {
+        let params = doc["paths"][path]["post"]["parameters"].as_array().unwrap();
+        assert!(
+            params
+                .iter()
+                .any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"),
+            "{path}: {params:?}"
+        );
     }
     app.stop().await;
 }
@@ -330,6 +347,32 @@ async fn simultaneous_posts_with_one_key_make_one_backup() {
     .await;
     assert_eq!((status, replayed), (StatusCode::CREATED, true));
     assert_eq!(body["id"].as_i64(), Some(ids[0]));
+
+    // A key whose first request a crash cut short (claimed minutes ago, no
+    // answer stored) is never run again: 409, and nothing is created.
+    let crashed = r#"{"server_id": 31, "description": "cut short"}"#;
+    let claimed_at = TestApp::now() - time::Duration::minutes(5);
+    let claim = app
+        .catalog
+        .claim_idempotency_key(
+            &IdempotentRequest {
+                owner: TokenOwner::Account(alice_id),
+                key: "crashed".into(),
+                fingerprint: fingerprint(&Method::POST, "/api/v1/backups", crashed.as_bytes()),
+            },
+            claimed_at,
+            claimed_at - time::Duration::hours(24),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, IdempotencyClaim::Claimed);
+    let (status, body, _) = keyed(&app, "/api/v1/backups/", &alice, "crashed", crashed).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        body["detail"].as_str().unwrap().contains("interrupted"),
+        "{body}"
+    );
+    assert_eq!(backup_count(&app, &alice, 31).await, 1);
     let app = std::sync::Arc::into_inner(app).unwrap();
     app.stop().await;
 }

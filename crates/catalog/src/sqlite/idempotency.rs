@@ -5,7 +5,7 @@
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{secs, SqliteCatalog};
+use super::{secs, ts, SqliteCatalog};
 use crate::idempotency::owner_text;
 use crate::{IdempotencyClaim, IdempotentRequest, Result, StoredResponse, TokenOwner};
 
@@ -38,7 +38,7 @@ impl SqliteCatalog {
             IdempotencyClaim::Claimed
         } else {
             let row = sqlx::query(
-                "SELECT request_hash, status, body FROM idempotency_keys \
+                "SELECT request_hash, status, body, created_at FROM idempotency_keys \
                  WHERE owner = ? AND idem_key = ?",
             )
             .bind(&owner)
@@ -54,7 +54,9 @@ impl SqliteCatalog {
                     status: status as u16,
                     body: body.unwrap_or_default(),
                 }),
-                None => IdempotencyClaim::InProgress,
+                None => IdempotencyClaim::InProgress {
+                    started_at: ts(row.try_get("created_at")?),
+                },
             }
         };
         tx.commit().await?;

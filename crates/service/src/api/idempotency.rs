@@ -6,10 +6,12 @@
 //! owner + key, so of two concurrent requests exactly one claims it), runs,
 //! and stores its status and body if it succeeded (2xx). A retry of the same
 //! request (method, path and body JSON) gets the stored answer with
-//! `Idempotent-Replayed: true`; one while the first still runs gets 409; the
-//! key reused for a different request gets 422 (the request is well-formed
-//! but cannot be processed with that key: the IETF idempotency-key draft's
-//! choice, which keeps 409 for "still running"). Failed requests (4xx, 5xx)
+//! `Idempotent-Replayed: true`; one while the first still runs gets 409, and
+//! so does one whose first request a crash cut short (nobody knows whether
+//! it took effect, so the key is never run twice). The key reused for a
+//! different request gets 422: the request is well-formed but cannot be
+//! processed with that key (the IETF idempotency-key draft's choice, which
+//! keeps 409 for "still running"). Failed requests (4xx, 5xx)
 //! are not stored: the key is released, so the client can fix the request
 //! or wait and retry with the same key. Keys expire after 24 h.
 
@@ -28,6 +30,10 @@ use crate::AppState;
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// A key claimed this long ago without an answer lost its request.
+const INTERRUPTED_AFTER: time::Duration = time::Duration::minutes(2);
+const KEY_INTERRUPTED: &str = "The first request with this Idempotency-Key was interrupted \
+     by a service restart and may or may not have taken effect. Check the list, then use a new key.";
 /// Longest key accepted.
 pub const KEY_MAX: usize = 255;
 /// How long a key is remembered.
@@ -85,7 +91,7 @@ fn canonical(v: &Value, out: &mut Vec<u8>) {
 
 /// What the request asks for: method, path (trailing slash already trimmed
 /// by the root layer) and body, as JSON when it parses, else its bytes.
-fn fingerprint(method: &Method, path: &str, body: &[u8]) -> [u8; 32] {
+pub fn fingerprint(method: &Method, path: &str, body: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update(b" ");
@@ -147,7 +153,15 @@ async fn run(state: AppState, req: Request, next: Next) -> Result<Response, ApiE
     {
         IdempotencyClaim::Claimed => {}
         IdempotencyClaim::Completed(stored) => return Ok(replay(stored)),
-        IdempotencyClaim::InProgress => return Err(ApiError::Conflict(KEY_IN_PROGRESS.into())),
+        // A create only queues work and answers in milliseconds: a key
+        // claimed long ago lost its request to a crash or restart, and
+        // whether that request took effect is unknown.
+        IdempotencyClaim::InProgress { started_at } if now - started_at > INTERRUPTED_AFTER => {
+            return Err(ApiError::Conflict(KEY_INTERRUPTED.into()))
+        }
+        IdempotencyClaim::InProgress { .. } => {
+            return Err(ApiError::Conflict(KEY_IN_PROGRESS.into()))
+        }
         IdempotencyClaim::Mismatch => return Err(ApiError::Unprocessable(KEY_REUSED.into())),
     }
     parts.extensions.insert(Authenticated(Ok(caller)));
