@@ -145,3 +145,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         tracing::info!("shutdown signal received");
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_parse_as_rate_and_burst() {
+        assert_eq!(parse_rate("5/20"), Ok((5, 20)));
+        assert_eq!(parse_rate("100"), Ok((100, 200)));
+        assert!(parse_rate("0/5").is_err());
+        assert!(parse_rate("5/").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+}
