@@ -66,6 +66,11 @@ pub trait ScheduleCatalog: Send + Sync {
     /// Every server with its effective window and its latest automatic backup.
     async fn auto_backup_servers(&self) -> Result<Vec<AutoBackupServer>>;
 
+    /// [`Self::auto_backup_servers`] for the given servers only (unknown ids
+    /// are skipped), so the API can show when each listed server's next
+    /// automatic backup is planned.
+    async fn auto_backup_servers_in(&self, ids: &[ServerId]) -> Result<Vec<AutoBackupServer>>;
+
     /// Records that the automatic backup of slot `day` was created, so the
     /// slot is not taken again if that backup is deleted. Never moves back.
     async fn record_slot(&self, server: ServerId, day: OffsetDateTime) -> Result<()>;

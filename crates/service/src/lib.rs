@@ -42,6 +42,9 @@ pub use settings::{HookCommands, Settings};
 #[derive(Clone)]
 pub struct AppState {
     pub catalog: Arc<dyn Catalog>,
+    /// The scheduler's view of the catalog: the API shows each server's
+    /// next automatic backup from it.
+    pub schedule: Arc<dyn vpsbackup_catalog::ScheduleCatalog>,
     pub clock: Arc<dyn Clock>,
     pub settings: Arc<Settings>,
     pub jobs: Arc<JobRunner>,
@@ -130,7 +133,7 @@ pub async fn run_with_clock(
     let scheduler = settings.schedule.enabled.then(|| {
         Arc::new(scheduler::Scheduler::new(
             catalog.clone(),
-            schedule_catalog,
+            schedule_catalog.clone(),
             clock.clone(),
             repo.clone(),
             settings.schedule.clone(),
@@ -141,6 +144,7 @@ pub async fn run_with_clock(
 
     let state = AppState {
         catalog: catalog.clone(),
+        schedule: schedule_catalog,
         clock,
         settings: settings.clone(),
         jobs: jobs.clone(),

@@ -10,6 +10,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use vpsbackup_catalog::{Catalog, Hooks, TokenOwner, TokenRef};
 use vpsbackup_service::auth::hash_token;
+use vpsbackup_service::clock::rfc3339;
+use vpsbackup_service::scheduler::window;
 
 async fn completed_backup(app: &TestApp, token: &str, server: i64) -> Value {
     let (s, b) = app
@@ -406,6 +408,8 @@ async fn servers_account_and_openapi() {
         one["backup_window"],
         json!({"start": "03:00", "duration_minutes": 120})
     );
+    // The scheduler is off in these tests: nothing is planned.
+    assert_eq!(one["next_backup_at"], Value::Null);
     let (s, b) = app.get("/api/v1/servers/777/", &token).await;
     assert_eq!(
         (s, b),
@@ -988,4 +992,64 @@ async fn a_graceful_stop_hands_running_jobs_back_and_the_next_start_finishes_the
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_show_when_their_next_automatic_backup_is_planned() {
+    let app = TestApp::start_with(|s| {
+        s.schedule.enabled = true;
+        s.schedule.tick_secs = 1;
+    })
+    .await;
+    let (acc, token) = app.account("acme").await;
+    app.server(12345, acc, Hooks::default()).await;
+    // A new server's first automatic backup is due at once (one catch-up);
+    // wait until it is taken, then tomorrow's slot is the next one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, b) = app
+            .get("/api/v1/backups/?backup_type=automatic", &token)
+            .await;
+        if b["count"] == 1 && b["results"][0]["status"] == "completed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic backup: {b}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (s, one) = app.get("/api/v1/servers/12345/", &token).await;
+    assert_eq!(s, StatusCode::OK);
+    // The plan's window starts at 03:00 UTC and lasts 120 min; each server
+    // starts at its own stable offset in the first half. The next start is
+    // the first such time after now (today's, or tomorrow's).
+    let now = TestApp::now();
+    let today = now.replace_time(time::Time::MIDNIGHT);
+    let start = |day: time::OffsetDateTime| {
+        day + time::Duration::minutes(180) + window::spread_offset(12345, 120)
+    };
+    let expected = [start(today), start(today + time::Duration::days(1))]
+        .into_iter()
+        .find(|t| *t > now)
+        .unwrap();
+    assert_eq!(one["next_backup_at"], rfc3339(expected), "now is {now}");
+    // The list says the same.
+    let (_, list) = app.get("/api/v1/servers/", &token).await;
+    assert_eq!(list["results"][0]["next_backup_at"], one["next_backup_at"]);
+
+    // Automatic backups off for the server: nothing planned.
+    app.catalog
+        .update_server(
+            vpsbackup_catalog::ServerId(12345),
+            vpsbackup_catalog::ServerUpdate {
+                auto_backup_enabled: Some(false),
+                ..Default::default()
+            },
+            TestApp::now(),
+        )
+        .await
+        .unwrap();
+    let (_, one) = app.get("/api/v1/servers/12345/", &token).await;
+    assert_eq!(one["next_backup_at"], Value::Null);
 }

@@ -13,54 +13,14 @@ use crate::Result;
 #[async_trait]
 impl ScheduleCatalog for SqliteCatalog {
     async fn auto_backup_servers(&self) -> Result<Vec<AutoBackupServer>> {
-        // The latest slot comes from the (server_id, scheduled_for) unique
-        // index, one probe per server.
-        let rows = sqlx::query(
-            "SELECT s.id, s.name, s.auto_backup_enabled, \
-               COALESCE(s.window_start_minute, p.window_start_minute) AS window_start, \
-               p.window_minutes, p.retention_days, \
-               b.id AS b_id, b.scheduled_for, b.status, b.created_at AS b_created, b.completed_at, \
-               (SELECT COUNT(*) FROM jobs j WHERE j.backup_id = b.id AND j.kind = 'backup') AS attempts, \
-               abs.last_slot \
-             FROM servers s JOIN plans p ON p.id = s.plan_id \
-             LEFT JOIN auto_backup_slots abs ON abs.server_id = s.id \
-             LEFT JOIN backups b ON b.id = (SELECT b2.id FROM backups b2 \
-                 WHERE b2.server_id = s.id AND b2.scheduled_for IS NOT NULL \
-                 ORDER BY b2.scheduled_for DESC LIMIT 1) \
-             ORDER BY s.id",
-        )
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let latest = match r.try_get::<Option<i64>, _>("b_id")? {
-                    None => None,
-                    Some(id) => {
-                        let status: String = r.try_get("status")?;
-                        Some(AutoBackupSlot {
-                            backup_id: BackupId(id),
-                            scheduled_for: ts(r.try_get("scheduled_for")?),
-                            status: WorkStatus::parse(&status).unwrap_or(WorkStatus::Failed),
-                            created_at: ts(r.try_get("b_created")?),
-                            completed_at: opt_ts(r.try_get("completed_at")?),
-                            attempts: r.try_get::<i64, _>("attempts")? as u32,
-                        })
-                    }
-                };
-                let recorded = opt_ts(r.try_get("last_slot")?);
-                let last_slot = recorded.max(latest.as_ref().map(|l| l.scheduled_for));
-                Ok(AutoBackupServer {
-                    server_id: ServerId(r.try_get("id")?),
-                    server_name: r.try_get("name")?,
-                    auto_backup_enabled: r.try_get::<i64, _>("auto_backup_enabled")? != 0,
-                    window_start_minute: r.try_get::<i64, _>("window_start")? as u32,
-                    window_minutes: r.try_get::<i64, _>("window_minutes")? as u32,
-                    retention_days: r.try_get::<i64, _>("retention_days")? as u32,
-                    latest,
-                    last_slot,
-                })
-            })
-            .collect()
+        self.fetch_auto_backup_servers(None).await
+    }
+
+    async fn auto_backup_servers_in(&self, ids: &[ServerId]) -> Result<Vec<AutoBackupServer>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.fetch_auto_backup_servers(Some(ids)).await
     }
 
     async fn record_slot(&self, server: ServerId, day: OffsetDateTime) -> Result<()> {
@@ -203,5 +163,70 @@ impl ScheduleCatalog for SqliteCatalog {
         .execute(&self.write)
         .await?;
         Ok(())
+    }
+}
+
+impl SqliteCatalog {
+    /// Servers with their window and latest automatic backup; all of them,
+    /// or those in `only`.
+    async fn fetch_auto_backup_servers(
+        &self,
+        only: Option<&[ServerId]>,
+    ) -> Result<Vec<AutoBackupServer>> {
+        // The latest slot comes from the (server_id, scheduled_for) unique
+        // index, one probe per server.
+        let filter = match only {
+            None => String::new(),
+            Some(ids) => format!("WHERE s.id IN ({})", vec!["?"; ids.len()].join(", ")),
+        };
+        let sql = format!(
+            "SELECT s.id, s.name, s.auto_backup_enabled, \
+               COALESCE(s.window_start_minute, p.window_start_minute) AS window_start, \
+               p.window_minutes, p.retention_days, \
+               b.id AS b_id, b.scheduled_for, b.status, b.created_at AS b_created, b.completed_at, \
+               (SELECT COUNT(*) FROM jobs j WHERE j.backup_id = b.id AND j.kind = 'backup') AS attempts, \
+               abs.last_slot \
+             FROM servers s JOIN plans p ON p.id = s.plan_id \
+             LEFT JOIN auto_backup_slots abs ON abs.server_id = s.id \
+             LEFT JOIN backups b ON b.id = (SELECT b2.id FROM backups b2 \
+                 WHERE b2.server_id = s.id AND b2.scheduled_for IS NOT NULL \
+                 ORDER BY b2.scheduled_for DESC LIMIT 1) \
+             {filter} ORDER BY s.id",
+        );
+        let mut query = sqlx::query(&sql);
+        for id in only.unwrap_or_default() {
+            query = query.bind(id.0);
+        }
+        let rows = query.fetch_all(&self.read).await?;
+        rows.iter()
+            .map(|r| {
+                let latest = match r.try_get::<Option<i64>, _>("b_id")? {
+                    None => None,
+                    Some(id) => {
+                        let status: String = r.try_get("status")?;
+                        Some(AutoBackupSlot {
+                            backup_id: BackupId(id),
+                            scheduled_for: ts(r.try_get("scheduled_for")?),
+                            status: WorkStatus::parse(&status).unwrap_or(WorkStatus::Failed),
+                            created_at: ts(r.try_get("b_created")?),
+                            completed_at: opt_ts(r.try_get("completed_at")?),
+                            attempts: r.try_get::<i64, _>("attempts")? as u32,
+                        })
+                    }
+                };
+                let recorded = opt_ts(r.try_get("last_slot")?);
+                let last_slot = recorded.max(latest.as_ref().map(|l| l.scheduled_for));
+                Ok(AutoBackupServer {
+                    server_id: ServerId(r.try_get("id")?),
+                    server_name: r.try_get("name")?,
+                    auto_backup_enabled: r.try_get::<i64, _>("auto_backup_enabled")? != 0,
+                    window_start_minute: r.try_get::<i64, _>("window_start")? as u32,
+                    window_minutes: r.try_get::<i64, _>("window_minutes")? as u32,
+                    retention_days: r.try_get::<i64, _>("retention_days")? as u32,
+                    latest,
+                    last_slot,
+                })
+            })
+            .collect()
     }
 }

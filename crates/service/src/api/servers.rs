@@ -8,7 +8,9 @@ use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use vpsbackup_catalog::{BackupId, CatalogError, NewRestore, ServerId};
+use std::collections::HashMap;
+use time::OffsetDateTime;
+use vpsbackup_catalog::{BackupId, CatalogError, NewRestore, Server, ServerId};
 
 use super::backups::{start_manual_backup, CreateBackup};
 use super::views::{BackupView, Page, RestoreView, ServerView};
@@ -16,6 +18,7 @@ use super::{invalid_page, page_links, page_request};
 use crate::auth::Caller;
 use crate::error::{ApiError, FieldErrors};
 use crate::extract::{path_id, required_int, JsonObject, QueryPairs};
+use crate::scheduler::window::next_backup;
 use crate::AppState;
 
 /// The text a restore answers with.
@@ -67,11 +70,12 @@ pub async fn list(
         return Err(invalid_page());
     }
     let (next, previous) = page_links(&headers, uri.path(), &query, page, listed.count);
+    let results = views_with_next_backup(&state, &listed.items).await?;
     Ok(Json(Page {
         count: listed.count,
         next,
         previous,
-        results: listed.items.iter().map(ServerView::from).collect(),
+        results,
     }))
 }
 
@@ -95,7 +99,32 @@ pub async fn detail(
         .server(id, caller.scope())
         .await?
         .ok_or_else(|| ApiError::NotFound("Server not found.".into()))?;
-    Ok(Json(ServerView::from(&server)))
+    let mut views = views_with_next_backup(&state, std::slice::from_ref(&server)).await?;
+    Ok(Json(views.remove(0)))
+}
+
+/// The views of `servers`, each with its next automatic backup as the
+/// scheduler plans it (one catalog query for the lot).
+async fn views_with_next_backup(
+    state: &AppState,
+    servers: &[Server],
+) -> Result<Vec<ServerView>, ApiError> {
+    let ids: Vec<ServerId> = servers.iter().map(|s| s.id).collect();
+    let now = state.clock.now();
+    let planned: HashMap<ServerId, OffsetDateTime> = state
+        .schedule
+        .auto_backup_servers_in(&ids)
+        .await?
+        .iter()
+        .filter_map(|a| {
+            let next = next_backup(a, now, &state.settings.schedule)?;
+            Some((a.server_id, next))
+        })
+        .collect();
+    Ok(servers
+        .iter()
+        .map(|s| ServerView::new(s, planned.get(&s.id).copied()))
+        .collect())
 }
 
 /// Start a manual backup of this server (same as POST /backups/).

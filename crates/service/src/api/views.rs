@@ -2,6 +2,7 @@
 //! and types follow the seed document; added fields never replace seed ones.
 
 use serde::Serialize;
+use time::OffsetDateTime;
 use utoipa::ToSchema;
 use vpsbackup_catalog::{Backup, Plan, Restore, Server, MANUAL_BACKUP_LIMIT};
 
@@ -154,11 +155,19 @@ pub struct ServerView {
     pub manual_backups_left: u32,
     pub auto_backup_enabled: bool,
     pub backup_window: BackupWindow,
+    /// When the next automatic backup is planned to start (UTC); null when
+    /// automatic backups are off for this server or for the whole service.
+    /// A backup that is due now, or a retry of today's failed one, shows the
+    /// time it is planned for.
+    #[schema(example = "2025-01-17T03:12:00Z")]
+    pub next_backup_at: Option<String>,
     pub disk_count: usize,
 }
 
-impl From<&Server> for ServerView {
-    fn from(s: &Server) -> Self {
+impl ServerView {
+    /// The view of `s`, with its next automatic backup as the scheduler
+    /// plans it.
+    pub fn new(s: &Server, next_backup: Option<OffsetDateTime>) -> Self {
         let start = s.window_start_minute.unwrap_or(s.plan.window_start_minute);
         ServerView {
             id: s.id.0,
@@ -176,6 +185,7 @@ impl From<&Server> for ServerView {
                 start: format!("{:02}:{:02}", start / 60, start % 60),
                 duration_minutes: s.plan.window_minutes,
             },
+            next_backup_at: next_backup.map(rfc3339),
             disk_count: s.disks.len(),
         }
     }
