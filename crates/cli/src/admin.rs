@@ -439,16 +439,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             hostname,
             hooks,
         } => {
-            if !(disk_formats.is_empty()
-                || disk_formats.len() == 1
-                || disk_formats.len() == disks.len())
-            {
-                bail!(
-                    "give --disk-format once for every disk or once per --disk ({} disk(s), {} format(s))",
-                    disks.len(),
-                    disk_formats.len()
-                );
-            }
+            check_disk_format_count(disks.len(), disk_formats.len())?;
             let acc = cat
                 .account_by_name(&account)
                 .await?
@@ -653,6 +644,16 @@ pub async fn bench_seed(global: Global, args: BenchSeedArgs) -> anyhow::Result<(
     let n = cat.execute_raw(&sql).await?;
     println!("Inserted {n} completed backups for server {}.", server.id);
     cat.close().await;
+    Ok(())
+}
+
+/// `--disk-format` is given not at all, once for every disk, or once per `--disk`.
+pub(crate) fn check_disk_format_count(disks: usize, formats: usize) -> anyhow::Result<()> {
+    if !(formats == 0 || formats == 1 || formats == disks) {
+        bail!(
+            "give --disk-format once for every disk or once per --disk ({disks} disk(s), {formats} format(s))"
+        );
+    }
     Ok(())
 }
 

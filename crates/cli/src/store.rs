@@ -40,6 +40,10 @@ pub enum StoreCommand {
         /// A disk image or block device; repeat for each disk, in order.
         #[arg(long = "disk", required = true)]
         disks: Vec<PathBuf>,
+        /// Open the disks as this format instead of detecting it from their
+        /// first bytes (which a guest controls): once for all, or per --disk.
+        #[arg(long = "disk-format", value_parser = ["raw", "qcow2", "block"])]
+        disk_formats: Vec<String>,
         /// Read at most this many bytes per second.
         #[arg(long)]
         read_limit: Option<u64>,
@@ -192,16 +196,31 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
             server_id,
             server_name,
             disks,
+            disk_formats,
             read_limit,
             json,
         } => {
+            crate::admin::check_disk_format_count(disks.len(), disk_formats.len())?;
+            let disks = disks
+                .into_iter()
+                .enumerate()
+                .map(|(i, path)| {
+                    // Without --disk-format the operator vouches for the images.
+                    match disk_formats.get(i).or(disk_formats.first()) {
+                        Some(f) => Ok(DiskImage::pinned(
+                            path,
+                            f.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+                        )),
+                        None => Ok(DiskImage::detect(path)),
+                    }
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let repo = open(&dir)?;
             let req = BackupRequest {
                 backup_id: id,
                 server_id,
                 server_name,
-                // A bare store backs up images its operator names: trusted, so detected.
-                disks: disks.into_iter().map(DiskImage::detect).collect(),
+                disks,
                 read_limit,
             };
             let start = Instant::now();

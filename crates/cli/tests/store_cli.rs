@@ -384,3 +384,68 @@ fn restore_whose_writes_fail_exits_with_the_error() {
         "the error says why: {stderr}"
     );
 }
+
+#[test]
+fn disk_format_pins_how_an_image_is_opened() {
+    let t = TempDir::new("fmt");
+    let store = t.0.join("store");
+    let img = t.0.join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("32M"));
+    let backup = |id: &str, format: Option<&str>| {
+        let mut args = vec![
+            "store",
+            "backup",
+            s(&store),
+            "--id",
+            id,
+            "--server-id",
+            "srv",
+            "--disk",
+            s(&img),
+            "--json",
+        ];
+        if let Some(f) = format {
+            args.extend(["--disk-format", f]);
+        }
+        ok_json(&args);
+        ok_json(&["store", "show", s(&store), id, "--json"])["disks"][0].clone()
+    };
+    // Detected: the guest view of the qcow2 image.
+    let d = backup("detected", None);
+    assert_eq!(
+        (d["format"].as_str(), d["size"].as_u64()),
+        (Some("qcow2"), Some(32 << 20))
+    );
+    // Pinned raw: the file's own bytes, header and all, never interpreted.
+    let d = backup("pinned", Some("raw"));
+    let file_len = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(
+        (d["format"].as_str(), d["size"].as_u64()),
+        (Some("raw"), Some(file_len))
+    );
+
+    let out = vpsbackup(&[
+        "store",
+        "backup",
+        s(&store),
+        "--id",
+        "x",
+        "--server-id",
+        "srv",
+        "--disk",
+        s(&img),
+        "--disk",
+        s(&img),
+        "--disk-format",
+        "raw",
+        "--disk-format",
+        "raw",
+        "--disk-format",
+        "raw",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--disk-format"));
+}
