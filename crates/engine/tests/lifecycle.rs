@@ -9,17 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vpsbackup_engine::{BackupRequest, DiskImage, EngineError, JobControl, Repository};
 
-fn pack_files(store: &Path) -> Vec<std::path::PathBuf> {
-    let mut v = Vec::new();
-    for d in std::fs::read_dir(store.join("packs")).unwrap() {
-        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
-            v.push(f.unwrap().path());
-        }
-    }
-    v.sort();
-    v
-}
-
 #[test]
 fn corrupt_pack_is_found_by_verify_and_fails_restore() {
     let t = tempfile::tempdir().unwrap();

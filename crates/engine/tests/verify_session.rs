@@ -6,19 +6,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
 use vpsbackup_engine::{BackupVerification, EngineError, JobControl};
-
-fn pack_files(store: &Path) -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    for d in std::fs::read_dir(store.join("packs")).unwrap() {
-        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
-            v.push(f.unwrap().path());
-        }
-    }
-    v.sort();
-    v
-}
 
 fn verify(s: &mut vpsbackup_engine::VerifySession, id: &str) -> BackupVerification {
     let job = JobControl::new();

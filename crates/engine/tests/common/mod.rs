@@ -134,3 +134,15 @@ pub fn scatter_writes(img: &Path, count: u32, seed: u64) {
         f.write_all_at(&data, off).unwrap();
     }
 }
+
+/// Every pack file of a local store, sorted.
+pub fn pack_files(store: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for d in std::fs::read_dir(store.join("packs")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            v.push(f.unwrap().path());
+        }
+    }
+    v.sort();
+    v
+}
