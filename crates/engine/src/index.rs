@@ -127,6 +127,17 @@ impl ChunkIndex {
             .any(|s| !self.condemned.contains(&s.pack))
     }
 
+    /// The first of [`Self::locations`], without allocating: restores and
+    /// verifies ask this once per chunk.
+    pub fn preferred(&self, id: &ChunkId) -> Option<Location> {
+        let slots = self.range(id);
+        slots
+            .iter()
+            .find(|s| !self.condemned.contains(&s.pack))
+            .or(slots.first())
+            .map(|s| self.location(s))
+    }
+
     /// Every known location of `id`, packs not condemned first.
     pub fn locations(&self, id: &ChunkId) -> Vec<Location> {
         let mut v: Vec<&Slot> = self.range(id).iter().collect();

@@ -446,7 +446,7 @@ impl DiskRestore<'_> {
     ) -> Option<Vec<Location>> {
         let mut locs: Vec<Location> = Vec::new();
         for &i in needed {
-            let Some(loc) = self.index.locations(&ids[i]).into_iter().next() else {
+            let Some(loc) = self.index.preferred(&ids[i]) else {
                 break;
             };
             if let Some(last) = locs.last() {

@@ -285,7 +285,7 @@ impl VerifySession {
         let mut todo: Vec<Location> = Vec::new();
         let mut verdicts: Vec<(ChunkId, Option<ChunkFault>)> = Vec::new();
         for id in ids {
-            match self.index.locations(id).into_iter().next() {
+            match self.index.preferred(id) {
                 Some(loc) => todo.push(loc),
                 None => verdicts.push((*id, Some(ChunkFault::Missing))),
             }
