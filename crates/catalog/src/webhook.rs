@@ -29,6 +29,8 @@ impl fmt::Debug for Webhook {
 pub enum WebhookEventKind {
     BackupCompleted,
     BackupFailed,
+    /// A scheduled verification found a completed backup's data damaged.
+    BackupDamaged,
     RestoreCompleted,
     RestoreFailed,
 }
@@ -38,6 +40,7 @@ impl WebhookEventKind {
         match self {
             WebhookEventKind::BackupCompleted => "backup.completed",
             WebhookEventKind::BackupFailed => "backup.failed",
+            WebhookEventKind::BackupDamaged => "backup.damaged",
             WebhookEventKind::RestoreCompleted => "restore.completed",
             WebhookEventKind::RestoreFailed => "restore.failed",
         }
@@ -47,6 +50,7 @@ impl WebhookEventKind {
         Some(match s {
             "backup.completed" => WebhookEventKind::BackupCompleted,
             "backup.failed" => WebhookEventKind::BackupFailed,
+            "backup.damaged" => WebhookEventKind::BackupDamaged,
             "restore.completed" => WebhookEventKind::RestoreCompleted,
             "restore.failed" => WebhookEventKind::RestoreFailed,
             _ => return None,

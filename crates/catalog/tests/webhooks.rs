@@ -243,3 +243,44 @@ async fn no_event_for_a_cancelled_job_and_one_for_a_job_failed_by_recovery() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_backup_first_found_damaged_writes_one_event() {
+    let (_d, cat) = fresh().await;
+    account_with_server(&cat, "a", 1).await;
+    cat.set_account_webhook("a", hook("https://a.example/h"))
+        .await
+        .unwrap();
+    let (b, _) = run_backup(&cat, 1, completed()).await;
+    let delivered = cat.due_webhook_events(now(), 10).await.unwrap();
+    cat.record_webhook_attempt(&delivered[0].id, WebhookAttempt::Delivered, now())
+        .await
+        .unwrap();
+
+    let later = now() + Duration::days(1);
+    assert!(cat.record_verification(b.id, later, None).await.unwrap());
+    assert!(cat.due_webhook_events(later, 10).await.unwrap().is_empty());
+    for pass in 0..2 {
+        let at = later + Duration::days(pass);
+        assert!(cat
+            .record_verification(b.id, at, Some("3 corrupt chunks"))
+            .await
+            .unwrap());
+    }
+    let due = cat
+        .due_webhook_events(later + Duration::days(2), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].kind, WebhookEventKind::BackupDamaged);
+    assert_eq!(due[0].kind.as_str(), "backup.damaged");
+    assert_eq!(due[0].subject, WebhookSubject::Backup(b.id));
+    cat.record_webhook_attempt(&due[0].id, WebhookAttempt::Delivered, later)
+        .await
+        .unwrap();
+    assert_eq!(cat.next_webhook_due().await.unwrap(), None, "only once");
+    assert!(!cat
+        .record_verification(BackupId(999), later, Some("x"))
+        .await
+        .unwrap());
+}

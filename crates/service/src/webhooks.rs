@@ -1,9 +1,9 @@
 //! Webhook delivery: a background task that POSTs the catalog's outbox of
-//! events (`backup.completed`, `backup.failed`, `restore.completed`,
-//! `restore.failed`) to each account's endpoint.
+//! events (`backup.completed`, `backup.failed`, `backup.damaged`,
+//! `restore.completed`, `restore.failed`) to each account's endpoint.
 //!
 //! The events are written by the catalog in the transaction that records a
-//! job's outcome, so a crash can neither lose one nor invent one for a job
+//! job's outcome (or first marks a backup damaged), so a crash can neither lose one nor invent one for a job
 //! that did not finish. This task only drains them: at least once (a
 //! receiver dedups on `Webhook-Id`), one event at a time per account in the
 //! order they were written, with doubling backoff between attempts, until
@@ -192,15 +192,21 @@ impl WebhookSender {
             let settings = self.settings.clone();
             set.spawn(async move { deliver(&*catalog, &*clock, &client, &settings, event).await });
         }
+        // Every attempt is awaited (dropping the set would abort those in
+        // flight); the first catalog error is reported after.
         let mut progressed = false;
+        let mut failure = None;
         while let Some(r) = set.join_next().await {
             match r {
                 Ok(Ok(delivered)) => progressed |= delivered,
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => failure = failure.or(Some(e)),
                 Err(e) => tracing::warn!(error = %e, "webhook delivery task failed"),
             }
         }
-        Ok(progressed)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(progressed),
+        }
     }
 
     async fn idle_time(&self) -> Duration {

@@ -5,7 +5,8 @@ ALTER TABLE accounts ADD COLUMN webhook_url TEXT;
 ALTER TABLE accounts ADD COLUMN webhook_secret TEXT;
 
 -- The outbox. A row is written in the transaction that records a job's
--- outcome (finish_job, recover_stale_jobs), only for accounts with a
+-- outcome (finish_job, recover_stale_jobs) or first marks a backup damaged
+-- (record_verification), only for accounts with a
 -- webhook, so an event exists iff the outcome does. `seq` is the creation
 -- order: an account's events go out one at a time, oldest first. `payload`
 -- is the body, frozen at the first attempt so retries send the same bytes.
