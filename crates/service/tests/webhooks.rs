@@ -294,3 +294,32 @@ async fn outbox_rows(app: &TestApp) -> u64 {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_pending_event_survives_a_restart_and_is_sent_after_it() {
+    let app = TestApp::start_with(fast_retries).await;
+    let (acc, token) = app.account("acme").await;
+    app.server(12345, acc, Hooks::default()).await;
+    // Down for now: every attempt fails.
+    let (receiver, url) = Receiver::start(u32::MAX).await;
+    set_webhook(&app, "acme", &url, "k").await;
+    let done = backup(&app, &token, 12345).await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    let (dir, settings) = app.stop().await;
+
+    // The receiver is back; so is the service, on the same data dir.
+    receiver.fail_first.store(0, Ordering::SeqCst);
+    let app = TestApp::start_in(dir, settings).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let delivered = loop {
+        if let Some(r) = receiver.all().into_iter().find(|r| r.answered == 204) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{:?}", receiver.all());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_signed(&delivered, "k");
+    assert_eq!(delivered.id, receiver.all()[0].id, "the same event");
+    assert_eq!(delivered.json()["data"], done);
+    app.stop().await;
+}
