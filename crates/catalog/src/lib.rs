@@ -1,5 +1,5 @@
 //! The catalog: accounts, API tokens, plans, servers, backups, restores and
-//! the persistent job queue.
+//! the persistent job queue, and the outbox of webhook events.
 //!
 //! [`Catalog`] is the one interface the service and the command line use; it
 //! is object safe (`Arc<dyn Catalog>`) so a PostgreSQL implementation can sit
@@ -18,12 +18,14 @@ mod idempotency;
 mod model;
 mod schedule;
 mod sqlite;
+mod webhook;
 
 pub use error::CatalogError;
 pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
 pub use model::*;
 pub use schedule::*;
 pub use sqlite::SqliteCatalog;
+pub use webhook::*;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -40,6 +42,9 @@ pub trait Catalog: Send + Sync {
     async fn account(&self, id: AccountId) -> Result<Option<Account>>;
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>>;
     async fn list_accounts(&self) -> Result<Vec<Account>>;
+    /// Sets (or, with `None`, removes) an account's webhook. Removing it
+    /// drops the account's pending events: there is nowhere to send them.
+    async fn set_account_webhook(&self, name: &str, webhook: Option<Webhook>) -> Result<Account>;
 
     // ---- tokens ----
     async fn create_token(&self, token: NewToken, now: OffsetDateTime) -> Result<ApiToken>;
@@ -122,7 +127,8 @@ pub trait Catalog: Send + Sync {
     /// Gives a running job back to the queue without counting the attempt
     /// (graceful shutdown); its backup or restore restarts from scratch.
     async fn release_job(&self, job: JobId, worker: &str, now: OffsetDateTime) -> Result<bool>;
-    /// Ends a job and its backup or restore row with the outcome.
+    /// Ends a job and its backup or restore row with the outcome; when the
+    /// account has a webhook, its event is written in the same transaction.
     /// `Ok(false)` when the job was cancelled or taken over meanwhile (its
     /// backup row may be gone): the caller must clean up what it produced.
     async fn finish_job(
@@ -134,7 +140,8 @@ pub trait Catalog: Send + Sync {
     ) -> Result<bool>;
     /// Puts running jobs whose heartbeat is older than `stale_before` back in
     /// the queue (attempt counted) or fails them once their attempts are used
-    /// up, with a reason on the backup or restore. Returns what it did.
+    /// up, with a reason on the backup or restore (and its `*.failed` event,
+    /// as `finish_job`). Returns what it did.
     async fn recover_stale_jobs(
         &self,
         stale_before: OffsetDateTime,
@@ -162,4 +169,26 @@ pub trait Catalog: Send + Sync {
     ) -> Result<()>;
     /// Frees a claimed key whose request is not to be remembered (it failed).
     async fn release_idempotency_key(&self, owner: TokenOwner, key: &str) -> Result<()>;
+
+    // ---- webhook outbox ----
+    /// Each account's oldest pending event, when it is due at `now`, oldest
+    /// first, at most `limit`. An account's later events wait for it.
+    async fn due_webhook_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
+    /// When the next of those falls due (`None`: nothing pending).
+    async fn next_webhook_due(&self) -> Result<Option<OffsetDateTime>>;
+    /// Freezes an event's body (first attempt only; a body already set is kept).
+    async fn set_webhook_payload(&self, id: &str, payload: &str) -> Result<()>;
+    /// Records one delivery attempt of a pending event.
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        attempt: WebhookAttempt,
+        now: OffsetDateTime,
+    ) -> Result<()>;
+    /// Deletes delivered and failed events finished before `before`.
+    async fn purge_webhook_events(&self, before: OffsetDateTime) -> Result<u64>;
 }

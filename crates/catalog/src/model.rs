@@ -73,6 +73,8 @@ pub struct Account {
     pub id: AccountId,
     pub name: String,
     pub created_at: OffsetDateTime,
+    /// Where its events are POSTed (the secret is read only for delivery).
+    pub webhook_url: Option<String>,
 }
 
 /// Whom a token acts for.

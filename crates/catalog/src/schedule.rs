@@ -97,7 +97,9 @@ pub trait ScheduleCatalog: Send + Sync {
         limit: u32,
     ) -> Result<Vec<Backup>>;
 
-    /// Records a verification of one backup. `error` set means damaged.
+    /// Records a verification of one backup. `error` set means damaged;
+    /// the first time a backup is found damaged, its `backup.damaged`
+    /// webhook event is written in the same transaction.
     /// `Ok(false)` when the backup no longer exists.
     async fn record_verification(
         &self,

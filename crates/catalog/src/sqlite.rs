@@ -21,6 +21,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
 use crate::model::*;
+use crate::webhook::*;
 use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse};
 
 // Idempotency keys of create requests.
@@ -29,6 +30,8 @@ mod idempotency;
 mod reader;
 // The scheduler's queries (issue 4), in their own file.
 mod schedule;
+// The webhook outbox.
+mod webhooks;
 
 /// The catalog in one SQLite file.
 #[derive(Clone, Debug)]
@@ -249,6 +252,7 @@ fn account_from_row(r: &SqliteRow) -> Result<Account> {
         id: AccountId(r.try_get("id")?),
         name: r.try_get("name")?,
         created_at: ts(r.try_get("created_at")?),
+        webhook_url: r.try_get("webhook_url")?,
     })
 }
 
@@ -404,7 +408,7 @@ impl SqliteCatalog {
 impl Catalog for SqliteCatalog {
     async fn create_account(&self, name: &str, now: OffsetDateTime) -> Result<Account> {
         let row = sqlx::query(
-            "INSERT INTO accounts (name, created_at) VALUES (?, ?) RETURNING id, name, created_at",
+            "INSERT INTO accounts (name, created_at) VALUES (?, ?) RETURNING id, name, created_at, webhook_url",
         )
         .bind(name)
         .bind(secs(now))
@@ -415,7 +419,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>> {
-        sqlx::query("SELECT id, name, created_at FROM accounts WHERE id = ?")
+        sqlx::query("SELECT id, name, created_at, webhook_url FROM accounts WHERE id = ?")
             .bind(id.0)
             .fetch_optional(&self.read)
             .await?
@@ -424,7 +428,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
-        sqlx::query("SELECT id, name, created_at FROM accounts WHERE name = ?")
+        sqlx::query("SELECT id, name, created_at, webhook_url FROM accounts WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.read)
             .await?
@@ -433,12 +437,16 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn list_accounts(&self) -> Result<Vec<Account>> {
-        sqlx::query("SELECT id, name, created_at FROM accounts ORDER BY id")
+        sqlx::query("SELECT id, name, created_at, webhook_url FROM accounts ORDER BY id")
             .fetch_all(&self.read)
             .await?
             .iter()
             .map(account_from_row)
             .collect()
+    }
+
+    async fn set_account_webhook(&self, name: &str, webhook: Option<Webhook>) -> Result<Account> {
+        self.set_webhook(name, webhook).await
     }
 
     async fn create_token(&self, token: NewToken, now: OffsetDateTime) -> Result<ApiToken> {
@@ -1171,6 +1179,28 @@ impl Catalog for SqliteCatalog {
             .await?
             .rows_affected(),
         };
+        if changed > 0 {
+            let failed = matches!(outcome, JobOutcome::Failed { .. });
+            let (event, subject) = match (kind.as_str(), restore_id) {
+                ("restore", Some(r)) => (
+                    if failed {
+                        WebhookEventKind::RestoreFailed
+                    } else {
+                        WebhookEventKind::RestoreCompleted
+                    },
+                    WebhookSubject::Restore(RestoreId(r)),
+                ),
+                _ => (
+                    if failed {
+                        WebhookEventKind::BackupFailed
+                    } else {
+                        WebhookEventKind::BackupCompleted
+                    },
+                    WebhookSubject::Backup(BackupId(backup_id.unwrap_or(0))),
+                ),
+            };
+            Self::enqueue_event(&mut tx, event, subject, now).await?;
+        }
         tx.commit().await?;
         Ok(changed > 0)
     }
@@ -1239,7 +1269,7 @@ impl Catalog for SqliteCatalog {
                     JobKind::Restore => ("restores", job.restore_id.map(|r| r.0)),
                     JobKind::Backup => ("backups", Some(job.backup_id.0)),
                 };
-                sqlx::query(&format!(
+                let failed = sqlx::query(&format!(
                     "UPDATE {table} SET status = 'failed', error = ?, completed_at = ? \
                      WHERE id = ? AND status = 'in_progress'"
                 ))
@@ -1247,7 +1277,21 @@ impl Catalog for SqliteCatalog {
                 .bind(secs(now))
                 .bind(target)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+                let subject = match (job.kind, job.restore_id) {
+                    (JobKind::Restore, Some(r)) => {
+                        Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
+                    }
+                    (JobKind::Backup, _) => Some((
+                        WebhookEventKind::BackupFailed,
+                        WebhookSubject::Backup(job.backup_id),
+                    )),
+                    _ => None,
+                };
+                if let (1.., Some((event, subject))) = (failed, subject) {
+                    Self::enqueue_event(&mut tx, event, subject, now).await?;
+                }
             }
             out.push(RecoveredJob {
                 job: job.id,
@@ -1289,5 +1333,34 @@ impl Catalog for SqliteCatalog {
 
     async fn release_idempotency_key(&self, owner: TokenOwner, key: &str) -> Result<()> {
         self.release_key(owner, key).await
+    }
+
+    async fn due_webhook_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        self.due_events(now, limit).await
+    }
+
+    async fn next_webhook_due(&self) -> Result<Option<OffsetDateTime>> {
+        self.next_due().await
+    }
+
+    async fn set_webhook_payload(&self, id: &str, payload: &str) -> Result<()> {
+        self.set_payload(id, payload).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        attempt: WebhookAttempt,
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        self.record_attempt(id, attempt, now).await
+    }
+
+    async fn purge_webhook_events(&self, before: OffsetDateTime) -> Result<u64> {
+        self.purge_events(before).await
     }
 }

@@ -75,8 +75,22 @@ fn hhmm(minute: u32) -> String {
 pub enum AccountCommand {
     /// Create a customer account.
     Create { name: String },
-    /// List accounts.
+    /// List accounts (with their webhook URLs).
     List,
+    /// Set or remove an account's webhook: backup and restore outcomes are
+    /// POSTed to it, signed with the secret (HMAC-SHA256).
+    Set {
+        name: String,
+        /// The http(s) URL events are POSTed to.
+        #[arg(long, conflicts_with = "no_webhook")]
+        webhook_url: Option<String>,
+        /// The signing secret; generated and printed once when not given.
+        #[arg(long, requires = "webhook_url")]
+        webhook_secret: Option<String>,
+        /// Remove the webhook (pending events are dropped).
+        #[arg(long)]
+        no_webhook: bool,
+    },
 }
 
 pub async fn account(global: Global, cmd: AccountCommand) -> anyhow::Result<()> {
@@ -90,11 +104,54 @@ pub async fn account(global: Global, cmd: AccountCommand) -> anyhow::Result<()> 
             println!("Created account {:?} (id {}).", a.name, a.id);
         }
         AccountCommand::List => {
-            println!("{:>5}  {:<30}  created", "id", "name");
+            println!("{:>5}  {:<30}  {:<20}  webhook", "id", "name", "created");
             for a in cat.list_accounts().await? {
-                println!("{:>5}  {:<30}  {}", a.id, a.name, rfc3339(a.created_at));
+                println!(
+                    "{:>5}  {:<30}  {:<20}  {}",
+                    a.id,
+                    a.name,
+                    rfc3339(a.created_at),
+                    a.webhook_url.as_deref().unwrap_or("-")
+                );
             }
         }
+        AccountCommand::Set {
+            name,
+            webhook_url,
+            webhook_secret,
+            no_webhook,
+        } => match (webhook_url, no_webhook) {
+            (Some(url), _) => {
+                let url = vpsbackup_service::webhooks::parse_webhook_url(&url)
+                    .map_err(|e| anyhow!("--webhook-url {url:?}: {e}"))?;
+                let generated = webhook_secret.is_none();
+                let secret = match webhook_secret {
+                    Some(s) if s.trim().is_empty() => bail!("--webhook-secret cannot be empty"),
+                    Some(s) => s,
+                    None => vpsbackup_service::webhooks::generate_secret()
+                        .map_err(|e| anyhow!("cannot generate a secret: {e}"))?,
+                };
+                let webhook = vpsbackup_catalog::Webhook {
+                    url,
+                    secret: secret.clone(),
+                };
+                let a = cat.set_account_webhook(&name, Some(webhook)).await?;
+                println!(
+                    "Account {:?} sends its events to {}.",
+                    a.name,
+                    a.webhook_url.as_deref().unwrap_or_default()
+                );
+                if generated {
+                    println!("Signing secret (shown once; give it to the customer):");
+                    println!("{secret}");
+                }
+            }
+            (None, true) => {
+                let a = cat.set_account_webhook(&name, None).await?;
+                println!("Account {:?} has no webhook now.", a.name);
+            }
+            (None, false) => bail!("give --webhook-url URL or --no-webhook"),
+        },
     }
     cat.close().await;
     Ok(())

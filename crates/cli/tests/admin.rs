@@ -490,3 +490,86 @@ fn server_add_records_each_disks_format() {
         "not block",
     );
 }
+
+#[test]
+fn account_set_webhook_sets_generates_and_clears_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    ok(&dir, &["account", "create", "acme"]);
+
+    // A given secret is not echoed.
+    let out = ok(
+        &dir,
+        &[
+            "account",
+            "set",
+            "acme",
+            "--webhook-url",
+            "https://hooks.example.com/vps",
+            "--webhook-secret",
+            "given-secret",
+        ],
+    );
+    assert!(out.contains("https://hooks.example.com/vps"), "{out}");
+    assert!(!out.contains("given-secret"), "{out}");
+    let list = ok(&dir, &["account", "list"]);
+    assert!(list.contains("https://hooks.example.com/vps"), "{list}");
+
+    // Without one, a secret is generated and printed once, as the last line.
+    let out = ok(
+        &dir,
+        &[
+            "account",
+            "set",
+            "acme",
+            "--webhook-url",
+            "http://127.0.0.1:9000/hook",
+        ],
+    );
+    let secret = last_line(&out);
+    assert!(
+        secret.starts_with("whsec_") && secret.len() == 6 + 64,
+        "{out}"
+    );
+    assert!(ok(&dir, &["account", "list"]).contains("http://127.0.0.1:9000/hook"));
+
+    ok(&dir, &["account", "set", "acme", "--no-webhook"]);
+    let list = ok(&dir, &["account", "list"]);
+    assert!(!list.contains("http://"), "{list}");
+
+    fails(
+        &dir,
+        &[
+            "account",
+            "set",
+            "acme",
+            "--webhook-url",
+            "ftp://x.example/",
+        ],
+        "http",
+    );
+    fails(
+        &dir,
+        &[
+            "account",
+            "set",
+            "nobody",
+            "--webhook-url",
+            "https://x.example/",
+        ],
+        "not found",
+    );
+    fails(&dir, &["account", "set", "acme"], "--webhook-url");
+    fails(
+        &dir,
+        &[
+            "account",
+            "set",
+            "acme",
+            "--webhook-url",
+            "https://x.example/",
+            "--no-webhook",
+        ],
+        "cannot be used with",
+    );
+}

@@ -1,5 +1,5 @@
 //! The HTTP service: the VPS.org Backups API over the catalog, token auth,
-//! and the job runner that drives the engine.
+//! the job runner that drives the engine, and webhook delivery.
 //!
 //! Entry point: [`run`] (or [`run_with_clock`]) with settings, a bound
 //! listener and a shutdown future, so tests bind port 0 and stop it at will.
@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod runner;
 pub mod scheduler;
 pub mod settings;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -140,7 +141,20 @@ pub async fn run_with_clock(
             Some(jobs.clone()),
         ))
     });
-    let scheduler_task = scheduler.as_ref().map(|s| s.spawn(stop_rx));
+    let scheduler_task = scheduler.as_ref().map(|s| s.spawn(stop_rx.clone()));
+    // Webhook events: written with job outcomes, sent from here.
+    let webhook_task = if settings.webhooks.enabled {
+        let sender = webhooks::WebhookSender::new(
+            catalog.clone(),
+            clock.clone(),
+            settings.webhooks.clone(),
+            jobs.outcomes(),
+        )
+        .map_err(|e| ServiceError::Http(std::io::Error::other(e)))?;
+        Some(Arc::new(sender).spawn(stop_rx))
+    } else {
+        None
+    };
 
     let state = AppState {
         catalog: catalog.clone(),
@@ -177,6 +191,15 @@ pub async fn run_with_clock(
             .is_err()
         {
             tracing::warn!("the scheduler did not stop in time");
+        }
+    }
+    if let Some(task) = webhook_task {
+        // An attempt cut short is simply retried at the next start.
+        if tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("webhook delivery did not stop in time");
         }
     }
     for w in workers {

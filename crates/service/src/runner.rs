@@ -42,6 +42,8 @@ pub struct JobRunner {
     /// Names this process's claims: `host-pid-random`.
     instance: String,
     notify: Notify,
+    /// Signalled after each recorded outcome: the webhook sender wakes on it.
+    outcomes: Arc<Notify>,
     running: Mutex<HashMap<JobId, Arc<JobControl>>>,
     stopping: AtomicBool,
 }
@@ -70,9 +72,16 @@ impl JobRunner {
             settings,
             instance,
             notify: Notify::new(),
+            outcomes: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Signalled (one stored permit) each time a job's outcome is recorded,
+    /// which may have written a webhook event.
+    pub fn outcomes(&self) -> Arc<Notify> {
+        self.outcomes.clone()
     }
 
     /// Tells idle workers there may be new work.
@@ -200,6 +209,7 @@ impl JobRunner {
             .await
         {
             Ok(true) => {
+                self.outcomes.notify_one();
                 if failed {
                     tracing::warn!(?outcome, "job failed");
                 } else {

@@ -64,6 +64,9 @@ pub struct Settings {
     pub schedule: crate::scheduler::ScheduleSettings,
     /// Per-token request limits: the `[rate_limit]` table.
     pub rate_limit: RateLimitSettings,
+    /// Delivery of webhook events: the `[webhooks]` table (see
+    /// [`crate::webhooks::WebhookSettings`]).
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// Token buckets per caller (per API token; per peer IP for requests
@@ -121,6 +124,7 @@ impl Default for Settings {
             hooks: HookCommands::default(),
             schedule: crate::scheduler::ScheduleSettings::default(),
             rate_limit: RateLimitSettings::default(),
+            webhooks: crate::webhooks::WebhookSettings::default(),
         }
     }
 }

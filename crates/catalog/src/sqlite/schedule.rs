@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{backup_from_row, opt_ts, secs, ts, SqliteCatalog, BACKUP_SELECT};
 use crate::model::*;
 use crate::schedule::*;
-use crate::Result;
+use crate::{Result, WebhookEventKind, WebhookSubject};
 
 #[async_trait]
 impl ScheduleCatalog for SqliteCatalog {
@@ -109,17 +109,36 @@ impl ScheduleCatalog for SqliteCatalog {
         at: OffsetDateTime,
         error: Option<&str>,
     ) -> Result<bool> {
-        let n = sqlx::query(
+        let mut tx = self.begin().await?;
+        let was_damaged: Option<i64> =
+            sqlx::query_scalar("SELECT damaged FROM backups WHERE id = ?")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(was_damaged) = was_damaged else {
+            return Ok(false);
+        };
+        sqlx::query(
             "UPDATE backups SET verified_at = ?, damaged = ?, verify_error = ? WHERE id = ?",
         )
         .bind(secs(at))
         .bind(i64::from(error.is_some()))
         .bind(error)
         .bind(id.0)
-        .execute(&self.write)
-        .await?
-        .rows_affected();
-        Ok(n > 0)
+        .execute(&mut *tx)
+        .await?;
+        // Once, when a backup is first found damaged, not at every pass.
+        if error.is_some() && was_damaged == 0 {
+            Self::enqueue_event(
+                &mut tx,
+                WebhookEventKind::BackupDamaged,
+                WebhookSubject::Backup(id),
+                at,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn job_counts(&self, now: OffsetDateTime) -> Result<JobCounts> {

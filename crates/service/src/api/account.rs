@@ -34,5 +34,6 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me
         token_name: caller.token.name.clone(),
         token_prefix: caller.token.prefix.clone(),
         is_admin: caller.token.owner == TokenOwner::Admin,
+        webhook_url: account.as_ref().and_then(|a| a.webhook_url.clone()),
     }))
 }

@@ -212,6 +212,9 @@ pub struct MeView {
     /// The first characters of the token.
     pub token_prefix: String,
     pub is_admin: bool,
+    /// Where the account's events (`backup.completed`, ...) are POSTed; null
+    /// when none is set. The signing secret is never shown.
+    pub webhook_url: Option<String>,
 }
 
 /// An error with one sentence.

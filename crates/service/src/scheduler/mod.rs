@@ -582,6 +582,10 @@ impl Scheduler {
         self.schedule
             .record_verification(v.backup, self.clock.now(), v.damage.as_deref())
             .await?;
+        if let (Some(_), Some(jobs)) = (&v.damage, &self.jobs) {
+            // A backup.damaged event may have been written.
+            jobs.outcomes().notify_one();
+        }
         Ok(())
     }
 
