@@ -528,7 +528,7 @@ fn account_set_webhook_sets_generates_and_clears_it() {
     );
     let secret = last_line(&out);
     assert!(
-        secret.starts_with("whsec_") && secret.len() == 6 + 64,
+        secret.starts_with("whsec_") && secret.len() == 6 + 44,
         "{out}"
     );
     assert!(ok(&dir, &["account", "list"]).contains("http://127.0.0.1:9000/hook"));

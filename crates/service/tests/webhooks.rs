@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use axum::routing::post;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use common::TestApp;
 use hmac::{Hmac, KeyInit, Mac};
 use reqwest::StatusCode;
@@ -110,16 +112,19 @@ impl Receiver {
 }
 
 /// Checks the signature as a receiver would, independently of the service's code.
+/// A secret in the Standard Webhooks form (the specification's example key).
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 fn assert_signed(r: &Received, secret: &str) {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    // As Standard Webhooks receivers do: the key is the base64 after `whsec_`.
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => BASE64.decode(b64).unwrap(),
+        None => secret.as_bytes().to_vec(),
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("{}.{}.{}", r.id, r.timestamp, r.body).as_bytes());
-    let expected: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(r.signature, format!("v1={expected}"), "{r:?}");
+    let expected = BASE64.encode(mac.finalize().into_bytes());
+    assert_eq!(r.signature, format!("v1,{expected}"), "{r:?}");
     let ts: i64 = r.timestamp.parse().unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now - ts).abs() < 300, "timestamp {ts} vs now {now}");
@@ -160,17 +165,17 @@ async fn outcomes_are_posted_signed_with_the_object_as_the_api_shows_it() {
     let (acc, token) = app.account("acme").await;
     let disk = app.server(12345, acc, Hooks::default()).await;
     let (receiver, url) = Receiver::start(0).await;
-    set_webhook(&app, "acme", &url, "s3cret").await;
+    set_webhook(&app, "acme", &url, SECRET).await;
     let (s, me) = app.get("/api/v1/account/me/", &token).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(me["webhook_url"], url.as_str());
-    assert!(!me.to_string().contains("s3cret"), "{me}");
+    assert!(!me.to_string().contains(SECRET), "{me}");
 
     // A completed backup.
     let done = backup(&app, &token, 12345).await;
     assert_eq!(done["status"], "completed");
     let got = receiver.wait_for(1, Duration::from_secs(20)).await;
-    assert_signed(&got[0], "s3cret");
+    assert_signed(&got[0], SECRET);
     let event = got[0].json();
     assert_eq!(event["event"], "backup.completed");
     assert_eq!(event["id"], got[0].id.as_str());
@@ -191,7 +196,7 @@ async fn outcomes_are_posted_signed_with_the_object_as_the_api_shows_it() {
         .await;
     assert_eq!(restored["status"], "completed");
     let got = receiver.wait_for(2, Duration::from_secs(20)).await;
-    assert_signed(&got[1], "s3cret");
+    assert_signed(&got[1], SECRET);
     let event = got[1].json();
     assert_eq!(event["event"], "restore.completed");
     assert_eq!(event["data"], restored);
@@ -201,7 +206,7 @@ async fn outcomes_are_posted_signed_with_the_object_as_the_api_shows_it() {
     let failed = backup(&app, &token, 12345).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
-    assert_signed(&got[2], "s3cret");
+    assert_signed(&got[2], SECRET);
     let event = got[2].json();
     assert_eq!(event["event"], "backup.failed");
     assert_eq!(event["data"], failed);
