@@ -1,22 +1,11 @@
 //! Idempotency keys against a real SQLite file: claim, replay, mismatch,
 //! release, owners apart, expiry, and concurrent claims of one key.
 
-use std::sync::Arc;
-
 use time::{Duration, OffsetDateTime};
 use vpsbackup_catalog::*;
 
-async fn fresh() -> (tempfile::TempDir, Arc<SqliteCatalog>) {
-    let dir = tempfile::tempdir().unwrap();
-    let cat = SqliteCatalog::open(&dir.path().join("catalog.db"))
-        .await
-        .unwrap();
-    (dir, Arc::new(cat))
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
-}
+mod common;
+use common::{fresh, now};
 
 fn day_before(t: OffsetDateTime) -> OffsetDateTime {
     t - Duration::hours(24)

@@ -1,24 +1,10 @@
 //! The catalog suite against a real SQLite file in a temp dir.
 
-use std::sync::Arc;
-
-use time::{Duration, OffsetDateTime};
+use time::Duration;
 use vpsbackup_catalog::*;
 
 mod common;
-use common::new_server;
-
-async fn fresh() -> (tempfile::TempDir, Arc<SqliteCatalog>) {
-    let dir = tempfile::tempdir().unwrap();
-    let cat = SqliteCatalog::open(&dir.path().join("catalog.db"))
-        .await
-        .unwrap();
-    (dir, Arc::new(cat))
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
-}
+use common::{fresh, new_server, now};
 
 async fn server(cat: &SqliteCatalog, id: i64, account: &str) -> Server {
     let acc = match cat.account_by_name(account).await.unwrap() {

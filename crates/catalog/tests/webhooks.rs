@@ -2,25 +2,11 @@
 //! (and the account has a webhook), and each account's events come out one
 //! at a time, oldest first.
 
-use std::sync::Arc;
-
-use time::{Duration, OffsetDateTime};
+use time::Duration;
 use vpsbackup_catalog::*;
 
 mod common;
-use common::new_server;
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
-}
-
-async fn fresh() -> (tempfile::TempDir, Arc<SqliteCatalog>) {
-    let dir = tempfile::tempdir().unwrap();
-    let cat = SqliteCatalog::open(&dir.path().join("catalog.db"))
-        .await
-        .unwrap();
-    (dir, Arc::new(cat))
-}
+use common::{fresh, new_server, now};
 
 fn hook(url: &str) -> Option<Webhook> {
     Some(Webhook {
