@@ -202,8 +202,7 @@ impl VerifySession {
         id: &ChunkId,
         v: &mut BackupVerification,
     ) -> Result<Result<Vec<u8>, ChunkFault>, EngineError> {
-        let locs = self.index.locations(id);
-        if let Some(loc) = locs.first() {
+        if let Some(loc) = self.index.preferred(id) {
             v.chunks_read += 1;
             v.bytes_read += loc.entry.stored_len as u64;
         }

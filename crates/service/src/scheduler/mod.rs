@@ -157,6 +157,18 @@ impl VerifyPass {
         )
     }
 
+    /// Logs the pass's `summary` and what it read; `kind` says which pass.
+    fn log(&self, summary: &str, kind: &'static str) {
+        tracing::info!(
+            summary,
+            kind,
+            bytes_read = self.bytes_read,
+            chunks_read = self.chunks_read,
+            chunks_remembered = self.chunks_remembered,
+            "verification"
+        );
+    }
+
     /// Ends the session (its writer marker is removed off the async threads).
     async fn finish(&mut self) {
         if let Some(s) = self.session.take() {
@@ -473,13 +485,7 @@ impl Scheduler {
         res?;
         if !verdicts.is_empty() {
             let summary = pass.summary(&verdicts);
-            tracing::info!(
-                %summary,
-                bytes_read = pass.bytes_read,
-                chunks_read = pass.chunks_read,
-                chunks_remembered = pass.chunks_remembered,
-                "scheduled verification"
-            );
+            pass.log(&summary, "scheduled");
             self.schedule
                 .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
                 .await?;
@@ -563,13 +569,7 @@ impl Scheduler {
         pass.finish().await;
         res?;
         let summary = pass.summary(&verdicts);
-        tracing::info!(
-            %summary,
-            bytes_read = pass.bytes_read,
-            chunks_read = pass.chunks_read,
-            chunks_remembered = pass.chunks_remembered,
-            "verification"
-        );
+        pass.log(&summary, "on demand");
         if backup.is_none() {
             self.schedule
                 .record_task_run(VERIFY_TASK, self.clock.now(), &summary)
