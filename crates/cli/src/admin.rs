@@ -721,11 +721,7 @@ pub(crate) fn check_disk_format_count(disks: usize, formats: usize) -> anyhow::R
 fn disk_format(path: &std::path::Path, explicit: Option<&str>) -> anyhow::Result<ImageFormat> {
     let detected =
         vpsbackup_disk::detect_format(path).with_context(|| format!("disk {}", path.display()))?;
-    let detected = match detected {
-        vpsbackup_disk::DiskFormat::Raw => ImageFormat::Raw,
-        vpsbackup_disk::DiskFormat::Qcow2 => ImageFormat::Qcow2,
-        vpsbackup_disk::DiskFormat::BlockDevice => ImageFormat::Block,
-    };
+    let detected = vpsbackup_service::runner::catalog_format(detected);
     let Some(name) = explicit else {
         return Ok(detected);
     };

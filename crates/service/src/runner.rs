@@ -410,7 +410,8 @@ fn engine_format(f: ImageFormat) -> DiskFormat {
     }
 }
 
-fn catalog_format(f: DiskFormat) -> ImageFormat {
+/// How the catalog records a disk format the engine detected.
+pub fn catalog_format(f: DiskFormat) -> ImageFormat {
     match f {
         DiskFormat::Raw => ImageFormat::Raw,
         DiskFormat::Qcow2 => ImageFormat::Qcow2,
