@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
@@ -299,6 +300,31 @@ impl Modify for Links {
             });
             if let Some(RefOr::T(resp)) = op.and_then(|op| op.responses.responses.get_mut(status)) {
                 backup_links(resp);
+            }
+        }
+        // A list's query parameter given empty (`?backup_type=`) counts as
+        // not given, as with DRF and django-filter, whose clients may send it.
+        for path in ["/api/v1/backups/", "/api/v1/servers/"] {
+            let params = paths
+                .get_mut(path)
+                .and_then(|i| i.get.as_mut())
+                .and_then(|op| op.parameters.as_mut());
+            for param in params.into_iter().flatten() {
+                if param.parameter_in != ParameterIn::Query {
+                    continue;
+                }
+                if let Some(schema) = param.schema.take() {
+                    param.schema = Some(
+                        AnyOfBuilder::new()
+                            .item(schema)
+                            .item(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::String)
+                                    .max_length(Some(0)),
+                            )
+                            .into(),
+                    );
+                }
             }
         }
         // The body of a server's backup may be left out (it counts as `{}`).
