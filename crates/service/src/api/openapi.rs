@@ -40,7 +40,7 @@ use crate::AppState;
     ),
     components(schemas(BackupView, RestoreView, ServerView, ServerRef, PlanView, BackupWindow, MeView,
         Detail, FieldErrorsDoc, BadRequestDoc, CreateBackupBody, ServerBackupBody, RestoreBody)),
-    modifiers(&BearerAuth, &CommonAnswers, &Links),
+    modifiers(&BearerAuth, &CommonAnswers, &Links, &DrfLeniency),
     tags(
         (name = "backups", description = "Backups of servers"),
         (name = "servers", description = "The account's servers; restore"),
@@ -302,6 +302,39 @@ impl Modify for Links {
                 backup_links(resp);
             }
         }
+        if let Some(RefOr::T(resp)) = paths
+            .get_mut("/api/v1/servers/{server_id}/restore/")
+            .and_then(|i| i.post.as_mut())
+            .and_then(|op| op.responses.responses.get_mut("202"))
+        {
+            resp.links.insert(
+                "GetRestore".into(),
+                link(
+                    "restores_detail",
+                    "restore_id",
+                    "$response.body#/id",
+                    "Follow the restore",
+                ),
+            );
+            resp.links.insert(
+                "GetBackup".into(),
+                link(
+                    "backups_detail",
+                    "backup_id",
+                    "$response.body#/backup_id",
+                    "The backup being restored",
+                ),
+            );
+        }
+    }
+}
+
+/// What the handlers accept beyond the derived schemas, as DRF does.
+struct DrfLeniency;
+
+impl Modify for DrfLeniency {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let paths = &mut openapi.paths.paths;
         // A list's query parameter given empty (`?backup_type=`) counts as
         // not given, as with DRF and django-filter, whose clients may send it.
         for path in ["/api/v1/backups/", "/api/v1/servers/"] {
@@ -334,30 +367,6 @@ impl Modify for Links {
             .and_then(|op| op.request_body.as_mut())
         {
             body.required = Some(Required::False);
-        }
-        if let Some(RefOr::T(resp)) = paths
-            .get_mut("/api/v1/servers/{server_id}/restore/")
-            .and_then(|i| i.post.as_mut())
-            .and_then(|op| op.responses.responses.get_mut("202"))
-        {
-            resp.links.insert(
-                "GetRestore".into(),
-                link(
-                    "restores_detail",
-                    "restore_id",
-                    "$response.body#/id",
-                    "Follow the restore",
-                ),
-            );
-            resp.links.insert(
-                "GetBackup".into(),
-                link(
-                    "backups_detail",
-                    "backup_id",
-                    "$response.body#/backup_id",
-                    "The backup being restored",
-                ),
-            );
         }
     }
 }
