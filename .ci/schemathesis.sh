@@ -19,7 +19,10 @@ ST_VERSION=4.32.5
 ST_SEED=${ST_SEED:-8}
 ST_MAX_EXAMPLES=${ST_MAX_EXAMPLES:-100}
 cache=${VPSBACKUP_CI_CACHE:-/var/cache/vpsbackup-ci}
-venv="$cache/schemathesis-$ST_VERSION"
+# schemathesis and every package under it are pinned; the venv is named
+# after the pins, so changing them makes a new one.
+pins=.ci/schemathesis-requirements.txt
+venv="$cache/schemathesis-$ST_VERSION-$(sha256sum "$pins" | cut -c1-12)"
 
 # The pinned schemathesis, in a venv kept between runs.
 if ! "$venv/bin/st" --version 2>/dev/null | grep -qx "st, version $ST_VERSION"; then
@@ -32,7 +35,7 @@ if ! "$venv/bin/st" --version 2>/dev/null | grep -qx "st, version $ST_VERSION"; 
     rm -rf "$venv"
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ST_VERSION"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$pins" "schemathesis==$ST_VERSION"
 fi
 
 bin=${1:-}
