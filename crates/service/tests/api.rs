@@ -350,11 +350,32 @@ async fn listing_filters_and_pages() {
         b["next"],
         format!("http://{host}/api/v1/backups/?server_id=2&page_size=15&page=3")
     );
-    let (_, b) = app.get("/api/v1/backups/?page_size=100000", &token).await;
+    // page_size is 1..=500 as the OpenAPI document says; anything else is a
+    // field error, not a page of another size.
+    for (bad, message) in [
+        ("501", "Ensure this value is less than or equal to 500."),
+        ("100000", "Ensure this value is less than or equal to 500."),
+        ("0", "Ensure this value is greater than or equal to 1."),
+        ("-3", "Ensure this value is greater than or equal to 1."),
+        ("abc", "A valid integer is required."),
+    ] {
+        for list in ["backups", "servers"] {
+            let (s, b) = app
+                .get(&format!("/api/v1/{list}/?page_size={bad}"), &token)
+                .await;
+            assert_eq!(
+                (s, b),
+                (StatusCode::BAD_REQUEST, json!({"page_size": [message]})),
+                "{list} page_size={bad}"
+            );
+        }
+    }
+    let (s, b) = app.get("/api/v1/backups/?page_size=", &token).await;
+    assert_eq!(s, StatusCode::OK);
     assert_eq!(
         b["results"].as_array().unwrap().len(),
-        120,
-        "page_size is capped at 500, not refused"
+        50,
+        "empty: the default"
     );
 
     for bad in ["page=4", "page=0", "page=abc", "page=-1"] {
@@ -1052,4 +1073,220 @@ async fn servers_show_when_their_next_automatic_backup_is_planned() {
         .unwrap();
     let (_, one) = app.get("/api/v1/servers/12345/", &token).await;
     assert_eq!(one["next_backup_at"], Value::Null);
+}
+
+/// The OpenAPI document declares what the server does (issue 8): limits,
+/// enums, status codes, headers, bodies and links. Where a declaration is a
+/// limit, the server is asked at the limit and past it.
+#[tokio::test]
+async fn openapi_document_declares_what_the_server_does() {
+    let app = TestApp::start().await;
+    let (acc, token) = app.account("acme").await;
+    app.server(12345, acc, Hooks::default()).await;
+    let (status, doc) = app.get("/api/v1/openapi.json", &token).await;
+    assert_eq!(status, StatusCode::OK);
+    let schemas = &doc["components"]["schemas"];
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str() {
+            Some(r) => schemas[r.trim_start_matches("#/components/schemas/")].clone(),
+            None => v.clone(),
+        }
+    };
+    let param = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{method} {path} has no parameters"))
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path}: no parameter {name}"))
+            .clone()
+    };
+
+    // Every operation: a unique operationId, the answers every operation
+    // can give, and the rate-limit headers on each answer.
+    let mut ids = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            ids.push(op["operationId"].as_str().unwrap().to_owned());
+            let answers = op["responses"].as_object().unwrap();
+            for code in ["401", "429", "500"] {
+                assert!(answers.contains_key(code), "{method} {path}: no {code}");
+            }
+            assert_eq!(
+                op["responses"]["401"]["headers"]["WWW-Authenticate"]["schema"]["enum"],
+                json!(["Bearer"])
+            );
+            assert!(op["responses"]["429"]["headers"]["Retry-After"].is_object());
+            for (code, answer) in answers {
+                for h in ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"] {
+                    assert!(
+                        answer["headers"][h].is_object(),
+                        "{method} {path} {code}: no {h}"
+                    );
+                }
+            }
+            if method == "post" {
+                for code in ["400", "409", "413", "415", "422"] {
+                    assert!(answers.contains_key(code), "{method} {path}: no {code}");
+                }
+                let key = param(path, "post", "Idempotency-Key");
+                assert_eq!(key["in"], "header");
+                assert_eq!(key["schema"]["type"], "string", "a key is never null");
+                assert_eq!(key["schema"]["maxLength"], 255);
+                let created = answers.iter().find(|(c, _)| c.starts_with('2')).unwrap().1;
+                assert_eq!(
+                    created["headers"]["Idempotent-Replayed"]["schema"]["enum"],
+                    json!(["true"])
+                );
+            }
+        }
+    }
+    let count = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((count, ids.len()), (10, 10), "operationIds: {ids:?}");
+
+    // Lists: page_size is 1..=500, and the server holds to it; a page past
+    // the end is a documented 404.
+    for list in ["backups", "servers"] {
+        let path = format!("/api/v1/{list}/");
+        let size = param(&path, "get", "page_size")["schema"]["anyOf"][0].clone();
+        assert_eq!(
+            (size["minimum"].as_i64(), size["maximum"].as_i64()),
+            (Some(1), Some(500))
+        );
+        for (n, want) in [
+            (0, StatusCode::BAD_REQUEST),
+            (1, StatusCode::OK),
+            (500, StatusCode::OK),
+            (501, StatusCode::BAD_REQUEST),
+        ] {
+            let (s, _) = app.get(&format!("{path}?page_size={n}"), &token).await;
+            assert_eq!(s, want, "{list} page_size={n}");
+        }
+        let answers = &doc["paths"][path.as_str()]["get"]["responses"];
+        assert!(
+            answers["400"].is_object() && answers["404"].is_object(),
+            "{list}"
+        );
+        let (s, b) = app.get(&format!("{path}?page=2"), &token).await;
+        assert_eq!(
+            (s, b),
+            (StatusCode::NOT_FOUND, json!({"detail": "Invalid page."}))
+        );
+    }
+
+    // A list's query parameter given empty counts as not given (DRF's way):
+    // each schema allows "" besides its values.
+    for (list, name) in [
+        ("backups", "server_id"),
+        ("backups", "backup_type"),
+        ("backups", "page"),
+        ("servers", "page_size"),
+    ] {
+        let schema = &param(&format!("/api/v1/{list}/"), "get", name)["schema"];
+        assert_eq!(
+            schema["anyOf"][1],
+            json!({"type": "string", "maxLength": 0}),
+            "{list} {name}"
+        );
+        let (s, _) = app.get(&format!("/api/v1/{list}/?{name}="), &token).await;
+        assert_eq!(s, StatusCode::OK, "{list} {name}=");
+    }
+
+    // backup_type is an enum of exactly what the server accepts.
+    let kinds = resolve(&param("/api/v1/backups/", "get", "backup_type")["schema"]["anyOf"][0]);
+    assert_eq!(kinds["enum"], json!(["manual", "automatic"]));
+    for kind in kinds["enum"].as_array().unwrap() {
+        let (s, _) = app
+            .get(
+                &format!("/api/v1/backups/?backup_type={}", kind.as_str().unwrap()),
+                &token,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{kind}");
+    }
+    let (s, _) = app.get("/api/v1/backups/?backup_type=weekly", &token).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Bodies are objects (a JSON null is refused, and the schema does not
+    // allow it); unknown fields are allowed, as the server ignores them.
+    for (path, name, required) in [
+        ("/api/v1/backups/", "CreateBackup", true),
+        ("/api/v1/servers/{server_id}/backup/", "ServerBackup", false),
+        ("/api/v1/servers/{server_id}/restore/", "Restore", true),
+    ] {
+        let body = &doc["paths"][path]["post"]["requestBody"];
+        assert_eq!(
+            body["required"].as_bool().unwrap_or(false),
+            required,
+            "{path}"
+        );
+        let schema = &body["content"]["application/json"]["schema"];
+        assert_eq!(
+            schema["$ref"],
+            format!("#/components/schemas/{name}"),
+            "{path}"
+        );
+        assert_eq!(schemas[name]["type"], "object");
+        assert!(schemas[name]
+            .get("additionalProperties")
+            .is_none_or(|a| a == &json!(true)));
+        let real = path.replace("{server_id}", "12345");
+        let (s, b) = send(app.req(Method::POST, &real, &token).body("null")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {b}");
+    }
+    assert_eq!(schemas["CreateBackup"]["required"], json!(["server_id"]));
+    let description = &schemas["CreateBackup"]["properties"]["description"];
+    assert_eq!(description["anyOf"][0]["maxLength"], 255);
+    let (s, b) = app
+        .post(
+            "/api/v1/backups/",
+            &token,
+            json!({"server_id": 12345, "description": "x".repeat(256), "extra": 1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["description"].is_array(), "{b}");
+
+    // The views: enums, and the fields that are always there even when null.
+    let backup = &schemas["BackupView"];
+    assert_eq!(
+        resolve(&backup["properties"]["backup_type"])["enum"],
+        json!(["manual", "automatic"])
+    );
+    assert_eq!(
+        resolve(&backup["properties"]["status"])["enum"],
+        json!(["in_progress", "completed", "failed"])
+    );
+    assert_eq!(
+        resolve(&schemas["ServerView"]["properties"]["status"])["enum"],
+        json!(["active", "backing_up", "restoring"])
+    );
+    let required = backup["required"].as_array().unwrap();
+    for field in [
+        "size_mb",
+        "expires_at",
+        "error",
+        "completed_at",
+        "verified_at",
+        "verify_error",
+    ] {
+        assert!(required.contains(&json!(field)), "{field} is always sent");
+    }
+    assert!(
+        !required.contains(&json!("message")),
+        "message only on a create"
+    );
+    assert_eq!(backup["properties"]["message"]["type"], "string");
+
+    // Links name real operations, in the OpenAPI spelling.
+    let links =
+        &doc["paths"]["/api/v1/servers/{server_id}/restore/"]["post"]["responses"]["202"]["links"];
+    assert_eq!(links["GetRestore"]["operationId"], "restores_detail");
+    assert_eq!(
+        links["GetRestore"]["parameters"]["restore_id"],
+        "$response.body#/id"
+    );
+    app.stop().await;
 }

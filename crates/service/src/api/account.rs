@@ -16,7 +16,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The caller's account and token.
-#[utoipa::path(get, path = "/api/v1/account/me/", tag = "account",
+#[utoipa::path(get, path = "/api/v1/account/me/", tag = "account", operation_id = "account_me",
     responses(
         (status = 200, description = "The account", body = MeView),
         (status = 401, description = "Missing or invalid token", body = super::views::Detail),

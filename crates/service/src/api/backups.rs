@@ -10,7 +10,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use vpsbackup_catalog::{BackupFilter, BackupId, BackupType, CatalogError, NewBackup, ServerId};
 
-use super::views::{BackupView, Page};
+use super::openapi::CreateBackupBody;
+use super::views::{BackupTypeDoc, BackupView, BadRequestDoc, Detail, FieldErrorsDoc, Page};
 use super::{invalid_page, page_links, page_request};
 use crate::auth::Caller;
 use crate::error::{ApiError, FieldErrors};
@@ -33,18 +34,18 @@ pub fn router(state: &AppState) -> Router<AppState> {
 }
 
 /// List backups, newest first.
-#[utoipa::path(get, path = "/api/v1/backups/", tag = "backups",
+#[utoipa::path(get, path = "/api/v1/backups/", tag = "backups", operation_id = "backups_list",
     params(
-        ("server_id" = Option<i64>, Query, description = "Only this server's backups"),
-        ("backup_type" = Option<String>, Query, description = "manual or automatic"),
-        ("page" = Option<u32>, Query, description = "Page number, from 1"),
-        ("page_size" = Option<u32>, Query, description = "Results per page (default 50, max 500)"),
+        ("server_id" = Option<i64>, Query, minimum = -9223372036854775808i64, maximum = 9223372036854775807i64, description = "Only this server's backups"),
+        ("backup_type" = Option<BackupTypeDoc>, Query, description = "Only backups of this type"),
+        ("page" = Option<u32>, Query, minimum = 1, maximum = 4294967295u32, description = "Page number, from 1 (default 1); past the last page: 404 \"Invalid page.\""),
+        ("page_size" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Results per page, 1 to 500 (default 50)"),
     ),
     responses(
         (status = 200, description = "A page of backups", body = Page<BackupView>),
-        (status = 400, description = "Invalid filter"),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Invalid page", body = super::views::Detail),
+        (status = 400, description = "A filter or page_size that is not valid: {\"server_id\": [\"A valid integer is required.\"]}", body = FieldErrorsDoc),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Invalid page: {\"detail\": \"Invalid page.\"}", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn list(
@@ -164,16 +165,16 @@ pub async fn start_manual_backup(
 }
 
 /// Start a manual backup. Answers at once; follow it with GET /backups/{id}/.
-#[utoipa::path(post, path = "/api/v1/backups/", tag = "backups",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
-    request_body(content = serde_json::Value, description = r#"{"server_id": 12345, "description": "Pre-deployment backup"}"#),
+#[utoipa::path(post, path = "/api/v1/backups/", tag = "backups", operation_id = "backups_create",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255, pattern = r"^[ -~]+$", description = "1 to 255 printable ASCII characters; a retry with the same key and body gets the first answer back (with `Idempotent-Replayed: true`) and starts nothing new; keys are kept 24 h")),
+    request_body(content = CreateBackupBody, description = "The server to back up and an optional description"),
     responses(
         (status = 201, description = "Backup started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = BackupView),
-        (status = 400, description = "Invalid parameters or Idempotency-Key, or the manual backup limit (10 per server) is reached"),
-        (status = 409, description = "The first request with this Idempotency-Key is still running", body = super::views::Detail),
-        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Server not found", body = super::views::Detail),
+        (status = 400, description = "Invalid fields or Idempotency-Key, or the manual backup limit (10 per server) is reached", body = BadRequestDoc),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Server not found: {\"detail\": \"Server not found.\"}", body = Detail),
+        (status = 409, description = "The first request with this Idempotency-Key is still running (or was cut short by a restart)", body = Detail),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn create(
@@ -186,12 +187,12 @@ pub async fn create(
 }
 
 /// One backup.
-#[utoipa::path(get, path = "/api/v1/backups/{backup_id}/", tag = "backups",
-    params(("backup_id" = i64, Path, description = "Backup id")),
+#[utoipa::path(get, path = "/api/v1/backups/{backup_id}/", tag = "backups", operation_id = "backups_detail",
+    params(("backup_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Backup id")),
     responses(
         (status = 200, description = "The backup", body = BackupView),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Not found", body = super::views::Detail),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Not found", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn detail(
@@ -209,13 +210,13 @@ pub async fn detail(
 }
 
 /// Delete a backup for good; an in-progress one is cancelled.
-#[utoipa::path(delete, path = "/api/v1/backups/{backup_id}/", tag = "backups",
-    params(("backup_id" = i64, Path, description = "Backup id")),
+#[utoipa::path(delete, path = "/api/v1/backups/{backup_id}/", tag = "backups", operation_id = "backups_delete",
+    params(("backup_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Backup id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Not found", body = super::views::Detail),
-        (status = 409, description = "A running restore reads this backup", body = super::views::Detail),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Not found", body = Detail),
+        (status = 409, description = "A running restore reads this backup", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn delete(

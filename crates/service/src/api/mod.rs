@@ -25,7 +25,7 @@ use crate::AppState;
 
 /// Page size when the client gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
-/// Largest page size honoured.
+/// Largest page size accepted.
 pub const MAX_PAGE_SIZE: u32 = 500;
 
 /// Every route, with request tracing, rate limits, and JSON errors for
@@ -71,9 +71,11 @@ async fn json_method_not_allowed(req: Request, next: Next) -> Response {
     resp
 }
 
-/// `page` and `page_size` from the query, DRF style: a bad page is 404
-/// "Invalid page."; a bad page size falls back to the default, a large one
-/// is capped.
+/// `page` and `page_size` from the query. A bad page is DRF's 404
+/// "Invalid page."; a page size that is not a whole number from 1 to
+/// [`MAX_PAGE_SIZE`] is a 400 field error in DRF's words, as the OpenAPI
+/// document says (DRF itself would quietly serve another size, so a client
+/// could not tell what it got).
 pub fn page_request(q: &QueryPairs) -> Result<PageRequest, ApiError> {
     let number = match q.get("page").map(str::trim) {
         None | Some("") => 1,
@@ -82,9 +84,24 @@ pub fn page_request(q: &QueryPairs) -> Result<PageRequest, ApiError> {
             _ => return Err(invalid_page()),
         },
     };
-    let size = match q.get("page_size").and_then(parse_int_text) {
-        Some(n) if n >= 1 => n.min(MAX_PAGE_SIZE as i64) as u32,
-        _ => DEFAULT_PAGE_SIZE,
+    let size = match q.get("page_size").map(str::trim) {
+        None | Some("") => DEFAULT_PAGE_SIZE,
+        Some(v) => match parse_int_text(v) {
+            Some(n) if (1..=i64::from(MAX_PAGE_SIZE)).contains(&n) => n as u32,
+            Some(n) if n < 1 => {
+                return Err(ApiError::field(
+                    "page_size",
+                    "Ensure this value is greater than or equal to 1.",
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::field(
+                    "page_size",
+                    format!("Ensure this value is less than or equal to {MAX_PAGE_SIZE}."),
+                ))
+            }
+            None => return Err(ApiError::field("page_size", "A valid integer is required.")),
+        },
     };
     Ok(PageRequest { number, size })
 }

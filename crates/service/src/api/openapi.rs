@@ -5,13 +5,20 @@
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::Serialize;
 use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Object, RefOr, ResponseBuilder, Type};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::{
+    ContentBuilder, HttpMethod, Object, PathItem, RefOr, Required, Response, ResponseBuilder, Type,
+};
+use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::views::{
-    BackupView, BackupWindow, Detail, MeView, PlanView, RestoreView, ServerRef, ServerView,
+    BackupView, BackupWindow, BadRequestDoc, Detail, FieldErrorsDoc, MeView, PlanView, RestoreView,
+    ServerRef, ServerView,
 };
 use crate::AppState;
 
@@ -21,15 +28,19 @@ use crate::AppState;
         description = "Backups of virtual servers' disks: list, create, delete, restore. \
             Authenticate with `Authorization: Bearer <token>`. \
             Requests are rate limited per token (reads and writes apart): every answer carries \
-            `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`; past the limit, 429 with `Retry-After`. \
-            Creates take an `Idempotency-Key` header so a retry does not start a second backup or restore."),
+            `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (unless the operator turned the limits off); \
+            past the limit, 429 with `Retry-After`. \
+            Creates take an `Idempotency-Key` header so a retry does not start a second backup or restore. \
+            Bodies are JSON objects read as Django REST Framework reads them: unknown fields are ignored, \
+            an integer may also be sent as a string holding it (`\"12345\"`), an empty body counts as `{}`."),
     paths(
         super::backups::list, super::backups::create, super::backups::detail, super::backups::delete,
         super::servers::list, super::servers::detail, super::servers::backup, super::servers::restore,
         super::restores::detail, super::account::me,
     ),
-    components(schemas(BackupView, RestoreView, ServerView, ServerRef, PlanView, BackupWindow, MeView, Detail)),
-    modifiers(&BearerAuth, &RateLimited),
+    components(schemas(BackupView, RestoreView, ServerView, ServerRef, PlanView, BackupWindow, MeView,
+        Detail, FieldErrorsDoc, BadRequestDoc, CreateBackupBody, ServerBackupBody, RestoreBody)),
+    modifiers(&BearerAuth, &CommonAnswers, &Links, &DrfLeniency),
     tags(
         (name = "backups", description = "Backups of servers"),
         (name = "servers", description = "The account's servers; restore"),
@@ -38,6 +49,56 @@ use crate::AppState;
     )
 )]
 pub struct ApiDoc;
+
+// The request bodies, for the document only: the handlers read bodies field
+// by field as DRF does (`crate::extract`), so these types are never built.
+
+/// The body of `POST /api/v1/backups/`. Unknown fields are ignored.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CreateBackup, example = json!({"server_id": 12345, "description": "Pre-deployment backup"}))]
+#[allow(dead_code)]
+pub struct CreateBackupBody {
+    /// The server to back up (an integer, or a string holding one).
+    #[schema(minimum = 1, maximum = 9223372036854775807i64)]
+    server_id: i64,
+    #[schema(schema_with = description_schema, required = false)]
+    description: Option<String>,
+}
+
+/// The body of `POST /api/v1/servers/{server_id}/backup/` (optional). Unknown fields are ignored.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ServerBackup, example = json!({"description": "Pre-deployment backup"}))]
+#[allow(dead_code)]
+pub struct ServerBackupBody {
+    #[schema(schema_with = description_schema, required = false)]
+    description: Option<String>,
+}
+
+/// The body of `POST /api/v1/servers/{server_id}/restore/`. Unknown fields are ignored.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Restore, example = json!({"backup_id": 501}))]
+#[allow(dead_code)]
+pub struct RestoreBody {
+    /// A completed, undamaged backup of this server (an integer, or a string holding one).
+    #[schema(minimum = 1, maximum = 9223372036854775807i64)]
+    backup_id: i64,
+}
+
+/// A description: text of at most 255 characters (surrounding white space
+/// is dropped first), or a number, taken as its text, as DRF's CharField does.
+fn description_schema() -> Schema {
+    AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(super::backups::DESCRIPTION_MAX)),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Number))
+        .description(Some(
+            "What the backup is for: at most 255 characters, surrounding white space dropped (default \"\")",
+        ))
+        .into()
+}
 
 struct BearerAuth;
 
@@ -51,50 +112,261 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Adds the 429 answer and the `RateLimit-*` headers to every operation
-/// that takes a token, rather than repeating them in each annotation.
-struct RateLimited;
+fn header(schema: Object, text: &str) -> utoipa::openapi::header::Header {
+    HeaderBuilder::new()
+        .schema(schema)
+        .description(Some(text))
+        .build()
+}
 
-impl Modify for RateLimited {
+fn detail_response(text: &str) -> Response {
+    ResponseBuilder::new()
+        .description(text)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "Detail",
+                ))))
+                .build(),
+        )
+        .build()
+}
+
+fn operations(
+    item: &mut PathItem,
+) -> impl Iterator<Item = (HttpMethod, &mut utoipa::openapi::path::Operation)> {
+    [
+        (HttpMethod::Get, &mut item.get),
+        (HttpMethod::Post, &mut item.post),
+        (HttpMethod::Delete, &mut item.delete),
+    ]
+    .into_iter()
+    .filter_map(|(m, op)| op.as_mut().map(|op| (m, op)))
+}
+
+/// The answers every operation can give, added here rather than repeated in
+/// each annotation: 429 with `Retry-After` and the `RateLimit-*` headers on
+/// every answer (the limiter runs before anything else), `WWW-Authenticate`
+/// on 401, 413 and 415 where a body is read, 500.
+struct CommonAnswers;
+
+impl Modify for CommonAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let int_header = |text: &str| {
-            HeaderBuilder::new()
-                .schema(Object::with_type(Type::Integer))
-                .description(Some(text))
+        let count = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
                 .build()
         };
-        let throttled = ResponseBuilder::new()
-            .description(
-                "Rate limit reached: {\"detail\": \"Request was throttled. Expected available in N seconds.\"}",
-            )
-            .header(
-                "Retry-After",
-                int_header("Seconds until a request is allowed again"),
-            )
-            .build();
+        let mut throttled = detail_response(
+            "Rate limit reached: {\"detail\": \"Request was throttled. Expected available in N seconds.\"}",
+        );
+        throttled.headers.insert(
+            "Retry-After".into(),
+            header(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .build(),
+                "Seconds until a request is allowed again",
+            ),
+        );
         for item in openapi.paths.paths.values_mut() {
-            for op in [&mut item.get, &mut item.post, &mut item.delete]
-                .into_iter()
-                .flatten()
-            {
+            for (method, op) in operations(item) {
                 if op.security.is_none() {
                     continue;
                 }
-                for resp in op.responses.responses.values_mut() {
-                    if let RefOr::T(resp) = resp {
-                        for (name, text) in [
-                            ("RateLimit-Limit", "Requests the caller's bucket holds (reads and writes have their own)"),
-                            ("RateLimit-Remaining", "Requests left in the bucket"),
-                            ("RateLimit-Reset", "Seconds until the bucket is full again"),
-                        ] {
-                            resp.headers.insert(name.into(), int_header(text));
-                        }
+                let answers = &mut op.responses.responses;
+                answers.insert("429".into(), RefOr::T(throttled.clone()));
+                answers.insert(
+                    "500".into(),
+                    RefOr::T(detail_response(
+                        "An internal error: {\"detail\": \"A server error occurred.\"}",
+                    )),
+                );
+                if method == HttpMethod::Post {
+                    answers.insert(
+                        "413".into(),
+                        RefOr::T(detail_response(
+                            "The body is larger than the service accepts",
+                        )),
+                    );
+                    answers.insert(
+                        "415".into(),
+                        RefOr::T(detail_response(
+                            "The body is not JSON (send Content-Type: application/json, or no body)",
+                        )),
+                    );
+                }
+                for (status, resp) in answers.iter_mut() {
+                    let RefOr::T(resp) = resp else { continue };
+                    for (name, text) in [
+                        (
+                            "RateLimit-Limit",
+                            "Requests the caller's bucket holds (reads and writes have their own)",
+                        ),
+                        ("RateLimit-Remaining", "Requests left in the bucket"),
+                        ("RateLimit-Reset", "Seconds until the bucket is full again"),
+                    ] {
+                        resp.headers.insert(name.into(), header(count(), text));
+                    }
+                    if status == "401" {
+                        resp.headers.insert(
+                            "WWW-Authenticate".into(),
+                            header(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::String)
+                                    .enum_values(Some(["Bearer"]))
+                                    .build(),
+                                "Always `Bearer`",
+                            ),
+                        );
+                    }
+                    if method == HttpMethod::Post && status.starts_with('2') {
+                        resp.headers.insert(
+                            "Idempotent-Replayed".into(),
+                            header(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::String)
+                                    .enum_values(Some(["true"]))
+                                    .build(),
+                                "Present (`true`) when this is the stored answer to an earlier request with the same Idempotency-Key",
+                            ),
+                        );
                     }
                 }
-                op.responses
-                    .responses
-                    .insert("429".into(), RefOr::T(throttled.clone()));
             }
+        }
+    }
+}
+
+/// OpenAPI links: what a create answers leads to, so clients (and a
+/// stateful fuzzer) can follow a backup or restore from the id it returns.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let link = |op: &str, param: &str, from: &str, text: &str| {
+            RefOr::T(
+                LinkBuilder::new()
+                    .operation_id(op)
+                    .parameter(param, from)
+                    .description(text)
+                    .build(),
+            )
+        };
+        let backup_links = |resp: &mut Response| {
+            resp.links.insert(
+                "GetBackup".into(),
+                link(
+                    "backups_detail",
+                    "backup_id",
+                    "$response.body#/id",
+                    "Follow the backup",
+                ),
+            );
+            resp.links.insert(
+                "DeleteBackup".into(),
+                link(
+                    "backups_delete",
+                    "backup_id",
+                    "$response.body#/id",
+                    "Delete (or cancel) the backup",
+                ),
+            );
+            resp.links.insert(
+                "GetServer".into(),
+                link(
+                    "servers_detail",
+                    "server_id",
+                    "$response.body#/server/id",
+                    "The backed-up server",
+                ),
+            );
+        };
+        let paths = &mut openapi.paths.paths;
+        for (path, status) in [
+            ("/api/v1/backups/", "201"),
+            ("/api/v1/servers/{server_id}/backup/", "201"),
+            ("/api/v1/backups/{backup_id}/", "200"),
+        ] {
+            let op = paths.get_mut(path).and_then(|i| {
+                if status == "201" {
+                    i.post.as_mut()
+                } else {
+                    i.get.as_mut()
+                }
+            });
+            if let Some(RefOr::T(resp)) = op.and_then(|op| op.responses.responses.get_mut(status)) {
+                backup_links(resp);
+            }
+        }
+        if let Some(RefOr::T(resp)) = paths
+            .get_mut("/api/v1/servers/{server_id}/restore/")
+            .and_then(|i| i.post.as_mut())
+            .and_then(|op| op.responses.responses.get_mut("202"))
+        {
+            resp.links.insert(
+                "GetRestore".into(),
+                link(
+                    "restores_detail",
+                    "restore_id",
+                    "$response.body#/id",
+                    "Follow the restore",
+                ),
+            );
+            resp.links.insert(
+                "GetBackup".into(),
+                link(
+                    "backups_detail",
+                    "backup_id",
+                    "$response.body#/backup_id",
+                    "The backup being restored",
+                ),
+            );
+        }
+    }
+}
+
+/// What the handlers accept beyond the derived schemas, as DRF does.
+struct DrfLeniency;
+
+impl Modify for DrfLeniency {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let paths = &mut openapi.paths.paths;
+        // A list's query parameter given empty (`?backup_type=`) counts as
+        // not given, as with DRF and django-filter, whose clients may send it.
+        for path in ["/api/v1/backups/", "/api/v1/servers/"] {
+            let params = paths
+                .get_mut(path)
+                .and_then(|i| i.get.as_mut())
+                .and_then(|op| op.parameters.as_mut());
+            for param in params.into_iter().flatten() {
+                if param.parameter_in != ParameterIn::Query {
+                    continue;
+                }
+                if let Some(schema) = param.schema.take() {
+                    param.schema = Some(
+                        AnyOfBuilder::new()
+                            .item(schema)
+                            .item(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::String)
+                                    .max_length(Some(0)),
+                            )
+                            .into(),
+                    );
+                }
+            }
+        }
+        // The body of a server's backup may be left out (it counts as `{}`).
+        if let Some(body) = paths
+            .get_mut("/api/v1/servers/{server_id}/backup/")
+            .and_then(|i| i.post.as_mut())
+            .and_then(|op| op.request_body.as_mut())
+        {
+            body.required = Some(Required::False);
         }
     }
 }
@@ -106,7 +378,35 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn document() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(document_json())
+}
+
+/// The document as served, built once. utoipa 5 writes a link's
+/// `operationId` as `operation_id`; the keys are put right here.
+pub fn document_json() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+            let answers = paths
+                .values_mut()
+                .filter_map(|item| item.as_object_mut())
+                .flat_map(|item| item.values_mut())
+                .filter_map(|op| op.get_mut("responses").and_then(|r| r.as_object_mut()))
+                .flat_map(|r| r.values_mut());
+            for answer in answers {
+                let links = answer.get_mut("links").and_then(|l| l.as_object_mut());
+                for link in links.into_iter().flat_map(|l| l.values_mut()) {
+                    if let Some(link) = link.as_object_mut() {
+                        if let Some(id) = link.remove("operation_id") {
+                            link.insert("operationId".into(), id);
+                        }
+                    }
+                }
+            }
+        }
+        doc
+    })
 }
 
 async fn docs_page() -> Html<&'static str> {

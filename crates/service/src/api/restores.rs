@@ -16,8 +16,8 @@ pub fn router() -> Router<AppState> {
 }
 
 /// One restore.
-#[utoipa::path(get, path = "/api/v1/restores/{restore_id}/", tag = "restores",
-    params(("restore_id" = i64, Path, description = "Restore id")),
+#[utoipa::path(get, path = "/api/v1/restores/{restore_id}/", tag = "restores", operation_id = "restores_detail",
+    params(("restore_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Restore id")),
     responses(
         (status = 200, description = "The restore", body = RestoreView),
         (status = 401, description = "Missing or invalid token", body = super::views::Detail),

@@ -13,7 +13,10 @@ use time::OffsetDateTime;
 use vpsbackup_catalog::{BackupId, CatalogError, NewRestore, Server, ServerId};
 
 use super::backups::{start_manual_backup, CreateBackup};
-use super::views::{BackupView, Page, RestoreView, ServerView};
+use super::openapi::{RestoreBody, ServerBackupBody};
+use super::views::{
+    BackupView, BadRequestDoc, Detail, FieldErrorsDoc, Page, RestoreView, ServerView,
+};
 use super::{invalid_page, page_links, page_request};
 use crate::auth::Caller;
 use crate::error::{ApiError, FieldErrors};
@@ -47,14 +50,16 @@ fn server_path_id(raw: &str) -> Result<ServerId, ApiError> {
 }
 
 /// The account's servers.
-#[utoipa::path(get, path = "/api/v1/servers/", tag = "servers",
+#[utoipa::path(get, path = "/api/v1/servers/", tag = "servers", operation_id = "servers_list",
     params(
-        ("page" = Option<u32>, Query, description = "Page number, from 1"),
-        ("page_size" = Option<u32>, Query, description = "Results per page (default 50, max 500)"),
+        ("page" = Option<u32>, Query, minimum = 1, maximum = 4294967295u32, description = "Page number, from 1 (default 1); past the last page: 404 \"Invalid page.\""),
+        ("page_size" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Results per page, 1 to 500 (default 50)"),
     ),
     responses(
         (status = 200, description = "A page of servers", body = Page<ServerView>),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
+        (status = 400, description = "A page_size that is not valid: {\"page_size\": [\"Ensure this value is less than or equal to 500.\"]}", body = FieldErrorsDoc),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Invalid page: {\"detail\": \"Invalid page.\"}", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn list(
@@ -80,12 +85,12 @@ pub async fn list(
 }
 
 /// One server, with its plan and how many manual backups are left.
-#[utoipa::path(get, path = "/api/v1/servers/{server_id}/", tag = "servers",
-    params(("server_id" = i64, Path, description = "Server id")),
+#[utoipa::path(get, path = "/api/v1/servers/{server_id}/", tag = "servers", operation_id = "servers_detail",
+    params(("server_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Server id")),
     responses(
         (status = 200, description = "The server", body = ServerView),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Server not found", body = super::views::Detail),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Server not found", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn detail(
@@ -128,16 +133,16 @@ async fn views_with_next_backup(
 }
 
 /// Start a manual backup of this server (same as POST /backups/).
-#[utoipa::path(post, path = "/api/v1/servers/{server_id}/backup/", tag = "servers",
-    params(("server_id" = i64, Path, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
-    request_body(content = serde_json::Value, description = r#"{"description": "Pre-deployment backup"} (optional)"#),
+#[utoipa::path(post, path = "/api/v1/servers/{server_id}/backup/", tag = "servers", operation_id = "servers_backup",
+    params(("server_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255, pattern = r"^[ -~]+$", description = "1 to 255 printable ASCII characters; a retry with the same key and body gets the first answer back (with `Idempotent-Replayed: true`) and starts nothing new; keys are kept 24 h")),
+    request_body(content = ServerBackupBody, description = "An optional description; the body may be left out"),
     responses(
         (status = 201, description = "Backup started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = BackupView),
-        (status = 400, description = "Invalid parameters or Idempotency-Key, or manual backup limit reached"),
-        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Server not found", body = super::views::Detail),
-        (status = 409, description = "The first request with this Idempotency-Key is still running", body = super::views::Detail),
+        (status = 400, description = "Invalid fields or Idempotency-Key, or the manual backup limit (10 per server) is reached", body = BadRequestDoc),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Server not found: {\"detail\": \"Server not found.\"}", body = Detail),
+        (status = 409, description = "The first request with this Idempotency-Key is still running (or was cut short by a restart)", body = Detail),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn backup(
@@ -152,16 +157,16 @@ pub async fn backup(
 }
 
 /// Overwrite the server's disks with a completed backup of it. Answers at once.
-#[utoipa::path(post, path = "/api/v1/servers/{server_id}/restore/", tag = "servers",
-    params(("server_id" = i64, Path, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 printable characters; a retry with the same key and body gets the first answer back and starts nothing new (24 h)")),
-    request_body(content = serde_json::Value, description = r#"{"backup_id": 501}"#),
+#[utoipa::path(post, path = "/api/v1/servers/{server_id}/restore/", tag = "servers", operation_id = "servers_restore",
+    params(("server_id" = i64, Path, minimum = 1, maximum = 9223372036854775807i64, description = "Server id"), ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255, pattern = r"^[ -~]+$", description = "1 to 255 printable ASCII characters; a retry with the same key and body gets the first answer back (with `Idempotent-Replayed: true`) and starts nothing new; keys are kept 24 h")),
+    request_body(content = RestoreBody, description = "The backup to restore"),
     responses(
         (status = 202, description = "Restore started (or, with `Idempotent-Replayed: true`, the stored answer to the first request with this Idempotency-Key)", body = RestoreView),
-        (status = 400, description = "Bad backup_id or Idempotency-Key, a backup not completed, or of another server"),
-        (status = 422, description = "This Idempotency-Key was used for a different request", body = super::views::Detail),
-        (status = 401, description = "Missing or invalid token", body = super::views::Detail),
-        (status = 404, description = "Server or backup not found", body = super::views::Detail),
-        (status = 409, description = "A backup or restore of this server is running, or the first request with this Idempotency-Key is", body = super::views::Detail),
+        (status = 400, description = "Invalid backup_id or Idempotency-Key, a backup that is not completed, is damaged, or is of another server", body = BadRequestDoc),
+        (status = 401, description = "Missing or invalid token", body = Detail),
+        (status = 404, description = "Server or backup not found", body = Detail),
+        (status = 409, description = "A backup or restore of this server is queued or running, or the first request with this Idempotency-Key is still running", body = Detail),
+        (status = 422, description = "This Idempotency-Key was used for a different request", body = Detail),
     ),
     security(("bearer" = [])))]
 pub async fn restore(

@@ -8,6 +8,41 @@ use vpsbackup_catalog::{Backup, Plan, Restore, Server, MANUAL_BACKUP_LIMIT};
 
 use crate::clock::rfc3339;
 
+// The closed sets of words the views carry as `&'static str`, declared to
+// the OpenAPI document as enums (`value_type`); never built at run time.
+
+/// How a backup was made.
+#[derive(Serialize, ToSchema)]
+#[schema(as = BackupType)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum BackupTypeDoc {
+    Manual,
+    Automatic,
+}
+
+/// Where a backup or restore job is.
+#[derive(Serialize, ToSchema)]
+#[schema(as = JobStatus)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum JobStatusDoc {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+/// What a server is doing.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ServerStatus)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ServerStatusDoc {
+    Active,
+    BackingUp,
+    Restoring,
+}
+
 /// A server as other objects name it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ServerRef {
@@ -20,32 +55,38 @@ pub struct ServerRef {
 pub struct BackupView {
     pub id: i64,
     pub server: ServerRef,
-    /// "manual" or "automatic".
-    #[schema(example = "manual")]
+    #[schema(value_type = BackupTypeDoc)]
     pub backup_type: &'static str,
-    /// "in_progress", "completed" or "failed".
-    #[schema(example = "completed")]
+    #[schema(value_type = JobStatusDoc)]
     pub status: &'static str,
     /// MiB of disk data captured (zeros excluded), rounded up; null until completed.
+    #[schema(required)]
     pub size_mb: Option<u64>,
-    #[schema(example = "2025-01-16T03:00:00Z")]
+    #[schema(format = DateTime, example = "2025-01-16T03:00:00Z")]
     pub created_at: String,
     /// Null for manual backups; created_at + the plan's retention for automatic ones.
+    #[schema(required, format = DateTime)]
     pub expires_at: Option<String>,
     pub description: String,
     /// 0..100; 100 once completed.
+    #[schema(maximum = 100)]
     pub progress: u8,
     /// Why a failed backup failed.
+    #[schema(required)]
     pub error: Option<String>,
+    #[schema(required, format = DateTime)]
     pub completed_at: Option<String>,
     /// When the backup's data was last re-read and checked.
+    #[schema(required, format = DateTime)]
     pub verified_at: Option<String>,
     /// True when verification found the backup's data damaged; it cannot be restored.
     pub damaged: bool,
     /// What verification found wrong (null when not damaged).
+    #[schema(required)]
     pub verify_error: Option<String>,
     /// Present on the answer to a create.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub message: Option<&'static str>,
 }
 
@@ -80,13 +121,21 @@ pub struct RestoreView {
     pub id: i64,
     pub server: ServerRef,
     pub backup_id: i64,
-    /// "in_progress", "completed" or "failed".
+    #[schema(value_type = JobStatusDoc)]
     pub status: &'static str,
+    /// 0..100; 100 once completed.
+    #[schema(maximum = 100)]
     pub progress: u8,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(required, format = DateTime)]
     pub completed_at: Option<String>,
+    /// Why a failed restore failed.
+    #[schema(required)]
     pub error: Option<String>,
+    /// Present on the answer to a create.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub message: Option<&'static str>,
 }
 
@@ -115,6 +164,7 @@ pub struct PlanView {
     pub id: i64,
     pub name: String,
     /// Days automatic backups are kept (7..30).
+    #[schema(minimum = 7, maximum = 30)]
     pub retention_days: u32,
 }
 
@@ -132,7 +182,7 @@ impl From<&Plan> for PlanView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BackupWindow {
     /// "HH:MM" UTC.
-    #[schema(example = "03:00")]
+    #[schema(example = "03:00", pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
     pub start: String,
     pub duration_minutes: u32,
 }
@@ -143,10 +193,12 @@ pub struct ServerView {
     pub id: i64,
     pub name: String,
     pub hostname: String,
-    /// "active", "backing_up" or "restoring".
+    #[schema(value_type = ServerStatusDoc)]
     pub status: &'static str,
     pub plan: PlanView,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
     /// Manual backups in progress or completed (failed ones do not count).
     pub manual_backups_used: u32,
@@ -159,7 +211,7 @@ pub struct ServerView {
     /// automatic backups are off for this server or for the whole service.
     /// A backup that is due now, or a retry of today's failed one, shows the
     /// time it is planned for.
-    #[schema(example = "2025-01-17T03:12:00Z")]
+    #[schema(required, format = DateTime, example = "2025-01-17T03:12:00Z")]
     pub next_backup_at: Option<String>,
     pub disk_count: usize,
 }
@@ -195,7 +247,11 @@ impl ServerView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T: ToSchema> {
     pub count: u64,
+    /// The next page's URL; null on the last page.
+    #[schema(required)]
     pub next: Option<String>,
+    /// The previous page's URL; null on the first page.
+    #[schema(required)]
     pub previous: Option<String>,
     pub results: Vec<T>,
 }
@@ -204,9 +260,13 @@ pub struct Page<T: ToSchema> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MeView {
     /// The account id (null for an admin token).
+    #[schema(required)]
     pub id: Option<i64>,
     /// The account name (null for an admin token).
+    #[schema(required)]
     pub name: Option<String>,
+    /// When the account was created (null for an admin token).
+    #[schema(required, format = DateTime)]
     pub created_at: Option<String>,
     pub token_name: String,
     /// The first characters of the token.
@@ -214,6 +274,7 @@ pub struct MeView {
     pub is_admin: bool,
     /// Where the account's events (`backup.completed`, ...) are POSTed; null
     /// when none is set. The signing secret is never shown.
+    #[schema(required)]
     pub webhook_url: Option<String>,
 }
 
@@ -222,4 +283,21 @@ pub struct MeView {
 pub struct Detail {
     #[schema(example = "Not found.")]
     pub detail: String,
+}
+
+/// Bad input, field by field, as Django REST Framework reports it: each bad
+/// field (or `non_field_errors`) with its messages.
+#[derive(Serialize, ToSchema)]
+#[schema(as = FieldErrors, example = json!({"server_id": ["This field is required."]}))]
+#[allow(dead_code)]
+pub struct FieldErrorsDoc(pub std::collections::BTreeMap<String, Vec<String>>);
+
+/// A 400: one sentence, or bad input field by field.
+#[derive(Serialize, ToSchema)]
+#[schema(as = BadRequest)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum BadRequestDoc {
+    Detail(Detail),
+    Fields(FieldErrorsDoc),
 }
