@@ -44,9 +44,8 @@ pub(crate) fn run(
 ) -> Result<RestoreSummary, EngineError> {
     let found_bad = Mutex::new(Vec::new());
     let res = run_noting(inner, backup_id, targets, only_disk, opts, job, &found_bad);
-    let found: Vec<(Location, ChunkFault)> = found_bad
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
+    let found: Vec<(Location, ChunkFault)> =
+        found_bad.into_inner().unwrap_or_else(|e| e.into_inner());
     // Whatever happened to the restore, copies found bad stay quarantined.
     let quarantined = crate::quarantine::record(&*inner.storage, "restore", &found);
     let summary = res?;
@@ -122,11 +121,9 @@ fn run_noting(
         summary.chunks_written += ctx.written.into_inner();
         summary.chunks_skipped += ctx.skipped.into_inner();
         let damaged = ctx.damaged.into_inner().unwrap_or_else(|e| e.into_inner());
-        summary.damaged.extend(merge_ranges(
-            d,
-            manifest.header.chunk_size as u64,
-            damaged,
-        ));
+        summary
+            .damaged
+            .extend(merge_ranges(d, manifest.header.chunk_size as u64, damaged));
         let finished = match done {
             Ok(()) => writer.finish().map_err(EngineError::from),
             Err(e) => {
@@ -242,7 +239,9 @@ pub(crate) fn fetch_or_fail(
     let mut found = Vec::new();
     let res = chunks::fetch_noting(&*inner.storage, index, id, &mut found);
     if !found.is_empty() {
-        bad.lock().unwrap_or_else(|e| e.into_inner()).append(&mut found);
+        bad.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut found);
     }
     match res? {
         Ok(raw) => Ok(raw),

@@ -137,8 +137,10 @@ impl VerifySession {
         // One index reload per backup at most: a chunk still missing after
         // it is missing.
         let mut may_reload = true;
-        if !self.memory.bad.is_empty() && self.reload_index(&mut may_reload)? {
-            // A backup stored since may hold good copies of them.
+        if !self.memory.bad.is_empty() && self.index_changed()? {
+            // A backup stored since may hold good copies of the damaged
+            // chunks, repairing this one: look again.
+            self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
             self.memory.bad.clear();
         }
         let res = self.verify_lists(m, job, &mut v, &mut may_reload, &mut missing, &mut corrupt);
@@ -265,6 +267,15 @@ impl VerifySession {
             return Ok(false);
         }
         *may_reload = false;
+        if !self.index_changed()? {
+            return Ok(false);
+        }
+        self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
+        Ok(true)
+    }
+
+    /// Whether the store's index objects differ from those loaded.
+    fn index_changed(&self) -> Result<bool, EngineError> {
         let now: HashSet<String> = self
             .inner
             .storage
@@ -272,12 +283,14 @@ impl VerifySession {
             .into_iter()
             .map(|m| m.key)
             .collect();
-        let loaded: HashSet<String> = self.index.sources.iter().cloned().collect();
-        if now == loaded {
-            return Ok(false);
-        }
-        self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
-        Ok(true)
+        let loaded: HashSet<String> = self
+            .index
+            .sources
+            .iter()
+            .chain(self.index.damaged_sources.iter().map(|(k, _)| k))
+            .cloned()
+            .collect();
+        Ok(now != loaded)
     }
 
     /// Checks `ids`: chunks with a remembered verdict are not read, the
