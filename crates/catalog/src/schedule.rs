@@ -99,7 +99,9 @@ pub trait ScheduleCatalog: Send + Sync {
 
     /// Records a verification of one backup. `error` set means damaged;
     /// the first time a backup is found damaged, its `backup.damaged`
-    /// webhook event is written in the same transaction.
+    /// webhook event is written in the same transaction. A damaged backup
+    /// found good (`error` None) has `damaged` and `verify_error` cleared
+    /// and its `backup.repaired` event written, in the same transaction.
     /// `Ok(false)` when the backup no longer exists.
     async fn record_verification(
         &self,
