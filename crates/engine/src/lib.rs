@@ -275,6 +275,27 @@ pub struct StoreStats {
     pub objects: u64,
 }
 
+/// Damage the store knows of without reading chunk data: for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreHealth {
+    /// Chunk copies quarantined (found corrupt or missing); the next backup
+    /// of the same data stores good copies.
+    pub quarantined_copies: u64,
+    /// Index objects that cannot be decoded, each with the reason: GC
+    /// refuses to run until `rebuild-index` replaces them.
+    pub damaged_index_objects: Vec<String>,
+    /// Backups whose manifest cannot be read, each with the reason.
+    pub damaged_manifests: Vec<String>,
+}
+
+impl StoreHealth {
+    pub fn is_ok(&self) -> bool {
+        self.quarantined_copies == 0
+            && self.damaged_index_objects.is_empty()
+            && self.damaged_manifests.is_empty()
+    }
+}
+
 impl Repository {
     /// Opens the store in `dir` (the local filesystem backend), creating it if empty.
     pub fn open_local(dir: &Path) -> Result<Repository, EngineError> {
@@ -517,6 +538,38 @@ impl Repository {
     pub fn backup_info(&self, backup_id: &str) -> Result<BackupInfo, EngineError> {
         let m = self.inner.manifest(backup_id)?;
         Ok(info_of(&m))
+    }
+
+    /// What is known damaged: quarantined copies, index objects and
+    /// manifests that fail their checks. Reads the index objects and
+    /// manifests (not the packs).
+    pub fn health(&self) -> Result<StoreHealth, EngineError> {
+        let storage = &*self.inner.storage;
+        let mut h = StoreHealth {
+            quarantined_copies: quarantine::load(storage)?.copies.len() as u64,
+            ..Default::default()
+        };
+        for meta in storage.list("index/")? {
+            match storage.get(&meta.key) {
+                Ok(obj) => {
+                    if let Err(e) = format::IndexFile::decode(&meta.key, &obj) {
+                        h.damaged_index_objects.push(e.to_string());
+                    }
+                }
+                Err(StorageError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for id in self.backup_ids()? {
+            match self.backup_info(&id) {
+                Ok(_) | Err(EngineError::BackupNotFound(_)) => {}
+                Err(e @ EngineError::BadObject { .. }) => {
+                    h.damaged_manifests.push(format!("backup {id}: {e}"))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(h)
     }
 
     /// Stored bytes (packs) and logical bytes (disk data of all backups).
