@@ -79,8 +79,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let mut live = HashSet::new();
     let marked = mark(inner, &index, None, &mut live, &mut found_bad);
     // Quarantined even when a damaged backup stops this GC.
-    crate::quarantine::record(storage, "gc", &found_bad)?;
-    found_bad.clear();
+    record_found(storage, &index, std::mem::take(&mut found_bad))?;
     let manifests_seen = marked?;
 
     // Canonical copy of each live chunk, and live bytes per pack.
@@ -132,7 +131,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     }
 
     let repacked = repack(inner, &to_repack, &canonical, &mut report, &mut found_bad);
-    crate::quarantine::record(storage, "gc", &found_bad)?;
+    record_found(storage, &index, found_bad)?;
     let repacked = repacked?;
     for p in &repacked.old {
         condemned.insert(*p, 0);
@@ -238,6 +237,17 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         storage.delete(&k)?;
     }
     Ok(report)
+}
+
+fn record_found(
+    storage: &dyn crate::storage::Storage,
+    index: &ChunkIndex,
+    bad: Vec<(Location, ChunkFault)>,
+) -> Result<(), EngineError> {
+    let mut found = crate::quarantine::Found::default();
+    found.add(storage, index, bad)?;
+    crate::quarantine::record(storage, "gc", &found.copies)?;
+    Ok(())
 }
 
 /// Replaces the quarantine records read at the start with one holding

@@ -17,7 +17,7 @@ use crate::format::{
     decode_json, encode_json, now_ms, random_hex, ChunkId, PackId, QuarantineRecord,
     QuarantinedCopy, QUARANTINE_MAGIC,
 };
-use crate::index::Location;
+use crate::index::{ChunkIndex, Location};
 use crate::storage::{Storage, StorageError};
 use crate::EngineError;
 use std::collections::HashSet;
@@ -34,6 +34,55 @@ pub(crate) struct Quarantine {
 }
 
 pub(crate) const PREFIX: &str = "quarantine/";
+
+/// Copies found bad by one operation, to be recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    pub(crate) copies: Vec<(Location, ChunkFault)>,
+    /// Packs whose size was already checked.
+    checked: HashSet<PackId>,
+}
+
+impl Found {
+    /// Adds copies found bad. When one is bad because its pack is gone or
+    /// shorter than the index says, every copy the index places past the
+    /// pack's end is added too: a lost chunk list hides the chunks it
+    /// names from a verify, and the next backup must not dedup against
+    /// them either, or it would take two rounds to heal.
+    pub(crate) fn add(
+        &mut self,
+        storage: &dyn Storage,
+        index: &ChunkIndex,
+        bad: Vec<(Location, ChunkFault)>,
+    ) -> Result<(), EngineError> {
+        for (loc, fault) in bad {
+            let end = u64::from(loc.entry.offset) + u64::from(loc.entry.stored_len);
+            if self.checked.insert(loc.pack) {
+                let size = storage.head(&loc.pack.key())?.map_or(0, |m| m.size);
+                if size < end {
+                    let why = if size == 0 {
+                        ChunkFault::Missing
+                    } else {
+                        ChunkFault::Corrupt(format!("pack {} is truncated", loc.pack.key()))
+                    };
+                    self.copies.extend(
+                        index
+                            .iter()
+                            .filter(|l| {
+                                l.pack == loc.pack
+                                    && u64::from(l.entry.offset) + u64::from(l.entry.stored_len)
+                                        > size
+                                    && l.entry.id != loc.entry.id
+                            })
+                            .map(|l| (l, why.clone())),
+                    );
+                }
+            }
+            self.copies.push((loc, fault));
+        }
+        Ok(())
+    }
+}
 
 /// Reads every quarantine record. A damaged record is skipped (and listed
 /// in [`Quarantine::unreadable`]): quarantine is a hint to avoid bad

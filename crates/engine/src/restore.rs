@@ -42,10 +42,12 @@ pub(crate) fn run(
     opts: RestoreOptions,
     job: &JobControl,
 ) -> Result<RestoreSummary, EngineError> {
-    let found_bad = Mutex::new(Vec::new());
+    let found_bad = Mutex::new(crate::quarantine::Found::default());
     let res = run_noting(inner, backup_id, targets, only_disk, opts, job, &found_bad);
-    let found: Vec<(Location, ChunkFault)> =
-        found_bad.into_inner().unwrap_or_else(|e| e.into_inner());
+    let found = found_bad
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .copies;
     // Whatever happened to the restore, copies found bad stay quarantined.
     let quarantined = crate::quarantine::record(&*inner.storage, "restore", &found);
     let summary = res?;
@@ -61,7 +63,7 @@ fn run_noting(
     only_disk: Option<usize>,
     opts: RestoreOptions,
     job: &JobControl,
-    found_bad: &Mutex<Vec<(Location, ChunkFault)>>,
+    found_bad: &Mutex<crate::quarantine::Found>,
 ) -> Result<RestoreSummary, EngineError> {
     let manifest = inner.manifest(backup_id)?;
     let disks: Vec<usize> = match only_disk {
@@ -158,7 +160,7 @@ struct DiskRestore<'a> {
     job: &'a JobControl,
     allow_damaged: bool,
     /// Copies found bad, for the quarantine.
-    found_bad: &'a Mutex<Vec<(Location, ChunkFault)>>,
+    found_bad: &'a Mutex<crate::quarantine::Found>,
     /// (disk offset, length) written as zeros for want of a readable chunk.
     damaged: Mutex<Vec<(u64, u64)>>,
     failed: AtomicBool,
@@ -175,7 +177,7 @@ pub(crate) fn for_each_list(
     index: &ChunkIndex,
     manifest: &Manifest,
     disk: usize,
-    bad: &Mutex<Vec<(Location, ChunkFault)>>,
+    bad: &Mutex<crate::quarantine::Found>,
     mut unreadable: Option<&mut dyn FnMut(u64, u64)>,
     mut f: impl FnMut(u64, Vec<ChunkId>) -> Result<bool, EngineError>,
 ) -> Result<(), EngineError> {
@@ -234,14 +236,14 @@ pub(crate) fn fetch_or_fail(
     index: &ChunkIndex,
     id: &ChunkId,
     backup_id: &str,
-    bad: &Mutex<Vec<(Location, ChunkFault)>>,
+    bad: &Mutex<crate::quarantine::Found>,
 ) -> Result<Vec<u8>, EngineError> {
     let mut found = Vec::new();
     let res = chunks::fetch_noting(&*inner.storage, index, id, &mut found);
     if !found.is_empty() {
         bad.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .append(&mut found);
+            .add(&*inner.storage, index, found)?;
     }
     match res? {
         Ok(raw) => Ok(raw),

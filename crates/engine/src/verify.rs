@@ -53,7 +53,7 @@ pub struct VerifySession {
     index: ChunkIndex,
     memory: Verdicts,
     /// Copies found bad during the current backup, quarantined at its end.
-    found_bad: Vec<(Location, ChunkFault)>,
+    found_bad: crate::quarantine::Found,
     /// Declared last: the marker goes only after the rest is dropped.
     _guard: WriterGuard,
 }
@@ -78,7 +78,7 @@ impl VerifySession {
             inner,
             index,
             memory: Verdicts::new(limit),
-            found_bad: Vec::new(),
+            found_bad: Default::default(),
             _guard: guard,
         })
     }
@@ -156,6 +156,7 @@ impl VerifySession {
     /// quarantine (those not already quarantined) and in this index.
     fn quarantine_found(&mut self) -> Result<(), EngineError> {
         let found: Vec<(Location, ChunkFault)> = std::mem::take(&mut self.found_bad)
+            .copies
             .into_iter()
             .filter(|(l, _)| !self.index.quarantined(l))
             .collect();
@@ -252,12 +253,10 @@ impl VerifySession {
             v.chunks_read += 1;
             v.bytes_read += loc.entry.stored_len as u64;
         }
-        Ok(chunks::fetch_noting(
-            &*self.inner.storage,
-            &self.index,
-            id,
-            &mut self.found_bad,
-        )?)
+        let mut bad = Vec::new();
+        let found = chunks::fetch_noting(&*self.inner.storage, &self.index, id, &mut bad)?;
+        self.found_bad.add(&*self.inner.storage, &self.index, bad)?;
+        Ok(found)
     }
 
     /// Reloads the index if this backup has not done so yet and the
@@ -437,8 +436,8 @@ impl VerifySession {
             Ok(())
         })?;
         v.bytes_read += bytes_read.into_inner();
-        self.found_bad
-            .extend(found_bad.into_inner().expect("bad lock"));
+        let bad = found_bad.into_inner().expect("bad lock");
+        self.found_bad.add(&*self.inner.storage, &self.index, bad)?;
         Ok(results.into_inner().expect("results lock"))
     }
 }

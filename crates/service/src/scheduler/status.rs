@@ -225,7 +225,7 @@ impl fmt::Display for StatusReport {
         for e in &h.damaged_index_objects {
             writeln!(
                 f,
-                "Damaged: {e} GC will not run until the index is rebuilt (vpsbackup store rebuild-index)."
+                "Damaged index object: {e} GC will not run until the index is rebuilt (vpsbackup store rebuild-index)."
             )?;
         }
         for e in &h.damaged_manifests {
