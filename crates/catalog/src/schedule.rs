@@ -90,6 +90,8 @@ pub trait ScheduleCatalog: Send + Sync {
     async fn expired_backups(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<Backup>>;
 
     /// Completed backups never verified or last verified before `before`,
+    /// and damaged backups of a server with a backup completed since their
+    /// last check (its new copies of their chunks may have repaired them),
     /// the longest unchecked first, at most `limit`.
     async fn backups_due_for_verify(
         &self,

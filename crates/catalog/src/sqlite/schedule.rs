@@ -91,7 +91,10 @@ impl ScheduleCatalog for SqliteCatalog {
     ) -> Result<Vec<Backup>> {
         sqlx::query(&format!(
             "{BACKUP_SELECT} WHERE b.status = 'completed' \
-             AND (b.verified_at IS NULL OR b.verified_at < ?) \
+             AND (b.verified_at IS NULL OR b.verified_at < ? \
+               OR (b.damaged = 1 AND EXISTS (SELECT 1 FROM backups n \
+                 WHERE n.server_id = b.server_id AND n.id <> b.id \
+                 AND n.status = 'completed' AND n.completed_at >= b.verified_at))) \
              ORDER BY b.verified_at IS NOT NULL, b.verified_at, b.id LIMIT ?"
         ))
         .bind(secs(before))
