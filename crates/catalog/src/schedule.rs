@@ -90,6 +90,8 @@ pub trait ScheduleCatalog: Send + Sync {
     async fn expired_backups(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<Backup>>;
 
     /// Completed backups never verified or last verified before `before`,
+    /// and damaged backups of a server with a backup completed since their
+    /// last check (its new copies of their chunks may have repaired them),
     /// the longest unchecked first, at most `limit`.
     async fn backups_due_for_verify(
         &self,
@@ -99,7 +101,9 @@ pub trait ScheduleCatalog: Send + Sync {
 
     /// Records a verification of one backup. `error` set means damaged;
     /// the first time a backup is found damaged, its `backup.damaged`
-    /// webhook event is written in the same transaction.
+    /// webhook event is written in the same transaction. A damaged backup
+    /// found good (`error` None) has `damaged` and `verify_error` cleared
+    /// and its `backup.repaired` event written, in the same transaction.
     /// `Ok(false)` when the backup no longer exists.
     async fn record_verification(
         &self,

@@ -31,6 +31,9 @@ pub enum WebhookEventKind {
     BackupFailed,
     /// A scheduled verification found a completed backup's data damaged.
     BackupDamaged,
+    /// A later verification found a damaged backup good again (a newer
+    /// backup stored good copies of its damaged chunks).
+    BackupRepaired,
     RestoreCompleted,
     RestoreFailed,
 }
@@ -41,6 +44,7 @@ impl WebhookEventKind {
             WebhookEventKind::BackupCompleted => "backup.completed",
             WebhookEventKind::BackupFailed => "backup.failed",
             WebhookEventKind::BackupDamaged => "backup.damaged",
+            WebhookEventKind::BackupRepaired => "backup.repaired",
             WebhookEventKind::RestoreCompleted => "restore.completed",
             WebhookEventKind::RestoreFailed => "restore.failed",
         }
@@ -51,6 +55,7 @@ impl WebhookEventKind {
             "backup.completed" => WebhookEventKind::BackupCompleted,
             "backup.failed" => WebhookEventKind::BackupFailed,
             "backup.damaged" => WebhookEventKind::BackupDamaged,
+            "backup.repaired" => WebhookEventKind::BackupRepaired,
             "restore.completed" => WebhookEventKind::RestoreCompleted,
             "restore.failed" => WebhookEventKind::RestoreFailed,
             _ => return None,

@@ -347,3 +347,55 @@ async fn verification_results_and_task_runs() {
     let run = cat.task_run("gc").await.unwrap().unwrap();
     assert_eq!((run.last_run, run.summary.as_str()), (v1, "freed 2 MiB"));
 }
+
+/// A damaged backup is due again as soon as a newer backup of its server
+/// completes (that backup's fresh copies may repair it), not only after
+/// the interval; once found good it waits for the interval again.
+#[tokio::test]
+async fn a_damaged_backup_is_due_again_after_a_newer_backup_of_its_server() {
+    let (_d, cat) = setup().await;
+    let now = t0();
+    let a = cat
+        .create_backup(automatic(1, t0(), now), now)
+        .await
+        .unwrap();
+    let done = JobOutcome::BackupCompleted {
+        size_mb: 1,
+        stored_bytes: 1,
+    };
+    run_next(&cat, now, done.clone()).await;
+    let v1 = now + Duration::hours(1);
+    cat.record_verification(a.id, v1, Some("1 corrupt chunk"))
+        .await
+        .unwrap();
+    let within = v1 - Duration::hours(1);
+    let due = |cat: &SqliteCatalog| {
+        let cat = cat.clone();
+        async move {
+            cat.backups_due_for_verify(within, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(due(&cat).await.is_empty());
+    // A newer backup of another server changes nothing.
+    let later = v1 + Duration::hours(1);
+    cat.create_backup(automatic(2, t0(), later), later)
+        .await
+        .unwrap();
+    run_next(&cat, later, done.clone()).await;
+    assert!(!due(&cat).await.contains(&a.id));
+    // One of the same server: due.
+    cat.create_backup(automatic(1, t0() + Duration::days(1), later), later)
+        .await
+        .unwrap();
+    run_next(&cat, later, done).await;
+    assert!(due(&cat).await.contains(&a.id));
+    cat.record_verification(a.id, later + Duration::hours(1), None)
+        .await
+        .unwrap();
+    assert!(!due(&cat).await.contains(&a.id));
+}

@@ -270,3 +270,59 @@ async fn a_backup_first_found_damaged_writes_one_event() {
         .await
         .unwrap());
 }
+
+/// A damaged backup found good again: `damaged` and `verify_error` are
+/// cleared and one `backup.repaired` event is written with them; further
+/// good verdicts write nothing more.
+#[tokio::test]
+async fn a_damaged_backup_found_good_writes_one_repaired_event() {
+    let (_d, cat) = fresh().await;
+    account_with_server(&cat, "a", 1).await;
+    cat.set_account_webhook("a", hook("https://a.example/h"))
+        .await
+        .unwrap();
+    let (b, _) = run_backup(&cat, 1, completed()).await;
+    let t0 = now() + Duration::days(1);
+    for e in cat.due_webhook_events(t0, 10).await.unwrap() {
+        cat.record_webhook_attempt(&e.id, WebhookAttempt::Delivered, t0)
+            .await
+            .unwrap();
+    }
+    assert!(cat
+        .record_verification(b.id, t0, Some("1 corrupt chunk"))
+        .await
+        .unwrap());
+    let damaged = cat.due_webhook_events(t0, 10).await.unwrap();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(damaged[0].kind, WebhookEventKind::BackupDamaged);
+    cat.record_webhook_attempt(&damaged[0].id, WebhookAttempt::Delivered, t0)
+        .await
+        .unwrap();
+
+    let t1 = t0 + Duration::days(1);
+    for pass in 0..2 {
+        assert!(cat
+            .record_verification(b.id, t1 + Duration::hours(pass), None)
+            .await
+            .unwrap());
+    }
+    let row = cat
+        .backup(b.id, vpsbackup_catalog::Scope::All)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!row.damaged, "{row:?}");
+    assert_eq!(row.verify_error, None);
+    let due = cat
+        .due_webhook_events(t1 + Duration::days(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "once, not at every good pass: {due:?}");
+    assert_eq!(due[0].kind, WebhookEventKind::BackupRepaired);
+    assert_eq!(due[0].kind.as_str(), "backup.repaired");
+    assert_eq!(
+        WebhookEventKind::parse("backup.repaired"),
+        Some(WebhookEventKind::BackupRepaired)
+    );
+    assert_eq!(due[0].subject, WebhookSubject::Backup(b.id));
+}

@@ -1,12 +1,14 @@
 //! `vpsbackup`: the one binary. Thin: parses the command line and calls the crates.
 //!
 //! `serve` runs the API; `account`, `token`, `plan` and `server` administer
-//! the catalog of the same data dir, also while `serve` runs (SQLite WAL
+//! the catalog of the same data dir, `restore` writes a backup to files of
+//! the provider's choice, also while `serve` runs (SQLite WAL
 //! lets them write beside it). Every failure prints its reason on stderr and
 //! exits non-zero (anyhow's report from `main`).
 
 mod admin;
 mod maintenance;
+mod restore;
 mod serve;
 mod store;
 
@@ -58,6 +60,9 @@ enum Command {
     Verify(maintenance::VerifyArgs),
     /// Servers with their last and next backup, backups kept, store size and dedup.
     Status,
+    /// Restore a backup to image files of the provider's choice (disaster
+    /// recovery; --allow-damaged for a backup marked damaged).
+    Restore(restore::RestoreArgs),
     /// Fills the catalog with completed backups for benchmarks (no data).
     #[command(hide = true)]
     BenchSeed(admin::BenchSeedArgs),
@@ -82,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         Command::Gc => admin::block_on(maintenance::gc(global)),
         Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),
         Command::Status => admin::block_on(maintenance::status(global)),
+        Command::Restore(args) => admin::block_on(restore::run(global, args)),
         Command::BenchSeed(args) => admin::block_on(admin::bench_seed(global, args)),
     }
 }

@@ -76,6 +76,7 @@ pub async fn verify(global: Global, args: VerifyArgs) -> anyhow::Result<()> {
     let mut damaged = 0;
     for v in &verdicts {
         match &v.damage {
+            None if v.repaired => println!("backup {}: ok (repaired)", v.backup),
             None => println!("backup {}: ok", v.backup),
             Some(reason) => {
                 damaged += 1;

@@ -16,19 +16,25 @@ pub(crate) enum ChunkFault {
     Corrupt(String),
 }
 
-/// Fetches, decompresses and verifies chunk `id`; tries every known copy.
-/// The outer error is a storage failure (retryable); the inner is the chunk's fault.
-pub(crate) fn fetch(
+/// Fetches, decompresses and verifies chunk `id`; tries every known copy
+/// (good ones first) and adds each copy found bad (pack gone, bytes that
+/// fail) to `bad`, for the caller to quarantine. The outer error is a
+/// storage failure (retryable); the inner is the chunk's fault.
+pub(crate) fn fetch_noting(
     storage: &dyn Storage,
     index: &ChunkIndex,
     id: &ChunkId,
+    bad: &mut Vec<(Location, ChunkFault)>,
 ) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
     let mut fault = ChunkFault::Missing;
     for loc in index.locations(id) {
         match fetch_at(storage, &loc)? {
             Ok(data) => return Ok(Ok(data)),
-            Err(ChunkFault::Missing) => {}
-            Err(f) => fault = f,
+            Err(ChunkFault::Missing) => bad.push((loc, ChunkFault::Missing)),
+            Err(f) => {
+                bad.push((loc, f.clone()));
+                fault = f;
+            }
         }
     }
     Ok(Err(fault))

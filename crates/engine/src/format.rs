@@ -3,7 +3,7 @@
 //! checksum, so any single object can be checked alone:
 //!
 //! - envelope objects (config, manifests, index files, writer markers,
-//!   pending-delete lists): `magic, version u32, payload len u32, payload,
+//!   pending-delete lists, quarantine records): `magic, version u32, payload len u32, payload,
 //!   crc32 u32` over everything before it;
 //! - packs: `"VPSBPACK", version u32, 0u32`, then chunk payloads, then a
 //!   trailer of [`PackEntry`] records and a fixed 24-byte footer
@@ -24,6 +24,7 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"VPSBMANI";
 pub const INDEX_MAGIC: &[u8; 8] = b"VPSBINDX";
 pub const WRITER_MAGIC: &[u8; 8] = b"VPSBWRTR";
 pub const PENDING_MAGIC: &[u8; 8] = b"VPSBPEND";
+pub const QUARANTINE_MAGIC: &[u8; 8] = b"VPSBQUAR";
 pub const PACK_MAGIC: &[u8; 8] = b"VPSBPACK";
 pub const PACK_END_MAGIC: &[u8; 8] = b"VPSBPTRL";
 
@@ -469,6 +470,29 @@ pub struct WriterMarker {
 pub struct PendingDeletes {
     /// (pack hex id, since when it is condemned, ms since the epoch)
     pub packs: Vec<(String, u64)>,
+}
+
+/// One quarantined copy of a chunk.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedCopy {
+    /// Chunk id, hex.
+    pub chunk: String,
+    /// Pack id, hex (the 32 hex digits of `packs/<2>/<32>`).
+    pub pack: String,
+    /// Why: "missing" or what failed when it was read.
+    pub reason: String,
+}
+
+/// A `quarantine/<ms>-<rand>` object: stored chunk copies found corrupt
+/// or missing (see `crate::quarantine`). Quarantine names a copy (chunk
+/// id and pack), never a chunk id alone: a good copy of the same id in
+/// another pack stays usable.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct QuarantineRecord {
+    /// What found the damage: `verify`, `restore`, `gc`.
+    pub found_by: String,
+    pub found_at_ms: u64,
+    pub copies: Vec<QuarantinedCopy>,
 }
 
 pub fn encode_json<T: Serialize>(magic: &[u8; 8], v: &T) -> Vec<u8> {

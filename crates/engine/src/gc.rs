@@ -16,8 +16,16 @@
 //! 5. The index objects read are consolidated into one without the deleted
 //!    packs (written before the old ones are removed).
 //!
-//! A damaged manifest or chunk list stops GC: it cannot know what that
-//! backup references, so it deletes nothing.
+//! A damaged manifest, chunk list or index object stops GC: it cannot know
+//! what that backup references (or where an unindexed pack's chunks are
+//! needed), so it deletes nothing.
+//!
+//! Quarantine (see [`crate::quarantine`]): a quarantined copy is no live
+//! copy. A live chunk's canonical copy is a good one when one exists (its
+//! quarantined copies may then go with their packs); only a chunk with no
+//! good copy left keeps its quarantined one. Copies GC itself finds bad
+//! (reading chunk lists, repacking) are quarantined, and the records are
+//! consolidated into one without the copies whose pack no longer exists.
 
 use crate::backup::write_index;
 use crate::chunks::{self, ChunkFault};
@@ -54,6 +62,14 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
 
     let (mut condemned, pending_keys) = load_pending(storage)?;
     let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
+    if let Some((key, why)) = index.damaged_sources.first() {
+        // Its packs would look unindexed, hence dead.
+        return Err(EngineError::InvalidRequest(format!(
+            "garbage collection stopped without deleting anything: index object {key} is damaged ({why}); rebuild the index from the packs first (vpsbackup store rebuild-index)"
+        )));
+    }
+    let quarantine = crate::quarantine::load(storage)?;
+    let mut found_bad = Vec::new();
     let packs: HashMap<PackId, ObjectMeta> = storage
         .list("packs/")?
         .into_iter()
@@ -61,7 +77,10 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         .collect();
 
     let mut live = HashSet::new();
-    let manifests_seen = mark(inner, &index, None, &mut live)?;
+    let marked = mark(inner, &index, None, &mut live, &mut found_bad);
+    // Quarantined even when a damaged backup stops this GC.
+    record_found(storage, &index, std::mem::take(&mut found_bad))?;
+    let manifests_seen = marked?;
 
     // Canonical copy of each live chunk, and live bytes per pack.
     let mut canonical: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
@@ -111,7 +130,9 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         }
     }
 
-    let repacked = repack(inner, &to_repack, &canonical, &mut report)?;
+    let repacked = repack(inner, &to_repack, &canonical, &mut report, &mut found_bad);
+    record_found(storage, &index, found_bad)?;
+    let repacked = repacked?;
     for p in &repacked.old {
         condemned.insert(*p, 0);
     }
@@ -143,7 +164,13 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
 
     // Backups finished since the mark may reference condemned packs.
     let mut late = HashSet::new();
-    mark(inner, &index, Some(&manifests_seen), &mut late)?;
+    mark(
+        inner,
+        &index,
+        Some(&manifests_seen),
+        &mut late,
+        &mut Vec::new(),
+    )?;
     for id in &late {
         let locs: Vec<Location> = index
             .locations(id)
@@ -197,6 +224,10 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         }
     }
 
+    consolidate_quarantine(storage, &quarantine, |p| {
+        packs.contains_key(p) && !deletable.contains(p)
+    })?;
+
     // Their entries are gone from the index now.
     condemned.retain(|p, _| !indexed_missing.contains(p));
     if let Some(k) = step_pending {
@@ -206,6 +237,61 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         storage.delete(&k)?;
     }
     Ok(report)
+}
+
+fn record_found(
+    storage: &dyn crate::storage::Storage,
+    index: &ChunkIndex,
+    bad: Vec<(Location, ChunkFault)>,
+) -> Result<(), EngineError> {
+    let mut found = crate::quarantine::Found::default();
+    found.add(storage, index, bad)?;
+    crate::quarantine::record(storage, "gc", &found.copies)?;
+    Ok(())
+}
+
+/// Replaces the quarantine records read at the start with one holding
+/// their copies whose pack still exists; damaged records go too (a verify
+/// finds their copies again). Records written meanwhile are not touched.
+fn consolidate_quarantine(
+    storage: &dyn crate::storage::Storage,
+    q: &crate::quarantine::Quarantine,
+    pack_exists: impl Fn(&PackId) -> bool,
+) -> Result<(), EngineError> {
+    let total: usize = q.records.iter().map(|(_, r)| r.copies.len()).sum();
+    let mut seen = HashSet::new();
+    let kept: Vec<_> = q
+        .records
+        .iter()
+        .flat_map(|(_, r)| r.copies.iter())
+        .filter(|c| {
+            crate::quarantine::parse_copy(c)
+                .is_some_and(|(chunk, pack)| pack_exists(&pack) && seen.insert((chunk, pack)))
+        })
+        .cloned()
+        .collect();
+    if q.records.len() <= 1 && kept.len() == total && q.unreadable.is_empty() {
+        return Ok(());
+    }
+    if !kept.is_empty() {
+        crate::quarantine::write(
+            storage,
+            &crate::format::QuarantineRecord {
+                found_by: "gc".into(),
+                found_at_ms: now_ms(),
+                copies: kept,
+            },
+        )?;
+    }
+    for key in q
+        .records
+        .iter()
+        .map(|(k, _)| k)
+        .chain(q.unreadable.iter().map(|(k, _)| k))
+    {
+        storage.delete(key)?;
+    }
+    Ok(())
 }
 
 fn ms_of(meta: &ObjectMeta) -> u64 {
@@ -222,6 +308,7 @@ fn mark(
     index: &ChunkIndex,
     skip: Option<&HashSet<String>>,
     live: &mut HashSet<ChunkId>,
+    bad: &mut Vec<(Location, ChunkFault)>,
 ) -> Result<HashSet<String>, EngineError> {
     let mut seen = HashSet::new();
     let mut fresh: Option<ChunkIndex> = None;
@@ -240,7 +327,7 @@ fn mark(
                 continue;
             }
             live.insert(*list_id);
-            let mut found = chunks::fetch(&*inner.storage, index, list_id)?;
+            let mut found = chunks::fetch_noting(&*inner.storage, index, list_id, bad)?;
             if found == Err(ChunkFault::Missing) {
                 // A backup that finished after the index was loaded: its index
                 // object was written before its manifest, so a fresh load has it.
@@ -248,7 +335,7 @@ fn mark(
                     fresh = Some(ChunkIndex::load(&*inner.storage, &HashSet::new())?);
                 }
                 let fresh = fresh.as_ref().expect("loaded above");
-                found = chunks::fetch(&*inner.storage, fresh, list_id)?;
+                found = chunks::fetch_noting(&*inner.storage, fresh, list_id, bad)?;
             }
             let raw = match found {
                 Ok(raw) => raw,
@@ -306,6 +393,7 @@ fn repack(
     packs: &[PackId],
     canonical: &HashMap<PackId, Vec<PackEntry>>,
     report: &mut GcReport,
+    bad: &mut Vec<(Location, ChunkFault)>,
 ) -> Result<Repacked, EngineError> {
     let storage = &*inner.storage;
     let mut out = Repacked {
@@ -346,10 +434,14 @@ fn repack(
             };
             let payload = match chunks::fetch_payload(storage, &loc)? {
                 Ok(p) => p,
-                Err(_) => continue 'packs,
+                Err(f) => {
+                    bad.push((loc, f));
+                    continue 'packs;
+                }
             };
             // Never copy a damaged chunk: leave the pack for verify to report.
-            if chunks::decode(&loc, &payload).is_err() {
+            if let Err(f) = chunks::decode(&loc, &payload) {
+                bad.push((loc, f));
                 continue 'packs;
             }
             moved.push((*e, payload));

@@ -1,5 +1,6 @@
 //! The in-memory chunk index: chunk id -> where it is stored, loaded from
-//! the `index/` objects at the start of each operation.
+//! the `index/` objects at the start of each operation, with the store's
+//! quarantine (copies found corrupt or missing, see [`crate::quarantine`]).
 //!
 //! Memory: a sorted vector of 52-byte records (id 32, then pack number,
 //! offset, stored length, raw length and flags, 4 bytes each), so about
@@ -30,21 +31,31 @@ struct Slot {
 }
 
 /// Every indexed chunk. A chunk may be listed in several packs (two writers
-/// stored it at once, or GC repacked it); lookups prefer packs not
-/// condemned by GC.
+/// stored it at once, GC repacked it, or a backup stored a fresh copy of a
+/// quarantined one); lookups prefer good copies in packs not condemned by
+/// GC, then good copies in condemned packs, then quarantined copies.
 #[derive(Debug, Default)]
 pub struct ChunkIndex {
     packs: Vec<PackId>,
     slots: Vec<Slot>,
     /// Packs condemned by GC (indexes into `packs`): not used for dedup.
     condemned: HashSet<u32>,
+    /// Quarantined copies (pack index, chunk): never used for dedup, tried
+    /// last. Usually empty, so lookups skip the hash when it is.
+    quarantined: HashSet<(u32, ChunkId)>,
     /// The index objects this was loaded from.
     pub(crate) sources: Vec<String>,
+    /// Index objects that could not be decoded, with the reason: their
+    /// chunks look missing (a backup stores them again; verify reports
+    /// the backups that need them) and GC refuses to run until
+    /// `rebuild-index` replaces them.
+    pub(crate) damaged_sources: Vec<(String, String)>,
 }
 
 impl ChunkIndex {
-    /// Loads every `index/` object; `condemned` packs stay readable but are
-    /// never offered for dedup.
+    /// Loads every `index/` object and the quarantine; `condemned` packs
+    /// stay readable but are never offered for dedup. A damaged index
+    /// object is skipped and listed in `damaged_sources`.
     pub fn load(storage: &dyn Storage, condemned: &HashSet<PackId>) -> Result<Self, EngineError> {
         let mut idx = ChunkIndex::default();
         let mut pack_nums = std::collections::HashMap::new();
@@ -55,19 +66,20 @@ impl ChunkIndex {
                 Err(crate::storage::StorageError::NotFound(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let file = IndexFile::decode(&meta.key, &obj)?;
-            idx.add_file(&file, &mut pack_nums);
-            idx.sources.push(meta.key);
+            idx.add_object(meta.key, &obj, &mut pack_nums);
         }
         // Index objects deleted by a concurrent GC are consolidated into one
         // written before the deletion; a second listing catches it.
-        let seen: HashSet<String> = idx.sources.iter().cloned().collect();
+        let seen: HashSet<String> = idx
+            .sources
+            .iter()
+            .chain(idx.damaged_sources.iter().map(|(k, _)| k))
+            .cloned()
+            .collect();
         for meta in storage.list("index/")? {
             if !seen.contains(&meta.key) {
                 if let Ok(obj) = storage.get(&meta.key) {
-                    let file = IndexFile::decode(&meta.key, &obj)?;
-                    idx.add_file(&file, &mut pack_nums);
-                    idx.sources.push(meta.key);
+                    idx.add_object(meta.key, &obj, &mut pack_nums);
                 }
             }
         }
@@ -76,8 +88,30 @@ impl ChunkIndex {
                 idx.condemned.insert(i as u32);
             }
         }
+        // Read after the index objects: a copy quarantined meanwhile is in
+        // this listing, whatever index object names it.
+        for (chunk, pack) in crate::quarantine::load(storage)?.copies {
+            if let Some(n) = pack_nums.get(&pack) {
+                idx.quarantined.insert((*n, chunk));
+            }
+        }
         idx.slots.sort_unstable_by_key(|s| s.id);
         Ok(idx)
+    }
+
+    fn add_object(
+        &mut self,
+        key: String,
+        obj: &[u8],
+        pack_nums: &mut std::collections::HashMap<PackId, u32>,
+    ) {
+        match IndexFile::decode(&key, obj) {
+            Ok(file) => {
+                self.add_file(&file, pack_nums);
+                self.sources.push(key);
+            }
+            Err(e) => self.damaged_sources.push((key, e.to_string())),
+        }
     }
 
     fn add_file(
@@ -120,11 +154,20 @@ impl ChunkIndex {
         }
     }
 
-    /// Whether a backup may reference `id` without storing it again.
+    fn is_quarantined(&self, s: &Slot) -> bool {
+        !self.quarantined.is_empty() && self.quarantined.contains(&(s.pack, s.id))
+    }
+
+    /// 0 for a good copy in a live pack, 1 in a condemned pack, 2 and 3
+    /// for the same quarantined: lower is tried first.
+    fn rank(&self, s: &Slot) -> u8 {
+        u8::from(self.is_quarantined(s)) * 2 + u8::from(self.condemned.contains(&s.pack))
+    }
+
+    /// Whether a backup may reference `id` without storing it again: only
+    /// with a copy neither condemned nor quarantined.
     pub fn has_for_dedup(&self, id: &ChunkId) -> bool {
-        self.range(id)
-            .iter()
-            .any(|s| !self.condemned.contains(&s.pack))
+        self.range(id).iter().any(|s| self.rank(s) == 0)
     }
 
     /// The first of [`Self::locations`], without allocating: restores and
@@ -133,16 +176,36 @@ impl ChunkIndex {
         let slots = self.range(id);
         slots
             .iter()
-            .find(|s| !self.condemned.contains(&s.pack))
-            .or(slots.first())
+            .find(|s| self.rank(s) == 0)
+            .or_else(|| slots.iter().min_by_key(|s| self.rank(s)))
             .map(|s| self.location(s))
     }
 
-    /// Every known location of `id`, packs not condemned first.
+    /// Every known location of `id`: good copies in live packs first, then
+    /// in condemned packs, quarantined copies last.
     pub fn locations(&self, id: &ChunkId) -> Vec<Location> {
         let mut v: Vec<&Slot> = self.range(id).iter().collect();
-        v.sort_by_key(|s| self.condemned.contains(&s.pack));
+        v.sort_by_key(|s| self.rank(s));
         v.into_iter().map(|s| self.location(s)).collect()
+    }
+
+    /// Whether this copy is quarantined.
+    pub fn quarantined(&self, loc: &Location) -> bool {
+        self.pack_num(&loc.pack)
+            .is_some_and(|n| self.quarantined.contains(&(n, loc.entry.id)))
+    }
+
+    /// Quarantines a copy in this index only (the caller records it in the
+    /// store): later lookups try it last.
+    pub(crate) fn quarantine(&mut self, loc: &Location) {
+        if let Some(n) = self.pack_num(&loc.pack) {
+            self.quarantined.insert((n, loc.entry.id));
+        }
+    }
+
+    fn pack_num(&self, pack: &PackId) -> Option<u32> {
+        // Rare (damage only): a scan of the pack list is fine.
+        self.packs.iter().position(|p| p == pack).map(|n| n as u32)
     }
 
     pub fn len(&self) -> usize {

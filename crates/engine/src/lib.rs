@@ -6,7 +6,8 @@
 //! (`packs/`), index objects saying where each chunk sits (`index/`),
 //! one manifest per backup (`backups/<id>`), markers of running writers
 //! (`writers/`), GC's pending deletions (`pending/`) and its lock
-//! (`locks/gc`). See [`format`] for
+//! (`locks/gc`), and the quarantine of chunk copies found corrupt or
+//! missing (`quarantine/`). See [`format`] for
 //! the bytes and ARCHITECTURE.md for the flow.
 //!
 //! Ordering invariants that make a crash at any instant harmless:
@@ -28,6 +29,7 @@ pub mod format;
 mod gc;
 pub mod index;
 mod job;
+mod quarantine;
 mod rebuild;
 mod restore;
 pub mod storage;
@@ -36,6 +38,7 @@ mod verify;
 pub use error::EngineError;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
+pub use restore::RestoreOptions;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
 pub use vpsbackup_disk::{detect_format, DiskFormat};
@@ -161,6 +164,35 @@ pub struct RestoreSummary {
     pub bytes_written: u64,
     pub chunks_written: u64,
     pub chunks_skipped: u64,
+    /// Ranges written as zeros because their chunks could not be read,
+    /// merged, in disk order (only with [`RestoreOptions::allow_damaged`];
+    /// otherwise the first bad chunk fails the restore).
+    pub damaged: Vec<DamagedRange>,
+}
+
+/// Bytes of a restored disk that could not be read from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// Index of the disk in the backup.
+    pub disk: usize,
+    pub offset: u64,
+    pub len: u64,
+    /// Chunks the range covers.
+    pub chunks: u64,
+}
+
+impl std::fmt::Display for DamagedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "disk {}: bytes {}-{} ({} chunk{}) unreadable, written as zeros",
+            self.disk,
+            self.offset,
+            self.offset + self.len - 1,
+            self.chunks,
+            if self.chunks == 1 { "" } else { "s" }
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -241,6 +273,27 @@ pub struct StoreStats {
     pub packs: u64,
     /// Every object in the store (packs, index, manifests, markers, config).
     pub objects: u64,
+}
+
+/// Damage the store knows of without reading chunk data: for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreHealth {
+    /// Chunk copies quarantined (found corrupt or missing); the next backup
+    /// of the same data stores good copies.
+    pub quarantined_copies: u64,
+    /// Index objects that cannot be decoded, each with the reason: GC
+    /// refuses to run until `rebuild-index` replaces them.
+    pub damaged_index_objects: Vec<String>,
+    /// Backups whose manifest cannot be read, each with the reason.
+    pub damaged_manifests: Vec<String>,
+}
+
+impl StoreHealth {
+    pub fn is_ok(&self) -> bool {
+        self.quarantined_copies == 0
+            && self.damaged_index_objects.is_empty()
+            && self.damaged_manifests.is_empty()
+    }
 }
 
 impl Repository {
@@ -356,7 +409,20 @@ impl Repository {
         targets: &[DiskImage],
         job: &JobControl,
     ) -> Result<RestoreSummary, EngineError> {
-        let res = restore::run(&self.inner, backup_id, targets, None, job);
+        self.restore_with(backup_id, targets, RestoreOptions::default(), job)
+    }
+
+    /// [`Repository::restore_as`] with options: `allow_damaged` writes
+    /// zeros where chunks cannot be read (the provider's disaster
+    /// recovery) and lists those ranges in the summary.
+    pub fn restore_with(
+        &self,
+        backup_id: &str,
+        targets: &[DiskImage],
+        opts: RestoreOptions,
+        job: &JobControl,
+    ) -> Result<RestoreSummary, EngineError> {
+        let res = restore::run(&self.inner, backup_id, targets, None, opts, job);
         if res.is_ok() {
             job.set_finished();
         }
@@ -376,6 +442,7 @@ impl Repository {
             backup_id,
             &[DiskImage::detect(target)],
             Some(disk),
+            RestoreOptions::default(),
             job,
         );
         if res.is_ok() {
@@ -471,6 +538,38 @@ impl Repository {
     pub fn backup_info(&self, backup_id: &str) -> Result<BackupInfo, EngineError> {
         let m = self.inner.manifest(backup_id)?;
         Ok(info_of(&m))
+    }
+
+    /// What is known damaged: quarantined copies, index objects and
+    /// manifests that fail their checks. Reads the index objects and
+    /// manifests (not the packs).
+    pub fn health(&self) -> Result<StoreHealth, EngineError> {
+        let storage = &*self.inner.storage;
+        let mut h = StoreHealth {
+            quarantined_copies: quarantine::load(storage)?.copies.len() as u64,
+            ..Default::default()
+        };
+        for meta in storage.list("index/")? {
+            match storage.get(&meta.key) {
+                Ok(obj) => {
+                    if let Err(e) = format::IndexFile::decode(&meta.key, &obj) {
+                        h.damaged_index_objects.push(e.to_string());
+                    }
+                }
+                Err(StorageError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for id in self.backup_ids()? {
+            match self.backup_info(&id) {
+                Ok(_) | Err(EngineError::BackupNotFound(_)) => {}
+                Err(e @ EngineError::BadObject { .. }) => {
+                    h.damaged_manifests.push(format!("backup {id}: {e}"))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(h)
     }
 
     /// Stored bytes (packs) and logical bytes (disk data of all backups).

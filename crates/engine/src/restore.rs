@@ -7,24 +7,63 @@
 //! existing target of the same size each chunk is read back and written
 //! only if it differs. A chunk that is missing or fails its hash stops the
 //! restore with an error naming it: nothing unverified is ever written.
+//!
+//! With [`RestoreOptions::allow_damaged`] (the provider's disaster
+//! recovery, never the customer API) a chunk or chunk list that cannot be
+//! read becomes zeros instead, and the summary lists the byte ranges so
+//! written. Either way every copy found bad is quarantined in the store.
 
 use crate::chunks::{self, ChunkFault};
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::{ChunkIndex, Location};
-use crate::{DiskImage, EngineError, JobControl, RepoInner, RestoreSummary};
+use crate::{DamagedRange, DiskImage, EngineError, JobControl, RepoInner, RestoreSummary};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use vpsbackup_disk::{is_zero, AlignedBuf, DiskWriter};
 
 /// Largest single write: neighbouring chunks are merged up to this size.
 const MAX_WRITE: usize = 4 << 20;
+
+/// How a restore treats damage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Write zeros where a chunk (or a whole chunk list) cannot be read and
+    /// go on, listing those ranges in [`RestoreSummary::damaged`]. Off by
+    /// default: the first bad chunk stops the restore.
+    pub allow_damaged: bool,
+}
 
 pub(crate) fn run(
     inner: &RepoInner,
     backup_id: &str,
     targets: &[DiskImage],
     only_disk: Option<usize>,
+    opts: RestoreOptions,
     job: &JobControl,
+) -> Result<RestoreSummary, EngineError> {
+    let found_bad = Mutex::new(crate::quarantine::Found::default());
+    let res = run_noting(inner, backup_id, targets, only_disk, opts, job, &found_bad);
+    let found = found_bad
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .copies;
+    // Whatever happened to the restore, copies found bad stay quarantined.
+    let quarantined = crate::quarantine::record(&*inner.storage, "restore", &found);
+    let summary = res?;
+    quarantined?;
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_noting(
+    inner: &RepoInner,
+    backup_id: &str,
+    targets: &[DiskImage],
+    only_disk: Option<usize>,
+    opts: RestoreOptions,
+    job: &JobControl,
+    found_bad: &Mutex<crate::quarantine::Found>,
 ) -> Result<RestoreSummary, EngineError> {
     let manifest = inner.manifest(backup_id)?;
     let disks: Vec<usize> = match only_disk {
@@ -71,6 +110,9 @@ pub(crate) fn run(
             writer: &*writer,
             fresh,
             job,
+            allow_damaged: opts.allow_damaged,
+            found_bad,
+            damaged: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
             written: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -80,6 +122,10 @@ pub(crate) fn run(
         summary.bytes_written += ctx.bytes.into_inner();
         summary.chunks_written += ctx.written.into_inner();
         summary.chunks_skipped += ctx.skipped.into_inner();
+        let damaged = ctx.damaged.into_inner().unwrap_or_else(|e| e.into_inner());
+        summary
+            .damaged
+            .extend(merge_ranges(d, manifest.header.chunk_size as u64, damaged));
         let finished = match done {
             Ok(()) => writer.finish().map_err(EngineError::from),
             Err(e) => {
@@ -112,18 +158,27 @@ struct DiskRestore<'a> {
     writer: &'a dyn DiskWriter,
     fresh: bool,
     job: &'a JobControl,
+    allow_damaged: bool,
+    /// Copies found bad, for the quarantine.
+    found_bad: &'a Mutex<crate::quarantine::Found>,
+    /// (disk offset, length) written as zeros for want of a readable chunk.
+    damaged: Mutex<Vec<(u64, u64)>>,
     failed: AtomicBool,
     written: AtomicU64,
     bytes: AtomicU64,
     skipped: AtomicU64,
 }
 
-/// Reads the chunk ids of every list chunk of one disk, in order.
+/// Reads the chunk ids of every list chunk of one disk, in order. With
+/// `unreadable`, a list that cannot be read is reported there (first chunk
+/// index, chunk count) and stands for zeros; without, it stops the walk.
 pub(crate) fn for_each_list(
     inner: &RepoInner,
     index: &ChunkIndex,
     manifest: &Manifest,
     disk: usize,
+    bad: &Mutex<crate::quarantine::Found>,
+    mut unreadable: Option<&mut dyn FnMut(u64, u64)>,
     mut f: impl FnMut(u64, Vec<ChunkId>) -> Result<bool, EngineError>,
 ) -> Result<(), EngineError> {
     let h = &manifest.header;
@@ -137,12 +192,24 @@ pub(crate) fn for_each_list(
         let ids = if list_id.is_zero() {
             vec![ChunkId::ZERO; n as usize]
         } else {
-            let raw = fetch_or_fail(inner, index, list_id, &h.backup_id)?;
-            decode_chunk_list(&raw).ok_or_else(|| EngineError::Corrupt {
-                chunk: list_id.to_hex(),
-                backup: Some(h.backup_id.clone()),
-                detail: "a chunk list of the wrong length".into(),
-            })?
+            let read = fetch_or_fail(inner, index, list_id, &h.backup_id, bad).and_then(|raw| {
+                decode_chunk_list(&raw).ok_or_else(|| EngineError::Corrupt {
+                    chunk: list_id.to_hex(),
+                    backup: Some(h.backup_id.clone()),
+                    detail: "a chunk list of the wrong length".into(),
+                })
+            });
+            match (read, unreadable.as_mut()) {
+                (Ok(ids), _) => ids,
+                (
+                    Err(EngineError::MissingChunk { .. } | EngineError::Corrupt { .. }),
+                    Some(note),
+                ) => {
+                    note(first, n);
+                    vec![ChunkId::ZERO; n as usize]
+                }
+                (Err(e), _) => return Err(e),
+            }
         };
         if ids.len() as u64 != n || n == 0 {
             return Err(EngineError::bad_object(
@@ -169,8 +236,16 @@ pub(crate) fn fetch_or_fail(
     index: &ChunkIndex,
     id: &ChunkId,
     backup_id: &str,
+    bad: &Mutex<crate::quarantine::Found>,
 ) -> Result<Vec<u8>, EngineError> {
-    match chunks::fetch(&*inner.storage, index, id)? {
+    let mut found = Vec::new();
+    let res = chunks::fetch_noting(&*inner.storage, index, id, &mut found);
+    if !found.is_empty() {
+        bad.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(&*inner.storage, index, found)?;
+    }
+    match res? {
         Ok(raw) => Ok(raw),
         Err(ChunkFault::Missing) => Err(EngineError::MissingChunk {
             chunk: id.to_hex(),
@@ -246,11 +321,24 @@ impl DiskRestore<'_> {
             }
             drop((rx, full_tx, free_rx));
             // Split each list into pieces so all workers stay busy on small disks.
+            let cs = self.manifest.header.chunk_size as u64;
+            let size = self.manifest.header.disks[self.disk].size;
+            let mut note = |first: u64, n: u64| {
+                let at = first * cs;
+                self.note_damaged(at, (n * cs).min(size - at));
+            };
+            let unreadable: Option<&mut dyn FnMut(u64, u64)> = if self.allow_damaged {
+                Some(&mut note)
+            } else {
+                None
+            };
             let produced = for_each_list(
                 self.inner,
                 self.index,
                 self.manifest,
                 self.disk,
+                self.found_bad,
+                unreadable,
                 |first, ids| {
                     self.job.check()?;
                     for (i, piece) in ids.chunks(PIECE).enumerate() {
@@ -387,16 +475,33 @@ impl<'a, 'r> Worker<'a, 'r> {
             if placed == 0 {
                 let i = needed[k];
                 let (off, len) = span(i);
-                let raw = fetch_or_fail(d.inner, d.index, &ids[i], &h.backup_id)?;
-                if raw.len() != len {
-                    return Err(EngineError::Corrupt {
-                        chunk: ids[i].to_hex(),
-                        backup: Some(h.backup_id.clone()),
-                        detail: format!("it holds {} bytes where the disk needs {len}", raw.len()),
+                let fetched = fetch_or_fail(d.inner, d.index, &ids[i], &h.backup_id, d.found_bad)
+                    .and_then(|raw| {
+                        if raw.len() == len {
+                            Ok(raw)
+                        } else {
+                            Err(EngineError::Corrupt {
+                                chunk: ids[i].to_hex(),
+                                backup: Some(h.backup_id.clone()),
+                                detail: format!(
+                                    "it holds {} bytes where the disk needs {len}",
+                                    raw.len()
+                                ),
+                            })
+                        }
                     });
-                }
                 self.make_room(off, len)?;
-                self.run.buf[self.run.len..self.run.len + len].copy_from_slice(&raw);
+                let slot = &mut self.run.buf[self.run.len..self.run.len + len];
+                match fetched {
+                    Ok(raw) => slot.copy_from_slice(&raw),
+                    Err(EngineError::MissingChunk { .. } | EngineError::Corrupt { .. })
+                        if d.allow_damaged =>
+                    {
+                        slot.fill(0);
+                        d.note_damaged(off, len as u64);
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.run.len += len;
                 placed = 1;
             }
@@ -435,7 +540,38 @@ impl<'a, 'r> Worker<'a, 'r> {
     }
 }
 
+/// Sorted, merged ranges of one disk (adjacent or overlapping ranges join).
+/// `chunk_size` counts the chunks a range covers.
+fn merge_ranges(disk: usize, chunk_size: u64, mut ranges: Vec<(u64, u64)>) -> Vec<DamagedRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<DamagedRange> = Vec::new();
+    for (offset, len) in ranges {
+        match out.last_mut() {
+            Some(r) if r.offset + r.len >= offset => {
+                r.len = r.len.max(offset + len - r.offset);
+            }
+            _ => out.push(DamagedRange {
+                disk,
+                offset,
+                len,
+                chunks: 0,
+            }),
+        }
+    }
+    for r in &mut out {
+        r.chunks = r.len.div_ceil(chunk_size);
+    }
+    out
+}
+
 impl DiskRestore<'_> {
+    fn note_damaged(&self, offset: u64, len: u64) {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((offset, len));
+    }
+
     /// Reads the payloads of the longest prefix of `needed` whose preferred
     /// copies sit back to back in one pack, with one ranged read.
     fn read_group(

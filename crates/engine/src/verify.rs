@@ -13,7 +13,14 @@
 //! [`crate::fence`]): GC deletes no pack it may still read, whatever the
 //! index it loaded at the start names. Its in-memory index is reloaded only
 //! when a chunk is missing from it and the store's index objects changed
-//! (a backup that finished after the session began).
+//! (a backup that finished after the session began), and, while it knows
+//! damaged chunks, before each backup when the index objects changed: a
+//! backup since may have stored a good copy, which repairs every backup
+//! referencing the chunk.
+//!
+//! Every copy found bad is quarantined in the store (see
+//! [`crate::quarantine`]) at the end of each backup's verification, so
+//! the next backup of the same bytes stores a fresh copy.
 
 use crate::chunks::{self, ChunkFault};
 use crate::fence::WriterGuard;
@@ -45,6 +52,8 @@ pub struct VerifySession {
     inner: Arc<RepoInner>,
     index: ChunkIndex,
     memory: Verdicts,
+    /// Copies found bad during the current backup, quarantined at its end.
+    found_bad: crate::quarantine::Found,
     /// Declared last: the marker goes only after the rest is dropped.
     _guard: WriterGuard,
 }
@@ -69,6 +78,7 @@ impl VerifySession {
             inner,
             index,
             memory: Verdicts::new(limit),
+            found_bad: Default::default(),
             _guard: guard,
         })
     }
@@ -127,6 +137,45 @@ impl VerifySession {
         // One index reload per backup at most: a chunk still missing after
         // it is missing.
         let mut may_reload = true;
+        if !self.memory.bad.is_empty() && self.index_changed()? {
+            // A backup stored since may hold good copies of the damaged
+            // chunks, repairing this one: look again.
+            self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
+            self.memory.bad.clear();
+        }
+        let res = self.verify_lists(m, job, &mut v, &mut may_reload, &mut missing, &mut corrupt);
+        // Quarantined even when cancelled: what was found bad stays found.
+        self.quarantine_found()?;
+        res?;
+        v.missing_chunks = missing.into_iter().collect();
+        v.corrupt_chunks = corrupt.into_iter().collect();
+        Ok(v)
+    }
+
+    /// Records the copies found bad since the last call in the store's
+    /// quarantine (those not already quarantined) and in this index.
+    fn quarantine_found(&mut self) -> Result<(), EngineError> {
+        let found: Vec<(Location, ChunkFault)> = std::mem::take(&mut self.found_bad)
+            .copies
+            .into_iter()
+            .filter(|(l, _)| !self.index.quarantined(l))
+            .collect();
+        crate::quarantine::record(&*self.inner.storage, "verify", &found)?;
+        for (l, _) in &found {
+            self.index.quarantine(l);
+        }
+        Ok(())
+    }
+
+    fn verify_lists(
+        &mut self,
+        m: &Manifest,
+        job: &JobControl,
+        v: &mut BackupVerification,
+        may_reload: &mut bool,
+        missing: &mut BTreeSet<String>,
+        corrupt: &mut BTreeSet<String>,
+    ) -> Result<(), EngineError> {
         let cs = m.header.chunk_size as u64;
         for (d, lists) in m.lists.iter().enumerate() {
             let size = m.header.disks[d].size;
@@ -146,14 +195,14 @@ impl VerifySession {
                 }
                 if let Some(f) = self.memory.fault(list_id) {
                     v.chunks_remembered += 1;
-                    record(*list_id, f, &mut missing, &mut corrupt);
+                    record(*list_id, f, missing, corrupt);
                     job.add_done(span);
                     continue;
                 }
-                let raw = match self.read_list(list_id, &mut may_reload, &mut v)? {
+                let raw = match self.read_list(list_id, may_reload, v)? {
                     Ok(raw) => raw,
                     Err(f) => {
-                        record(*list_id, &f, &mut missing, &mut corrupt);
+                        record(*list_id, &f, missing, corrupt);
                         self.memory.remember(list_id, Some(f));
                         job.add_done(span);
                         continue;
@@ -162,24 +211,22 @@ impl VerifySession {
                 let Some(ids) = decode_chunk_list(&raw) else {
                     // Its bytes match its hash, so the backup wrote a bad list.
                     let f = ChunkFault::Corrupt("not a valid chunk list".into());
-                    record(*list_id, &f, &mut missing, &mut corrupt);
+                    record(*list_id, &f, missing, corrupt);
                     self.memory.remember(list_id, Some(f));
                     job.add_done(span);
                     continue;
                 };
-                let faults = self.check(&ids, &mut may_reload, &mut v)?;
+                let faults = self.check(&ids, may_reload, v)?;
                 if faults.is_empty() {
                     self.memory.remember_list(list_id);
                 }
                 for (cid, fault) in &faults {
-                    record(*cid, fault, &mut missing, &mut corrupt);
+                    record(*cid, fault, missing, corrupt);
                 }
                 job.add_done(span);
             }
         }
-        v.missing_chunks = missing.into_iter().collect();
-        v.corrupt_chunks = corrupt.into_iter().collect();
-        Ok(v)
+        Ok(())
     }
 
     /// Fetches and checks a chunk list; a list missing from a stale index is
@@ -198,7 +245,7 @@ impl VerifySession {
     }
 
     fn fetch_counted(
-        &self,
+        &mut self,
         id: &ChunkId,
         v: &mut BackupVerification,
     ) -> Result<Result<Vec<u8>, ChunkFault>, EngineError> {
@@ -206,7 +253,10 @@ impl VerifySession {
             v.chunks_read += 1;
             v.bytes_read += loc.entry.stored_len as u64;
         }
-        Ok(chunks::fetch(&*self.inner.storage, &self.index, id)?)
+        let mut bad = Vec::new();
+        let found = chunks::fetch_noting(&*self.inner.storage, &self.index, id, &mut bad)?;
+        self.found_bad.add(&*self.inner.storage, &self.index, bad)?;
+        Ok(found)
     }
 
     /// Reloads the index if this backup has not done so yet and the
@@ -216,6 +266,15 @@ impl VerifySession {
             return Ok(false);
         }
         *may_reload = false;
+        if !self.index_changed()? {
+            return Ok(false);
+        }
+        self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
+        Ok(true)
+    }
+
+    /// Whether the store's index objects differ from those loaded.
+    fn index_changed(&self) -> Result<bool, EngineError> {
         let now: HashSet<String> = self
             .inner
             .storage
@@ -223,12 +282,14 @@ impl VerifySession {
             .into_iter()
             .map(|m| m.key)
             .collect();
-        let loaded: HashSet<String> = self.index.sources.iter().cloned().collect();
-        if now == loaded {
-            return Ok(false);
-        }
-        self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
-        Ok(true)
+        let loaded: HashSet<String> = self
+            .index
+            .sources
+            .iter()
+            .chain(self.index.damaged_sources.iter().map(|(k, _)| k))
+            .cloned()
+            .collect();
+        Ok(now != loaded)
     }
 
     /// Checks `ids`: chunks with a remembered verdict are not read, the
@@ -277,7 +338,7 @@ impl VerifySession {
 
     /// Reads and hashes `ids` (distinct, none zero); the verdict of each.
     fn read_chunks(
-        &self,
+        &mut self,
         ids: &[ChunkId],
         v: &mut BackupVerification,
     ) -> Result<Vec<(ChunkId, Option<ChunkFault>)>, EngineError> {
@@ -309,16 +370,18 @@ impl VerifySession {
         let next = AtomicUsize::new(0);
         let bytes_read = std::sync::atomic::AtomicU64::new(0);
         let results = Mutex::new(verdicts);
+        let found_bad = Mutex::new(Vec::new());
         let (inner, index) = (&*self.inner, &self.index);
         std::thread::scope(|s| -> Result<(), EngineError> {
             let hs: Vec<_> = (0..workers)
                 .map(|_| {
-                    let (results, next, groups, bytes_read) =
-                        (&results, &next, &groups, &bytes_read);
+                    let (results, next, groups, bytes_read, found_bad) =
+                        (&results, &next, &groups, &bytes_read, &found_bad);
                     s.spawn(move || -> Result<(), EngineError> {
                         let mut dec = zstd::bulk::Decompressor::new()
                             .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
                         let mut buf = Vec::new();
+                        let mut bad = Vec::new();
                         loop {
                             let g = next.fetch_add(1, Ordering::Relaxed);
                             let Some(group) = groups.get(g) else {
@@ -347,11 +410,20 @@ impl VerifySession {
                                 } else {
                                     bytes_read
                                         .fetch_add(loc.entry.stored_len as u64, Ordering::Relaxed);
-                                    chunks::fetch(&*inner.storage, index, &loc.entry.id)?.err()
+                                    chunks::fetch_noting(
+                                        &*inner.storage,
+                                        index,
+                                        &loc.entry.id,
+                                        &mut bad,
+                                    )?
+                                    .err()
                                 };
                                 out.push((loc.entry.id, verdict));
                             }
                             results.lock().expect("results lock").extend(out);
+                            if !bad.is_empty() {
+                                found_bad.lock().expect("bad lock").append(&mut bad);
+                            }
                         }
                     })
                 })
@@ -364,6 +436,8 @@ impl VerifySession {
             Ok(())
         })?;
         v.bytes_read += bytes_read.into_inner();
+        let bad = found_bad.into_inner().expect("bad lock");
+        self.found_bad.add(&*self.inner.storage, &self.index, bad)?;
         Ok(results.into_inner().expect("results lock"))
     }
 }

@@ -1,9 +1,10 @@
 //! Webhook delivery: a background task that POSTs the catalog's outbox of
 //! events (`backup.completed`, `backup.failed`, `backup.damaged`,
-//! `restore.completed`, `restore.failed`) to each account's endpoint.
+//! `backup.repaired`, `restore.completed`, `restore.failed`) to each
+//! account's endpoint.
 //!
 //! The events are written by the catalog in the transaction that records a
-//! job's outcome (or first marks a backup damaged), so a crash can neither lose one nor invent one for a job
+//! job's outcome (or marks a backup damaged or repaired), so a crash can neither lose one nor invent one for a job
 //! that did not finish. This task only drains them: at least once (a
 //! receiver dedups on `Webhook-Id`), one event at a time per account in the
 //! order they were written, with doubling backoff between attempts, until

@@ -91,7 +91,10 @@ impl ScheduleCatalog for SqliteCatalog {
     ) -> Result<Vec<Backup>> {
         sqlx::query(&format!(
             "{BACKUP_SELECT} WHERE b.status = 'completed' \
-             AND (b.verified_at IS NULL OR b.verified_at < ?) \
+             AND (b.verified_at IS NULL OR b.verified_at < ? \
+               OR (b.damaged = 1 AND EXISTS (SELECT 1 FROM backups n \
+                 WHERE n.server_id = b.server_id AND n.id <> b.id \
+                 AND n.status = 'completed' AND n.completed_at >= b.verified_at))) \
              ORDER BY b.verified_at IS NOT NULL, b.verified_at, b.id LIMIT ?"
         ))
         .bind(secs(before))
@@ -127,15 +130,16 @@ impl ScheduleCatalog for SqliteCatalog {
         .bind(id.0)
         .execute(&mut *tx)
         .await?;
-        // Once, when a backup is first found damaged, not at every pass.
-        if error.is_some() && was_damaged == 0 {
-            Self::enqueue_event(
-                &mut tx,
-                WebhookEventKind::BackupDamaged,
-                WebhookSubject::Backup(id),
-                at,
-            )
-            .await?;
+        // Once per change of state, not at every pass: first found
+        // damaged, then found good again (repaired by a newer backup's
+        // copies of its chunks).
+        let change = match (error.is_some(), was_damaged != 0) {
+            (true, false) => Some(WebhookEventKind::BackupDamaged),
+            (false, true) => Some(WebhookEventKind::BackupRepaired),
+            _ => None,
+        };
+        if let Some(kind) = change {
+            Self::enqueue_event(&mut tx, kind, WebhookSubject::Backup(id), at).await?;
         }
         tx.commit().await?;
         Ok(true)

@@ -124,6 +124,9 @@ pub struct Verdict {
     pub backup: BackupId,
     /// `None`: intact. `Some(reason)`: damaged, the reason as shown in the API.
     pub damage: Option<String>,
+    /// The backup was marked damaged and is intact now: a newer backup
+    /// stored good copies of its damaged chunks (`backup.repaired`).
+    pub repaired: bool,
     /// Stored bytes read from the store to verify it (a damage confirmation
     /// included).
     pub bytes_read: u64,
@@ -582,8 +585,8 @@ impl Scheduler {
         self.schedule
             .record_verification(v.backup, self.clock.now(), v.damage.as_deref())
             .await?;
-        if let (Some(_), Some(jobs)) = (&v.damage, &self.jobs) {
-            // A backup.damaged event may have been written.
+        if let (true, Some(jobs)) = (v.damage.is_some() || v.repaired, &self.jobs) {
+            // A backup.damaged or backup.repaired event may have been written.
             jobs.outcomes().notify_one();
         }
         Ok(())
@@ -609,6 +612,7 @@ impl Scheduler {
         }
         let mut v = Verdict {
             backup: b.id,
+            repaired: b.damaged && damage.is_none(),
             damage,
             bytes_read: pass.bytes_read - bytes,
             chunks_read: pass.chunks_read - chunks,
@@ -621,6 +625,11 @@ impl Scheduler {
                 return Ok(v);
             }
             tracing::error!(backup = b.id.0, reason = ?v.damage, "verification found a damaged backup");
+        } else if v.repaired {
+            tracing::info!(
+                backup = b.id.0,
+                "verification found a damaged backup intact again: a newer backup stored good copies of its chunks"
+            );
         }
         self.record(&v).await?;
         Ok(v)

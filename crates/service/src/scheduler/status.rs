@@ -6,7 +6,7 @@ use std::fmt;
 
 use time::OffsetDateTime;
 use vpsbackup_catalog::{BackupType, Catalog, ScheduleCatalog, ServerId, TaskRun, WorkStatus};
-use vpsbackup_engine::Repository;
+use vpsbackup_engine::{Repository, StoreHealth};
 
 use super::settings::ScheduleSettings;
 use super::{window, SchedulerError, GC_TASK, VERIFY_TASK};
@@ -42,6 +42,9 @@ pub struct StatusReport {
     pub store_backups: u64,
     pub last_gc: Option<TaskRun>,
     pub last_verify: Option<TaskRun>,
+    /// Damage the store knows of (quarantined copies, damaged index
+    /// objects and manifests).
+    pub health: StoreHealth,
 }
 
 impl StatusReport {
@@ -104,7 +107,10 @@ pub async fn status_report(
         }
     }
     let repo = repo.clone();
-    let stats = tokio::task::spawn_blocking(move || repo.stats())
+    let (stats, health) =
+        tokio::task::spawn_blocking(move || -> Result<_, vpsbackup_engine::EngineError> {
+            Ok((repo.stats()?, repo.health()?))
+        })
         .await
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
     let mut lines: Vec<ServerLine> = per_server.into_values().collect();
@@ -117,6 +123,7 @@ pub async fn status_report(
         store_backups: stats.backups,
         last_gc: schedule.task_run(GC_TASK).await?,
         last_verify: schedule.task_run(VERIFY_TASK).await?,
+        health,
     })
 }
 
@@ -206,6 +213,27 @@ impl fmt::Display for StatusReport {
             None => "never".to_owned(),
         };
         writeln!(f, "Last GC: {}", task(&self.last_gc))?;
-        writeln!(f, "Last verification: {}", task(&self.last_verify))
+        writeln!(f, "Last verification: {}", task(&self.last_verify))?;
+        let h = &self.health;
+        if h.quarantined_copies > 0 {
+            writeln!(
+                f,
+                "Damaged: {} chunk copies quarantined; the next backup of the same data stores good copies, and verify then clears the backups they repair.",
+                h.quarantined_copies
+            )?;
+        }
+        for e in &h.damaged_index_objects {
+            writeln!(
+                f,
+                "Damaged index object: {e} GC will not run until the index is rebuilt (vpsbackup store rebuild-index)."
+            )?;
+        }
+        for e in &h.damaged_manifests {
+            writeln!(
+                f,
+                "Damaged: {e} GC will not run until that backup is deleted."
+            )?;
+        }
+        Ok(())
     }
 }
