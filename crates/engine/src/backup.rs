@@ -251,8 +251,12 @@ impl Pipeline<'_> {
             for h in hashed {
                 h?;
             }
-            let out = written?;
-            uploaded?;
+            // The writer fails only with "the uploader stopped" when the
+            // uploader failed first: the uploader's error is the cause.
+            let out = match (written, uploaded) {
+                (Err(_), Err(e)) | (Ok(_), Err(e)) | (Err(e), Ok(())) => return Err(e),
+                (Ok(out), Ok(())) => out,
+            };
             if out.seqs != seqs {
                 return Err(EngineError::Internal(
                     "the backup pipeline lost a block".into(),

@@ -139,6 +139,15 @@ impl LocalStorage {
 }
 
 fn io_err(op: &'static str, key: impl std::fmt::Display, source: io::Error) -> StorageError {
+    if matches!(
+        source.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    ) {
+        return StorageError::NoSpace {
+            op,
+            key: key.to_string(),
+        };
+    }
     StorageError::Io {
         op,
         key: key.to_string(),

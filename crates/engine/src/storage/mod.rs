@@ -35,6 +35,9 @@ pub enum StorageError {
         len: u64,
         size: u64,
     },
+    /// The backend's filesystem (or quota) is full: ENOSPC or EDQUOT.
+    #[error("no space left on the backup store ({op} {key})")]
+    NoSpace { op: &'static str, key: String },
     #[error("{op} {key}: {source}")]
     Io {
         op: &'static str,
