@@ -85,6 +85,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Test hook for crash tests: with `VPSBACKUP_CRASH_AFTER_OPS=N` in the
+/// environment, the process SIGKILLs itself right after its Nth completed
+/// mutating storage operation (put, put-if-absent, delete), so a test can
+/// stop a real `vpsbackup` process at every point of GC's write sequence.
+/// Unset (production), this costs one relaxed atomic load per write.
+pub(crate) fn crash_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("VPSBACKUP_CRASH_AFTER_OPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = *limit {
+        if DONE.fetch_add(1, Ordering::SeqCst) + 1 >= n {
+            // SAFETY: kill(2) on our own pid with a constant signal touches no memory.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+}
+
 pub(crate) fn validate_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.split('/').all(|c| {
