@@ -138,10 +138,12 @@ pub trait Catalog: Send + Sync {
         outcome: JobOutcome,
         now: OffsetDateTime,
     ) -> Result<bool>;
-    /// Puts running jobs whose heartbeat is older than `stale_before` back in
-    /// the queue (attempt counted) or fails them once their attempts are used
-    /// up, with a reason on the backup or restore (and its `*.failed` event,
-    /// as `finish_job`). Returns what it did.
+    /// Puts running backup jobs whose heartbeat is older than `stale_before`
+    /// back in the queue (attempt counted) or fails them once their attempts
+    /// are used up; fails such restore jobs at once (never re-run: the guest
+    /// may have been started on the disk since). A failure carries a reason
+    /// on the backup or restore (and its `*.failed` event, as `finish_job`).
+    /// Returns what it did.
     async fn recover_stale_jobs(
         &self,
         stale_before: OffsetDateTime,
