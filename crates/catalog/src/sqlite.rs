@@ -26,6 +26,8 @@ use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, 
 
 // Idempotency keys of create requests.
 mod idempotency;
+// Backup rows rebuilt from the store's manifests.
+mod import;
 // The per-request hot reads, inline on rusqlite.
 mod reader;
 // The scheduler's queries (issue 4), in their own file.
@@ -1312,6 +1314,14 @@ impl Catalog for SqliteCatalog {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn import_backup(&self, backup: &ImportedBackup) -> Result<ImportOutcome> {
+        self.import(backup).await
+    }
+
+    async fn reserve_backup_ids(&self, through: BackupId) -> Result<()> {
+        self.reserve_ids(through).await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<Job>> {

@@ -6,99 +6,12 @@
 //! may have been started on the disk since); the server is active again; a
 //! new restore succeeds and the disk is byte-identical to the backed-up one.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 mod common;
-use common::{ext4_image, ok};
-
-/// A running `vpsbackup serve`; SIGKILLed on drop if still running.
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-impl Serve {
-    fn start(dir: &Path, token: &str) -> Serve {
-        // A free port: bound, read, released (serve binds it right after).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let serve = Serve {
-            child,
-            base: format!("http://127.0.0.1:{port}/api/v1"),
-        };
-        wait_for("serve to answer", || {
-            serve.call("GET", "/account/me/", token, None).0 == 200
-        });
-        serve
-    }
-
-    /// One request with curl; returns the status and the JSON body (Null if none).
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: Option<&str>,
-    ) -> (u16, serde_json::Value) {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
-            .args(["-H", &format!("Authorization: Bearer {token}")])
-            .args(["-H", "Content-Type: application/json"]);
-        if let Some(b) = body {
-            cmd.args(["-d", b]);
-        }
-        let out = cmd.arg(format!("{}{path}", self.base)).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    fn get(&self, path: &str, token: &str) -> serde_json::Value {
-        let (code, body) = self.call("GET", path, token, None);
-        assert_eq!(code, 200, "GET {path}: {body}");
-        body
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::{ext4_image, ok, same, wait_for, Serve};
 
 /// Kills the hook's `sleep` (started by the killed serve) on every path.
 struct HookPid(PathBuf);
@@ -203,14 +116,4 @@ fn a_restore_killed_with_the_service_is_failed_at_restart_and_a_new_one_succeeds
     });
     assert!(same(&disk, &original), "the restored disk differs");
     assert_eq!(serve.get("/servers/5/", &token)["status"], "active");
-}
-
-fn same(a: &Path, b: &Path) -> bool {
-    Command::new("cmp")
-        .arg("-s")
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
 }

@@ -84,6 +84,7 @@ struct Done {
 pub(crate) fn run(
     inner: &RepoInner,
     req: &BackupRequest,
+    labels: &BTreeMap<String, String>,
     job: &JobControl,
 ) -> Result<BackupSummary, EngineError> {
     validate_backup_id(&req.backup_id)?;
@@ -145,6 +146,7 @@ pub(crate) fn run(
                 data_bytes: *data,
             })
             .collect(),
+        labels: labels.clone(),
     };
     let manifest = Manifest {
         header,
