@@ -58,13 +58,26 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(dir: &Path, token: &str) -> Serve {
+        Self::start_under(&[], dir, token)
+    }
+
+    /// `serve` run through `prefix` (e.g. `setpriv` to drop root).
+    pub fn start_under(prefix: &[&str], dir: &Path, token: &str) -> Serve {
         // A free port: bound, read, released (serve binds it right after).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_vpsbackup"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vpsbackup")),
+        };
+        let child = cmd
             .args([
                 "serve",
                 "--listen",
