@@ -106,3 +106,72 @@ pub fn imported_backup(s: &StoredBackup<'_>) -> Result<(ImportedBackup, bool), N
         labelled,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored<'a>(id: &'a str, labels: &'a BTreeMap<String, String>) -> StoredBackup<'a> {
+        StoredBackup {
+            engine_backup_id: id,
+            server_id: "5",
+            created_at_ms: 1_700_000_000_123,
+            data_bytes: (3 << 20) + 1,
+            labels,
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_labels_imports_as_a_manual_backup_that_never_expires() {
+        let none = BTreeMap::new();
+        let (b, labelled) = imported_backup(&stored("b42", &none)).unwrap();
+        assert!(!labelled);
+        assert_eq!((b.id, b.server_id), (BackupId(42), ServerId(5)));
+        assert_eq!(b.backup_type, BackupType::Manual);
+        assert_eq!((b.expires_at, b.description.as_str()), (None, ""));
+        assert_eq!(b.created_at.unix_timestamp(), 1_700_000_000);
+        assert_eq!(b.size_mb, 4, "rounded up");
+    }
+
+    #[test]
+    fn labels_round_trip_the_catalog_facts() {
+        let mut l = BTreeMap::new();
+        l.insert(TYPE.into(), "automatic".into());
+        l.insert(DESCRIPTION.into(), "Automatic daily backup".into());
+        l.insert(CREATED_AT.into(), "1699999990".into());
+        l.insert(EXPIRES_AT.into(), "1701209590".into());
+        l.insert(SCHEDULED_FOR.into(), "1699999200".into());
+        let (b, labelled) = imported_backup(&stored("b7", &l)).unwrap();
+        assert!(labelled);
+        assert_eq!(b.backup_type, BackupType::Automatic);
+        assert_eq!(b.created_at.unix_timestamp(), 1_699_999_990);
+        assert_eq!(
+            b.expires_at.map(|t| t.unix_timestamp()),
+            Some(1_701_209_590)
+        );
+        assert_eq!(
+            b.scheduled_for.map(|t| t.unix_timestamp()),
+            Some(1_699_999_200)
+        );
+    }
+
+    #[test]
+    fn foreign_ids_and_servers_are_refused_with_a_reason() {
+        let none = BTreeMap::new();
+        for id in ["nightly", "b", "b0", "b-1", "bx1"] {
+            assert!(
+                matches!(
+                    imported_backup(&stored(id, &none)),
+                    Err(NotImportable::ForeignId(_))
+                ),
+                "{id}"
+            );
+        }
+        let mut s = stored("b1", &none);
+        s.server_id = "web-1";
+        assert!(matches!(
+            imported_backup(&s),
+            Err(NotImportable::ServerId(_))
+        ));
+    }
+}
