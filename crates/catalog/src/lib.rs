@@ -15,6 +15,7 @@
 
 mod error;
 mod idempotency;
+pub mod labels;
 mod model;
 mod schedule;
 mod sqlite;
@@ -138,16 +139,27 @@ pub trait Catalog: Send + Sync {
         outcome: JobOutcome,
         now: OffsetDateTime,
     ) -> Result<bool>;
-    /// Puts running jobs whose heartbeat is older than `stale_before` back in
-    /// the queue (attempt counted) or fails them once their attempts are used
-    /// up, with a reason on the backup or restore (and its `*.failed` event,
-    /// as `finish_job`). Returns what it did.
+    /// Puts running backup jobs whose heartbeat is older than `stale_before`
+    /// back in the queue (attempt counted) or fails them once their attempts
+    /// are used up; fails such restore jobs at once (never re-run: the guest
+    /// may have been started on the disk since). A failure carries a reason
+    /// on the backup or restore (and its `*.failed` event, as `finish_job`).
+    /// Returns what it did.
     async fn recover_stale_jobs(
         &self,
         stale_before: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<Vec<RecoveredJob>>;
     async fn job(&self, id: JobId) -> Result<Option<Job>>;
+    /// Puts back a completed backup found in the store under its own id
+    /// (a catalog rebuilt after it was lost). Nothing changes when the id
+    /// is taken (a second import) or the server does not exist.
+    async fn import_backup(&self, backup: &ImportedBackup) -> Result<ImportOutcome>;
+    /// New backups get ids above `through`: a backup left in the store but
+    /// not imported (its server not added yet) keeps its id, so a new
+    /// backup never takes it (the runner clears a leftover manifest of its
+    /// own id before it starts).
+    async fn reserve_backup_ids(&self, through: BackupId) -> Result<()>;
 
     // ---- idempotency keys ----
     /// Claims `req.key` for its owner, atomically (the key is unique per

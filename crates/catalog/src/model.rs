@@ -377,6 +377,32 @@ pub fn engine_backup_id(id: BackupId) -> String {
     format!("b{}", id.0)
 }
 
+/// A completed backup read from the store's manifest, to be put back into
+/// a catalog that lost it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedBackup {
+    pub id: BackupId,
+    pub server_id: ServerId,
+    pub backup_type: BackupType,
+    pub description: String,
+    pub created_at: OffsetDateTime,
+    pub completed_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub scheduled_for: Option<OffsetDateTime>,
+    pub size_mb: u64,
+    pub engine_backup_id: String,
+}
+
+/// What [`crate::Catalog::import_backup`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportOutcome {
+    Imported,
+    /// A backup with this id is in the catalog already.
+    AlreadyPresent,
+    /// No server with this id: the provider must add it first.
+    UnknownServer,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewBackup {
     pub server_id: ServerId,

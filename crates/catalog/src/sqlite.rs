@@ -26,6 +26,8 @@ use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, 
 
 // Idempotency keys of create requests.
 mod idempotency;
+// Backup rows rebuilt from the store's manifests.
+mod import;
 // The per-request hot reads, inline on rusqlite.
 mod reader;
 // The scheduler's queries (issue 4), in their own file.
@@ -1221,7 +1223,10 @@ impl Catalog for SqliteCatalog {
         let mut out = Vec::new();
         for r in &rows {
             let job = job_from_row(r)?;
-            let requeue = job.attempts < job.max_attempts;
+            // A restore is never run again unasked: the provider may have
+            // started the guest on the half-written disk since, and a re-run
+            // would overwrite what it wrote. It fails with a reason instead.
+            let requeue = job.kind == JobKind::Backup && job.attempts < job.max_attempts;
             if requeue {
                 sqlx::query(
                     "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, run_after = ? \
@@ -1252,11 +1257,18 @@ impl Catalog for SqliteCatalog {
                 } else {
                     "backup"
                 };
-                let reason = format!(
-                    "The service stopped while this {what} was running, {} times; it was not tried again. \
-                     Start a new {what}.",
-                    job.attempts
-                );
+                let reason = if job.kind == JobKind::Restore {
+                    "The service stopped while this restore was running, so the server's disks may be \
+                     partly restored. It was not run again on its own, because the server may have been \
+                     started since. Start a new restore."
+                        .to_owned()
+                } else {
+                    format!(
+                        "The service stopped while this {what} was running, {} times; it was not tried again. \
+                         Start a new {what}.",
+                        job.attempts
+                    )
+                };
                 sqlx::query(
                     "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
                 )
@@ -1302,6 +1314,14 @@ impl Catalog for SqliteCatalog {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn import_backup(&self, backup: &ImportedBackup) -> Result<ImportOutcome> {
+        self.import(backup).await
+    }
+
+    async fn reserve_backup_ids(&self, through: BackupId) -> Result<()> {
+        self.reserve_ids(through).await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<Job>> {

@@ -341,6 +341,54 @@ async fn stale_jobs_are_requeued_then_failed() {
 }
 
 #[tokio::test]
+async fn a_stale_restore_is_failed_at_once_never_rerun() {
+    let (_d, cat) = fresh().await;
+    server(&cat, 1, "a").await;
+    let b = cat
+        .create_backup(manual(1, Scope::All), now())
+        .await
+        .unwrap();
+    let j = cat.claim_job("w", now()).await.unwrap().unwrap();
+    let outcome = JobOutcome::BackupCompleted {
+        size_mb: 1,
+        stored_bytes: 1,
+    };
+    assert!(cat.finish_job(j.id, "w", outcome, now()).await.unwrap());
+    let r = cat
+        .create_restore(
+            NewRestore {
+                server_id: ServerId(1),
+                backup_id: b.id,
+                scope: Scope::All,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let t = now() + Duration::seconds(10);
+    let j = cat.claim_job("dead", t).await.unwrap().unwrap();
+    assert_eq!((j.kind, j.attempts), (JobKind::Restore, 1));
+    let rec = cat
+        .recover_stale_jobs(t + Duration::seconds(30), t + Duration::seconds(31))
+        .await
+        .unwrap();
+    assert_eq!(rec.len(), 1);
+    assert!(!rec[0].requeued, "a restore must not run again unasked");
+    let failed = cat.restore(r.id, Scope::All).await.unwrap().unwrap();
+    assert_eq!(failed.status, WorkStatus::Failed);
+    let reason = failed.error.unwrap();
+    assert!(reason.contains("service stopped"), "{reason}");
+    assert!(reason.contains("Start a new restore"), "{reason}");
+    assert!(cat
+        .claim_job("w", t + Duration::seconds(40))
+        .await
+        .unwrap()
+        .is_none());
+    let srv = cat.server(ServerId(1), Scope::All).await.unwrap().unwrap();
+    assert_eq!(srv.status, ServerStatus::Active);
+}
+
+#[tokio::test]
 async fn retention_change_moves_expiry() {
     let (_d, cat) = fresh().await;
     server(&cat, 1, "a").await;

@@ -7,6 +7,7 @@
 //! exits non-zero (anyhow's report from `main`).
 
 mod admin;
+mod catalog;
 mod maintenance;
 mod restore;
 mod serve;
@@ -54,6 +55,9 @@ enum Command {
     /// Servers and their disks.
     #[command(subcommand)]
     Server(admin::ServerCommand),
+    /// The catalog itself: rebuild it from the store after it was lost.
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCommand),
     /// Reclaim store space no backup references (safe while serve runs).
     Gc,
     /// Re-read backups and mark damaged ones; exits non-zero if any is damaged.
@@ -84,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),
         Command::Plan(cmd) => admin::block_on(admin::plan(global, cmd)),
         Command::Server(cmd) => admin::block_on(admin::server(global, cmd)),
+        Command::Catalog(cmd) => admin::block_on(catalog::run(global, cmd)),
         Command::Gc => admin::block_on(maintenance::gc(global)),
         Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),
         Command::Status => admin::block_on(maintenance::status(global)),

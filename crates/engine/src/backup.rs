@@ -84,6 +84,7 @@ struct Done {
 pub(crate) fn run(
     inner: &RepoInner,
     req: &BackupRequest,
+    labels: &BTreeMap<String, String>,
     job: &JobControl,
 ) -> Result<BackupSummary, EngineError> {
     validate_backup_id(&req.backup_id)?;
@@ -145,6 +146,7 @@ pub(crate) fn run(
                 data_bytes: *data,
             })
             .collect(),
+        labels: labels.clone(),
     };
     let manifest = Manifest {
         header,
@@ -251,8 +253,12 @@ impl Pipeline<'_> {
             for h in hashed {
                 h?;
             }
-            let out = written?;
-            uploaded?;
+            // The writer fails only with "the uploader stopped" when the
+            // uploader failed first: the uploader's error is the cause.
+            let out = match (written, uploaded) {
+                (Err(_), Err(e)) | (Ok(_), Err(e)) | (Err(e), Ok(())) => return Err(e),
+                (Ok(out), Ok(())) => out,
+            };
             if out.seqs != seqs {
                 return Err(EngineError::Internal(
                     "the backup pipeline lost a block".into(),

@@ -30,12 +30,25 @@ pub enum EngineError {
     BadObject { object: String, detail: String },
     #[error("Disk access failed: {0}")]
     Disk(#[from] DiskError),
+    /// The store's filesystem is full. What the job wrote so far is
+    /// unreferenced (GC reclaims it); nothing was recorded.
+    #[error("There is no space left on the backup store; nothing was recorded. Free space on the store, then try again.")]
+    StoreFull,
     #[error("Store access failed: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     #[error("Invalid request: {0}")]
     InvalidRequest(String),
     #[error("An engine worker thread failed: {0}")]
     Internal(String),
+}
+
+impl From<StorageError> for EngineError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::NoSpace { .. } => EngineError::StoreFull,
+            e => EngineError::Storage(e),
+        }
+    }
 }
 
 fn backup_ctx(backup: &Option<String>) -> String {

@@ -324,6 +324,12 @@ pub struct ManifestHeader {
     pub chunk_size: u32,
     pub list_fanout: u32,
     pub disks: Vec<ManifestDisk>,
+    /// What the caller said about the backup (the service: its type,
+    /// description, expiry), so a lost catalog can be rebuilt from the
+    /// store. Added after the first format: absent in older manifests (read
+    /// as empty), and older readers ignore it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A backup's manifest `backups/<id>`. Each disk's chunk ids are held in

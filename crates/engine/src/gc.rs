@@ -82,13 +82,27 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     record_found(storage, &index, std::mem::take(&mut found_bad))?;
     let manifests_seen = marked?;
 
-    // Canonical copy of each live chunk, and live bytes per pack.
+    // Canonical copy of each live chunk, and live bytes per pack. A good
+    // copy before a quarantined one; then, among copies in packs not
+    // condemned, the newest pack's: after a GC killed
+    // between writing a repacked pack (and its index) and condemning the
+    // old one, the copies are in both, and choosing the new one for every
+    // chunk leaves the old pack whole dead, so this run finishes the work
+    // (a mixed choice would keep both alive, or repack again).
     let mut canonical: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     for id in &live {
         if let Some(loc) = index
             .locations(id)
             .into_iter()
-            .find(|l| packs.contains_key(&l.pack))
+            .filter(|l| packs.contains_key(&l.pack))
+            .max_by_key(|l| {
+                (
+                    !index.quarantined(l),
+                    !condemned.contains_key(&l.pack),
+                    ms_of(&packs[&l.pack]),
+                    l.pack,
+                )
+            })
         {
             canonical.entry(loc.pack).or_default().push(loc.entry);
         }

@@ -44,6 +44,7 @@ pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
 pub use vpsbackup_disk::{detect_format, DiskFormat};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -253,6 +254,9 @@ pub struct BackupInfo {
     pub created_at: SystemTime,
     pub disks: Vec<DiskInfo>,
     pub data_bytes: u64,
+    /// The labels given to [`Repository::backup_labelled`] (empty for
+    /// backups written before labels existed).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,7 +383,19 @@ impl Repository {
         req: &BackupRequest,
         job: &JobControl,
     ) -> Result<BackupSummary, EngineError> {
-        let res = backup::run(&self.inner, req, job);
+        self.backup_labelled(req, &BTreeMap::new(), job)
+    }
+
+    /// [`Repository::backup`] recording `labels` in the manifest header
+    /// ([`BackupInfo::labels`] reads them back): what the caller knows of the
+    /// backup that it must be able to recover from the store alone.
+    pub fn backup_labelled(
+        &self,
+        req: &BackupRequest,
+        labels: &BTreeMap<String, String>,
+        job: &JobControl,
+    ) -> Result<BackupSummary, EngineError> {
+        let res = backup::run(&self.inner, req, labels, job);
         if res.is_ok() {
             job.set_finished();
         }
@@ -630,6 +646,7 @@ pub(crate) fn info_of(m: &Manifest) -> BackupInfo {
             })
             .collect(),
         data_bytes: m.header.disks.iter().map(|d| d.data_bytes).sum(),
+        labels: m.header.labels.clone(),
     }
 }
 

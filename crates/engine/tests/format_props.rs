@@ -58,6 +58,7 @@ proptest! {
                     size: *size,
                     data_bytes: size / 2,
                 }).collect(),
+                labels: [("description".to_owned(), name.clone())].into_iter().collect(),
             },
             lists: disks.iter().map(|(_, l)| l.clone()).collect(),
         };

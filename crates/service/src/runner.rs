@@ -354,6 +354,12 @@ impl JobRunner {
         let span = tracing::Span::current();
         match job.kind {
             JobKind::Backup => {
+                // The catalog's facts go into the manifest too, so a lost
+                // catalog can be rebuilt from the store (`catalog import-store`).
+                let labels = match self.catalog.backup(job.backup_id, Scope::All).await {
+                    Ok(Some(b)) => vpsbackup_catalog::labels::backup_labels(&b),
+                    _ => Default::default(),
+                };
                 let req = BackupRequest {
                     backup_id: engine_id.clone(),
                     server_id: server.id.0.to_string(),
@@ -367,7 +373,7 @@ impl JobRunner {
                     // manifest at the end, but a crash between that write and
                     // the catalog update leaves one behind; start clean.
                     repo.delete_backup(&engine_id)?;
-                    repo.backup(&req, &control)
+                    repo.backup_labelled(&req, &labels, &control)
                 })
                 .await
                 .map_err(|e| format!("The backup worker failed: {e}"))?;

@@ -1,10 +1,12 @@
 //! Helpers the command-line tests share: run the built binary on a data dir,
-//! and make small real ext4 images with `mke2fs -d`.
+//! make small real ext4 images with `mke2fs -d`, and run a real `serve`
+//! driven over HTTP with curl.
 
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Runs `vpsbackup --data-dir DIR ARGS...` to completion.
 pub fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
@@ -46,4 +48,115 @@ pub fn ext4_image(path: &Path, name: &str, content: &[u8]) {
         "mke2fs: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A running `vpsbackup serve`; SIGKILLed on drop if still running.
+pub struct Serve {
+    child: Child,
+    pub base: String,
+}
+
+impl Serve {
+    pub fn start(dir: &Path, token: &str) -> Serve {
+        Self::start_under(&[], dir, token)
+    }
+
+    /// `serve` run through `prefix` (e.g. `setpriv` to drop root).
+    pub fn start_under(prefix: &[&str], dir: &Path, token: &str) -> Serve {
+        // A free port: bound, read, released (serve binds it right after).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_vpsbackup"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vpsbackup")),
+        };
+        let child = cmd
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let serve = Serve {
+            child,
+            base: format!("http://127.0.0.1:{port}/api/v1"),
+        };
+        wait_for("serve to answer", || {
+            serve.call("GET", "/account/me/", token, None).0 == 200
+        });
+        serve
+    }
+
+    /// One request with curl; returns the status and the JSON body (Null if none).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args(["-H", "Content-Type: application/json"]);
+        if let Some(b) = body {
+            cmd.args(["-d", b]);
+        }
+        let out = cmd.arg(format!("{}{path}", self.base)).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> serde_json::Value {
+        let (code, body) = self.call("GET", path, token, None);
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether two files hold the same bytes (`cmp`).
+pub fn same(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
 }

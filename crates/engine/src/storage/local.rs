@@ -139,6 +139,15 @@ impl LocalStorage {
 }
 
 fn io_err(op: &'static str, key: impl std::fmt::Display, source: io::Error) -> StorageError {
+    if matches!(
+        source.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    ) {
+        return StorageError::NoSpace {
+            op,
+            key: key.to_string(),
+        };
+    }
     StorageError::Io {
         op,
         key: key.to_string(),
@@ -206,6 +215,7 @@ impl Storage for LocalStorage {
         match res {
             Ok(()) => {
                 sync_dir(path.parent().expect("parent"), key)?;
+                super::crash_point();
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
@@ -220,7 +230,9 @@ impl Storage for LocalStorage {
             let _ = fs::remove_file(&tmp);
             return Err(io_err("publish", key, e));
         }
-        sync_dir(path.parent().expect("parent"), key)
+        sync_dir(path.parent().expect("parent"), key)?;
+        super::crash_point();
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
@@ -326,7 +338,11 @@ impl Storage for LocalStorage {
     fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
-            Ok(()) => sync_dir(path.parent().expect("parent"), key),
+            Ok(()) => {
+                sync_dir(path.parent().expect("parent"), key)?;
+                super::crash_point();
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("delete", key, e)),
         }

@@ -35,6 +35,9 @@ pub enum StorageError {
         len: u64,
         size: u64,
     },
+    /// The backend's filesystem (or quota) is full: ENOSPC or EDQUOT.
+    #[error("no space left on the backup store ({op} {key})")]
+    NoSpace { op: &'static str, key: String },
     #[error("{op} {key}: {source}")]
     Io {
         op: &'static str,
@@ -79,6 +82,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn remove_stale_temp(&self, age: std::time::Duration) -> Result<u64, StorageError> {
         let _ = age;
         Ok(0)
+    }
+}
+
+/// Test hook for crash tests: with `VPSBACKUP_CRASH_AFTER_OPS=N` in the
+/// environment, the process SIGKILLs itself right after its Nth completed
+/// mutating storage operation (put, put-if-absent, delete), so a test can
+/// stop a real `vpsbackup` process at every point of GC's write sequence.
+/// Unset (production), this costs one relaxed atomic load per write.
+pub(crate) fn crash_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("VPSBACKUP_CRASH_AFTER_OPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = *limit {
+        if DONE.fetch_add(1, Ordering::SeqCst) + 1 >= n {
+            // SAFETY: kill(2) on our own pid with a constant signal touches no memory.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
     }
 }
 

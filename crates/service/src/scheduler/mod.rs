@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use vpsbackup_catalog::{
     Backup, BackupId, BackupType, Catalog, CatalogError, NewBackup, ScheduleCatalog, Scope,
-    WorkStatus, AUTOMATIC_DESCRIPTION,
+    ServerId, WorkStatus, AUTOMATIC_DESCRIPTION,
 };
 use vpsbackup_engine::{
     BackupVerification, EngineError, EngineOptions, JobControl, Repository, VerifySession,
@@ -449,20 +449,45 @@ impl Scheduler {
         };
         let known: HashSet<String> = rows.iter().map(|b| b.engine_backup_id.clone()).collect();
         let repo = self.repo.clone();
-        let n = tokio::task::spawn_blocking(move || -> Result<u64, EngineError> {
-            let mut n = 0;
+        let candidates = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+            let mut out = Vec::new();
             for info in repo.list_backups()? {
                 let id = &info.backup_id;
                 let Some(num) = id.strip_prefix('b').and_then(|s| s.parse::<i64>().ok()) else {
                     continue;
                 };
                 if num <= max_id && !known.contains(id) {
-                    tracing::warn!(backup = %id, "removing a store backup that has no catalog row");
-                    repo.delete_backup(id)?;
-                    n += 1;
+                    out.push((info.backup_id, info.server_id));
                 }
             }
-            Ok(n)
+            Ok(out)
+        })
+        .await
+        .map_err(|e| SchedulerError::Task(e.to_string()))??;
+        // A backup of a server the catalog does not know is not an orphan
+        // of a crashed delete: it waits for `catalog import-store` once the
+        // provider re-adds that server (a catalog rebuilt after a loss).
+        let mut orphans = Vec::new();
+        for (id, server) in candidates {
+            let Ok(server) = server.parse::<i64>() else {
+                continue;
+            };
+            if self
+                .catalog
+                .server(ServerId(server), Scope::All)
+                .await?
+                .is_some()
+            {
+                orphans.push(id);
+            }
+        }
+        let repo = self.repo.clone();
+        let n = tokio::task::spawn_blocking(move || -> Result<u64, EngineError> {
+            for id in &orphans {
+                tracing::warn!(backup = %id, "removing a store backup that has no catalog row");
+                repo.delete_backup(id)?;
+            }
+            Ok(orphans.len() as u64)
         })
         .await
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
