@@ -12,7 +12,9 @@
 //! job interrupted by a crash left no backup behind; it is re-run from
 //! scratch (after deleting any manifest of that name) or failed with a reason
 //! once its attempts are used up. On graceful shutdown running jobs are
-//! cancelled and handed back to the queue without counting the attempt.
+//! cancelled and handed back to the queue without counting the attempt; a
+//! job whose engine work had already finished (shutdown during its post
+//! hook) is recorded as finished instead, never redone.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -178,8 +180,12 @@ impl JobRunner {
 
         let outcome = match self.catalog.server(job.server_id, Scope::All).await {
             Ok(Some(server)) => self.execute(&job, &server, &control).await,
-            Ok(None) => Err("The server was removed before the job ran.".to_owned()),
-            Err(e) => Err(format!("The catalog could not be read: {e}")),
+            Ok(None) => Err(JobFailure::new(
+                "The server was removed before the job ran.",
+            )),
+            Err(e) => Err(JobFailure::new(format!(
+                "The catalog could not be read: {e}"
+            ))),
         };
 
         done.notify_one();
@@ -187,7 +193,11 @@ impl JobRunner {
         self.lock_running().remove(&job.id);
 
         let now = self.clock.now();
-        if self.stopping.load(Ordering::SeqCst) && control.is_cancelled() {
+        // Only a job the shutdown cut short goes back to the queue: one whose
+        // engine work finished (shutdown during its post hook) is recorded,
+        // or a finished restore would run again over what the guest wrote.
+        let cut_short = matches!(&outcome, Err(f) if f.cancelled);
+        if self.stopping.load(Ordering::SeqCst) && control.is_cancelled() && cut_short {
             // Shutdown, not the job's fault: back to the queue for the next start.
             if job.kind == JobKind::Backup {
                 self.delete_engine_backup(&job).await;
@@ -200,7 +210,7 @@ impl JobRunner {
         }
         let outcome = match outcome {
             Ok(o) => o,
-            Err(reason) => JobOutcome::Failed { reason },
+            Err(f) => JobOutcome::Failed { reason: f.reason },
         };
         let failed = matches!(outcome, JobOutcome::Failed { .. });
         match self
@@ -238,13 +248,13 @@ impl JobRunner {
         }
     }
 
-    /// Hooks around the engine call. `Err` is the customer-facing reason.
+    /// Hooks around the engine call.
     async fn execute(
         &self,
         job: &Job,
         server: &Server,
         control: &Arc<JobControl>,
-    ) -> Result<JobOutcome, String> {
+    ) -> Result<JobOutcome, JobFailure> {
         let hooks = effective_hooks(&self.settings, &server.hooks);
         let vars = HookVars {
             server_id: server.id.0,
@@ -274,9 +284,9 @@ impl JobRunner {
             None => Ok(()),
         };
         let result = match pre_result {
-            Err(reason) => Err(capitalise(&format!(
+            Err(reason) => Err(JobFailure::new(capitalise(&format!(
                 "{reason}; the disks were not touched."
-            ))),
+            )))),
             Ok(()) => self.engine_call(job, server, control).await,
         };
         // The post-hook always runs: a thaw or a VM start must follow even a failed job.
@@ -285,9 +295,9 @@ impl JobRunner {
                 tracing::warn!(hook = post_name, %reason, "post hook failed");
                 if job.kind == JobKind::Restore {
                     if let Ok(JobOutcome::RestoreCompleted) = result {
-                        return Err(capitalise(&format!(
+                        return Err(JobFailure::new(capitalise(&format!(
                             "The disks were restored, but {reason}; check the server."
-                        )));
+                        ))));
                     }
                 }
             }
@@ -346,11 +356,11 @@ impl JobRunner {
         job: &Job,
         server: &Server,
         control: &Arc<JobControl>,
-    ) -> Result<JobOutcome, String> {
+    ) -> Result<JobOutcome, JobFailure> {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
-        let disks = self.disk_images(server).await?;
+        let disks = self.disk_images(server).await.map_err(JobFailure::new)?;
         let span = tracing::Span::current();
         match job.kind {
             JobKind::Backup => {
@@ -370,13 +380,13 @@ impl JobRunner {
                     repo.backup(&req, &control)
                 })
                 .await
-                .map_err(|e| format!("The backup worker failed: {e}"))?;
+                .map_err(|e| JobFailure::new(format!("The backup worker failed: {e}")))?;
                 match res {
                     Ok(summary) => Ok(JobOutcome::BackupCompleted {
                         size_mb: summary.data_bytes.div_ceil(MIB),
                         stored_bytes: summary.stored_bytes,
                     }),
-                    Err(e) => Err(engine_reason(e)),
+                    Err(e) => Err(engine_failure(e)),
                 }
             }
             JobKind::Restore => {
@@ -385,20 +395,42 @@ impl JobRunner {
                     repo.restore_as(&engine_id, &disks, &control)
                 })
                 .await
-                .map_err(|e| format!("The restore worker failed: {e}"))?;
+                .map_err(|e| JobFailure::new(format!("The restore worker failed: {e}")))?;
                 match res {
                     Ok(_) => Ok(JobOutcome::RestoreCompleted),
-                    Err(e) => Err(engine_reason(e)),
+                    Err(e) => Err(engine_failure(e)),
                 }
             }
         }
     }
 }
 
-fn engine_reason(e: EngineError) -> String {
+/// Why a job did not complete.
+#[derive(Debug)]
+struct JobFailure {
+    /// Shown to the customer on the backup or restore.
+    reason: String,
+    /// The engine stopped because the job was cancelled (a deleted backup,
+    /// or shutdown): nothing of the job's work was finished.
+    cancelled: bool,
+}
+
+impl JobFailure {
+    fn new(reason: impl Into<String>) -> JobFailure {
+        JobFailure {
+            reason: reason.into(),
+            cancelled: false,
+        }
+    }
+}
+
+fn engine_failure(e: EngineError) -> JobFailure {
     match e {
-        EngineError::Cancelled => "The job was cancelled.".to_owned(),
-        other => other.to_string(),
+        EngineError::Cancelled => JobFailure {
+            reason: "The job was cancelled.".to_owned(),
+            cancelled: true,
+        },
+        other => JobFailure::new(other.to_string()),
     }
 }
 

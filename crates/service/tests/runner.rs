@@ -1,0 +1,116 @@
+//! The job runner's edges, through a real service: shutdown while a post
+//! hook runs, and what customers and operators each learn of a failure.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{same_bytes, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use vpsbackup_catalog::{BackupId, Catalog, Hooks, JobId, JobState, RestoreId, Scope, WorkStatus};
+
+async fn wait_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Shutdown arriving while the post hook runs (the engine's work is done)
+/// must record the job as finished: a finished restore handed back to the
+/// queue would run again at the next start, over what the guest wrote since.
+#[tokio::test]
+async fn a_job_finished_before_shutdown_is_recorded_not_redone() {
+    let dir = tempfile::tempdir().unwrap();
+    let thawing = dir.path().join("thawing");
+    let starting = dir.path().join("starting");
+    let mut settings = common::test_settings(dir.path());
+    settings.workers = 1;
+    let app = TestApp::start_in(dir, settings).await;
+    let (acc, token) = app.account("acme").await;
+    let hooks = Hooks {
+        post_backup: Some(format!("touch {}; sleep 3", thawing.display())),
+        post_restore: Some(format!("touch {}; sleep 3", starting.display())),
+        ..Hooks::default()
+    };
+    let disk = app.server(12345, acc, hooks).await;
+    let at_backup = disk.with_extension("at-backup");
+    std::fs::copy(&disk, &at_backup).unwrap();
+
+    // A backup: stop while its post_backup hook runs.
+    let (s, b) = app
+        .post("/api/v1/backups/", &token, json!({"server_id": 12345}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let id = b["id"].as_i64().unwrap();
+    wait_file(&thawing).await;
+    let (dir, settings) = app.stop().await;
+    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1)
+        .await
+        .unwrap();
+    let job = cat.job(JobId(1)).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Done, "{job:?}");
+    let row = cat.backup(BackupId(id), Scope::All).await.unwrap().unwrap();
+    assert_eq!(row.status, WorkStatus::Completed, "{row:?}");
+    cat.close().await;
+
+    // It is not redone at the next start, and it restores.
+    std::fs::remove_file(&thawing).unwrap();
+    let app = TestApp::start_in(dir, settings).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!thawing.exists(), "the finished backup ran again");
+    let (s, r) = app
+        .post(
+            "/api/v1/servers/12345/restore/",
+            &token,
+            json!({"backup_id": id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{r}");
+    let restore_id = r["id"].as_i64().unwrap();
+    wait_file(&starting).await;
+    assert!(same_bytes(&disk, &at_backup), "the restore wrote the disk");
+    // The guest starts and writes; then the service stops.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(b"written by the guest after the restore", 1 << 20)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let (dir, settings) = app.stop().await;
+    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1)
+        .await
+        .unwrap();
+    let job = cat.job(JobId(2)).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Done, "{job:?}");
+    let restore = cat
+        .restore(RestoreId(restore_id), Scope::All)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restore.status, WorkStatus::Completed, "{restore:?}");
+    cat.close().await;
+
+    std::fs::remove_file(&starting).unwrap();
+    let app = TestApp::start_in(dir, settings).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!starting.exists(), "the finished restore ran again");
+    assert!(
+        !same_bytes(&disk, &at_backup),
+        "the guest's write was overwritten by a second restore"
+    );
+    let (_, r) = app
+        .get(&format!("/api/v1/restores/{restore_id}/"), &token)
+        .await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["error"], Value::Null);
+    app.stop().await;
+}
