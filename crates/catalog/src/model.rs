@@ -296,7 +296,19 @@ pub struct ServerUpdate {
     pub auto_backup_enabled: Option<bool>,
     /// `Some(None)` clears the override.
     pub window_start_minute: Option<Option<u32>>,
-    pub hooks: Option<Hooks>,
+    pub hooks: HookUpdate,
+}
+
+/// A change to some of a server's hooks; each one not named stays as it is
+/// (a freeze hook must never lose its thaw because another one was set).
+/// `Some(None)` makes the server follow the global hook again;
+/// `Some(Some(""))` disables it for the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookUpdate {
+    pub pre_backup: Option<Option<String>>,
+    pub post_backup: Option<Option<String>>,
+    pub pre_restore: Option<Option<String>>,
+    pub post_restore: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

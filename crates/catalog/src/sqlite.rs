@@ -660,16 +660,18 @@ impl Catalog for SqliteCatalog {
             Some(w) => (1, w.map(|v| v as i64)),
             None => (0, None),
         };
-        let hooks = update.hooks.clone();
+        let hooks = &update.hooks;
+        let set = |h: &Option<Option<String>>| i64::from(h.is_some());
+        let value = |h: &Option<Option<String>>| h.clone().flatten();
         sqlx::query(
             "UPDATE servers SET name = COALESCE(?1, name), hostname = COALESCE(?2, hostname), \
                plan_id = COALESCE(?3, plan_id), auto_backup_enabled = COALESCE(?4, auto_backup_enabled), \
                window_start_minute = CASE WHEN ?5 = 1 THEN ?6 ELSE window_start_minute END, \
                hook_pre_backup = CASE WHEN ?7 = 1 THEN ?8 ELSE hook_pre_backup END, \
-               hook_post_backup = CASE WHEN ?7 = 1 THEN ?9 ELSE hook_post_backup END, \
-               hook_pre_restore = CASE WHEN ?7 = 1 THEN ?10 ELSE hook_pre_restore END, \
-               hook_post_restore = CASE WHEN ?7 = 1 THEN ?11 ELSE hook_post_restore END, \
-               updated_at = ?12 WHERE id = ?13",
+               hook_post_backup = CASE WHEN ?9 = 1 THEN ?10 ELSE hook_post_backup END, \
+               hook_pre_restore = CASE WHEN ?11 = 1 THEN ?12 ELSE hook_pre_restore END, \
+               hook_post_restore = CASE WHEN ?13 = 1 THEN ?14 ELSE hook_post_restore END, \
+               updated_at = ?15 WHERE id = ?16",
         )
         .bind(&update.name)
         .bind(&update.hostname)
@@ -677,11 +679,14 @@ impl Catalog for SqliteCatalog {
         .bind(update.auto_backup_enabled.map(i64::from))
         .bind(set_window)
         .bind(window)
-        .bind(i64::from(hooks.is_some()))
-        .bind(hooks.as_ref().and_then(|h| h.pre_backup.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.post_backup.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.pre_restore.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.post_restore.clone()))
+        .bind(set(&hooks.pre_backup))
+        .bind(value(&hooks.pre_backup))
+        .bind(set(&hooks.post_backup))
+        .bind(value(&hooks.post_backup))
+        .bind(set(&hooks.pre_restore))
+        .bind(value(&hooks.pre_restore))
+        .bind(set(&hooks.post_restore))
+        .bind(value(&hooks.post_restore))
         .bind(secs(now))
         .bind(id.0)
         .execute(&mut *tx)
