@@ -690,7 +690,7 @@ fn serves_started_together_on_one_data_dir_leave_exactly_one_running() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     ok(&dir, &["account", "create", "acme"]); // catalog migrated up front
-    for round in 0..5 {
+    for round in 0..3 {
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
         let spawners: Vec<_> = (0..4)
             .map(|_| {
@@ -713,7 +713,7 @@ fn serves_started_together_on_one_data_dir_leave_exactly_one_running() {
         loop {
             let exited = children
                 .iter_mut()
-                .filter(|c| c.try_wait().unwrap().is_some())
+                .filter_map(|c| c.try_wait().unwrap())
                 .count();
             if exited >= 3 || Instant::now() > deadline {
                 break;

@@ -104,8 +104,8 @@ impl JobRunner {
 
     /// Starts the workers; they stop when `shutdown` turns true.
     ///
-    /// There is no periodic reaper of stale claims: `serve.pid` keeps one
-    /// service per data dir, so a job left running can only belong to a dead
+    /// There is no periodic reaper of stale claims: the lock on `serve.pid`
+    /// keeps one service per data dir, so a job left running can only belong to a dead
     /// process, and those are recovered at start. A wall-clock lease would
     /// also misfire under the scheduler's simulated time.
     pub fn start(

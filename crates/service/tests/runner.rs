@@ -114,3 +114,29 @@ async fn a_job_finished_before_shutdown_is_recorded_not_redone() {
     assert_eq!(r["error"], Value::Null);
     app.stop().await;
 }
+
+/// The data dir's lock belongs to the running service, not to a process id:
+/// a second service on the same dir is refused even from the same process
+/// (a pid check cannot tell itself apart, and between reading and writing a
+/// pidfile another start can slip in).
+#[tokio::test]
+async fn a_second_service_on_the_same_data_dir_is_refused() {
+    let app = TestApp::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        vpsbackup_service::run(app.settings.clone(), listener, std::future::pending()),
+    )
+    .await
+    .expect("the second service ran instead of refusing");
+    match second {
+        Err(e @ vpsbackup_service::ServiceError::AlreadyRunning { .. }) => {
+            assert!(e.to_string().contains("another `vpsbackup serve`"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Once the first stops, the dir is free again.
+    let (dir, settings) = app.stop().await;
+    let app = TestApp::start_in(dir, settings).await;
+    app.stop().await;
+}
