@@ -8,6 +8,10 @@ use vpsbackup_disk::DiskError;
 pub enum EngineError {
     #[error("The job was cancelled before it finished; nothing was recorded.")]
     Cancelled,
+    /// The job's writer marker was not refreshed in time, or GC removed it
+    /// as stale: GC may have deleted packs the job deduplicated against.
+    #[error("The backup lost its registration with the store ({0}); nothing was recorded, run the backup again.")]
+    WriterLost(String),
     #[error("Backup {0} does not exist in the store.")]
     BackupNotFound(String),
     #[error("Backup {0} already exists in the store; choose another backup id.")]
