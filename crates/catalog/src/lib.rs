@@ -148,6 +148,8 @@ pub trait Catalog: Send + Sync {
         now: OffsetDateTime,
     ) -> Result<Vec<RecoveredJob>>;
     async fn job(&self, id: JobId) -> Result<Option<Job>>;
+    /// The latest failed jobs, newest first, with the operator's detail.
+    async fn failed_jobs(&self, limit: u32) -> Result<Vec<Job>>;
 
     // ---- idempotency keys ----
     /// Claims `req.key` for its owner, atomically (the key is unique per

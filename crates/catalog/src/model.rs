@@ -503,6 +503,9 @@ pub struct Job {
     pub heartbeat_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
     pub error: Option<String>,
+    /// The operator's detail of a failure (never shown by the API).
+    pub error_detail: Option<String>,
+    pub finished_at: Option<OffsetDateTime>,
 }
 
 /// How a job ended.
@@ -513,9 +516,11 @@ pub enum JobOutcome {
         stored_bytes: u64,
     },
     RestoreCompleted,
-    /// The reason is shown to the customer on the backup or restore.
+    /// The reason is shown to the customer on the backup or restore; the
+    /// detail (paths, stderr) only to operators, on the job.
     Failed {
         reason: String,
+        detail: Option<String>,
     },
 }
 

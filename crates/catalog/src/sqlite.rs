@@ -194,7 +194,7 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
 }
 
 const JOB_COLUMNS: &str = "id, kind, server_id, backup_id, restore_id, state, attempts, \
-     max_attempts, claimed_by, heartbeat_at, created_at, error";
+     max_attempts, claimed_by, heartbeat_at, created_at, error, error_detail, finished_at";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job> {
     let kind: String = r.try_get("kind")?;
@@ -216,6 +216,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job> {
         heartbeat_at: opt_ts(r.try_get("heartbeat_at")?),
         created_at: ts(r.try_get("created_at")?),
         error: r.try_get("error")?,
+        error_detail: r.try_get("error_detail")?,
+        finished_at: opt_ts(r.try_get("finished_at")?),
     })
 }
 
@@ -1123,16 +1125,19 @@ impl Catalog for SqliteCatalog {
         now: OffsetDateTime,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let (state, error) = match &outcome {
-            JobOutcome::Failed { reason } => ("failed", Some(reason.as_str())),
-            _ => ("done", None),
+        let (state, error, detail) = match &outcome {
+            JobOutcome::Failed { reason, detail } => {
+                ("failed", Some(reason.as_str()), detail.as_deref())
+            }
+            _ => ("done", None, None),
         };
         let row = sqlx::query(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ? \
+            "UPDATE jobs SET state = ?, error = ?, error_detail = ?, finished_at = ? \
              WHERE id = ? AND state = 'running' AND claimed_by = ? RETURNING kind, backup_id, restore_id",
         )
         .bind(state)
         .bind(error)
+        .bind(detail)
         .bind(secs(now))
         .bind(job.0)
         .bind(worker)
@@ -1163,7 +1168,7 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?
             .rows_affected(),
-            (JobOutcome::Failed { reason }, "restore") => sqlx::query(
+            (JobOutcome::Failed { reason, .. }, "restore") => sqlx::query(
                 "UPDATE restores SET status = 'failed', completed_at = ?, error = ? \
                  WHERE id = ? AND status = 'in_progress'",
             )
@@ -1173,7 +1178,7 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?
             .rows_affected(),
-            (JobOutcome::Failed { reason }, _) => sqlx::query(
+            (JobOutcome::Failed { reason, .. }, _) => sqlx::query(
                 "UPDATE backups SET status = 'failed', completed_at = ?, error = ?, size_mb = NULL \
                  WHERE id = ? AND status = 'in_progress'",
             )
@@ -1307,6 +1312,16 @@ impl Catalog for SqliteCatalog {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn failed_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'failed' ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn job(&self, id: JobId) -> Result<Option<Job>> {

@@ -58,6 +58,9 @@ enum Command {
     Verify(maintenance::VerifyArgs),
     /// Servers with their last and next backup, backups kept, store size and dedup.
     Status,
+    /// The latest failed backups and restores, with the detail customers do
+    /// not see (host paths, the stderr of hooks and QEMU).
+    Failures(maintenance::FailuresArgs),
     /// Fills the catalog with completed backups for benchmarks (no data).
     #[command(hide = true)]
     BenchSeed(admin::BenchSeedArgs),
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Gc => admin::block_on(maintenance::gc(global)),
         Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),
         Command::Status => admin::block_on(maintenance::status(global)),
+        Command::Failures(args) => admin::block_on(maintenance::failures(global, args)),
         Command::BenchSeed(args) => admin::block_on(admin::bench_seed(global, args)),
     }
 }

@@ -1,5 +1,7 @@
-//! The engine's error type. Display texts are full sentences a customer can
-//! act on: the API shows them as a job's failure reason.
+//! The engine's error type. Display texts are full sentences for the
+//! operator (they may name host paths and carry QEMU's stderr); the service
+//! maps each kind to a plain customer reason (`runner::engine_failure`) and
+//! keeps this text as the job's detail.
 
 use crate::storage::StorageError;
 use vpsbackup_disk::DiskError;

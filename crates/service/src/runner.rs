@@ -183,9 +183,10 @@ impl JobRunner {
             Ok(None) => Err(JobFailure::new(
                 "The server was removed before the job ran.",
             )),
-            Err(e) => Err(JobFailure::new(format!(
-                "The catalog could not be read: {e}"
-            ))),
+            Err(e) => Err(JobFailure::detailed(
+                "The job could not start; it can be tried again.",
+                format!("The catalog could not be read: {e}"),
+            )),
         };
 
         done.notify_one();
@@ -210,7 +211,15 @@ impl JobRunner {
         }
         let outcome = match outcome {
             Ok(o) => o,
-            Err(f) => JobOutcome::Failed { reason: f.reason },
+            Err(f) => {
+                if let Some(detail) = &f.detail {
+                    tracing::warn!(reason = %f.reason, %detail, "job failed");
+                }
+                JobOutcome::Failed {
+                    reason: f.reason,
+                    detail: f.detail,
+                }
+            }
         };
         let failed = matches!(outcome, JobOutcome::Failed { .. });
         match self
@@ -284,9 +293,13 @@ impl JobRunner {
             None => Ok(()),
         };
         let result = match pre_result {
-            Err(reason) => Err(JobFailure::new(capitalise(&format!(
-                "{reason}; the disks were not touched."
-            )))),
+            Err(detail) => Err(JobFailure::detailed(
+                format!(
+                    "The {} hook failed; the disks were not touched.",
+                    hook_title(pre_name)
+                ),
+                capitalise(&detail),
+            )),
             Ok(()) => self.engine_call(job, server, control).await,
         };
         // The post-hook always runs: a thaw or a VM start must follow even a failed job.
@@ -295,9 +308,13 @@ impl JobRunner {
                 tracing::warn!(hook = post_name, %reason, "post hook failed");
                 if job.kind == JobKind::Restore {
                     if let Ok(JobOutcome::RestoreCompleted) = result {
-                        return Err(JobFailure::new(capitalise(&format!(
-                            "The disks were restored, but {reason}; check the server."
-                        ))));
+                        return Err(JobFailure::detailed(
+                            format!(
+                                "The disks were restored, but the {} hook failed; check the server.",
+                                hook_title(post_name)
+                            ),
+                            capitalise(&reason),
+                        ));
                     }
                 }
             }
@@ -380,13 +397,18 @@ impl JobRunner {
                     repo.backup(&req, &control)
                 })
                 .await
-                .map_err(|e| JobFailure::new(format!("The backup worker failed: {e}")))?;
+                .map_err(|e| {
+                    JobFailure::detailed(
+                        "An internal error stopped the backup.",
+                        format!("The backup worker failed: {e}"),
+                    )
+                })?;
                 match res {
                     Ok(summary) => Ok(JobOutcome::BackupCompleted {
                         size_mb: summary.data_bytes.div_ceil(MIB),
                         stored_bytes: summary.stored_bytes,
                     }),
-                    Err(e) => Err(engine_failure(e)),
+                    Err(e) => Err(engine_failure(job.kind, e)),
                 }
             }
             JobKind::Restore => {
@@ -395,10 +417,15 @@ impl JobRunner {
                     repo.restore_as(&engine_id, &disks, &control)
                 })
                 .await
-                .map_err(|e| JobFailure::new(format!("The restore worker failed: {e}")))?;
+                .map_err(|e| {
+                    JobFailure::detailed(
+                        "An internal error stopped the restore.",
+                        format!("The restore worker failed: {e}"),
+                    )
+                })?;
                 match res {
                     Ok(_) => Ok(JobOutcome::RestoreCompleted),
-                    Err(e) => Err(engine_failure(e)),
+                    Err(e) => Err(engine_failure(job.kind, e)),
                 }
             }
         }
@@ -408,8 +435,11 @@ impl JobRunner {
 /// Why a job did not complete.
 #[derive(Debug)]
 struct JobFailure {
-    /// Shown to the customer on the backup or restore.
+    /// Shown to the customer on the backup or restore: a plain sentence,
+    /// never a host path or a program's stderr.
     reason: String,
+    /// For the operator (log, `vpsbackup failures`): the full error.
+    detail: Option<String>,
     /// The engine stopped because the job was cancelled (a deleted backup,
     /// or shutdown): nothing of the job's work was finished.
     cancelled: bool,
@@ -419,19 +449,58 @@ impl JobFailure {
     fn new(reason: impl Into<String>) -> JobFailure {
         JobFailure {
             reason: reason.into(),
+            detail: None,
             cancelled: false,
+        }
+    }
+
+    fn detailed(reason: impl Into<String>, detail: impl Into<String>) -> JobFailure {
+        JobFailure {
+            detail: Some(detail.into()),
+            ..JobFailure::new(reason)
         }
     }
 }
 
-fn engine_failure(e: EngineError) -> JobFailure {
-    match e {
-        EngineError::Cancelled => JobFailure {
-            reason: "The job was cancelled.".to_owned(),
-            cancelled: true,
-        },
-        other => JobFailure::new(other.to_string()),
-    }
+/// `pre_backup` -> `pre-backup`, as customers read it.
+fn hook_title(name: &str) -> String {
+    name.replace('_', "-")
+}
+
+/// The one place an engine error becomes the customer's reason; the
+/// error's own text (paths, QEMU's stderr) is kept as the operator's detail.
+/// Exhaustive on purpose: a new error kind must choose its customer text.
+fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
+    let disk = match kind {
+        JobKind::Backup => "The server's disk could not be read.",
+        JobKind::Restore => "The server's disk could not be written.",
+    };
+    let reason = match &e {
+        EngineError::Cancelled => {
+            return JobFailure {
+                reason: "The job was cancelled.".to_owned(),
+                detail: None,
+                cancelled: true,
+            }
+        }
+        EngineError::WriterLost(_) => {
+            "The backup lost its place in the backup store before it finished; nothing was recorded, run it again."
+        }
+        EngineError::BackupNotFound(_) => "The backup's data is missing from the backup store.",
+        EngineError::BackupExists(_) => {
+            "The backup store already holds data under this backup's id; nothing was overwritten."
+        }
+        EngineError::Corrupt { .. }
+        | EngineError::MissingChunk { .. }
+        | EngineError::BadObject { .. } => {
+            "The backup's data in the backup store is damaged; restore from another backup."
+        }
+        EngineError::Disk(_) => disk,
+        EngineError::Storage(_) => "The backup store could not be read or written.",
+        EngineError::InvalidRequest(_) => "The backup engine refused the job.",
+        EngineError::Internal(_) => "An internal error stopped the job.",
+    };
+    JobFailure::detailed(reason, e.to_string())
 }
 
 fn engine_format(f: ImageFormat) -> DiskFormat {

@@ -140,3 +140,71 @@ async fn a_second_service_on_the_same_data_dir_is_refused() {
     let app = TestApp::start_in(dir, settings).await;
     app.stop().await;
 }
+
+/// Customers read a plain reason; the host's paths and the raw stderr of
+/// hooks and QEMU stay with the operator (log and `vpsbackup failures`).
+#[tokio::test]
+async fn failures_show_customers_a_plain_reason_and_keep_the_detail_for_operators() {
+    let app = TestApp::start().await;
+    let (acc, token) = app.account("acme").await;
+    let hooks = Hooks {
+        pre_backup: Some("echo 'fsfreeze: /srv/guest-7: Device busy' >&2; exit 4".into()),
+        ..Hooks::default()
+    };
+    app.server(7, acc, hooks).await;
+    let gone = app.server(8, acc, Hooks::default()).await;
+    std::fs::remove_file(&gone).unwrap();
+    let host_dir = app.dir.path().to_string_lossy().into_owned();
+
+    let run = |server: i64| {
+        let app = &app;
+        let token = &token;
+        async move {
+            let (s, b) = app
+                .post("/api/v1/backups/", token, json!({"server_id": server}))
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+            let done = app
+                .wait_done(&format!("/api/v1/backups/{}/", b["id"]), token)
+                .await;
+            assert_eq!(done["status"], "failed", "{done}");
+            done
+        }
+    };
+    let hook_failed = run(7).await;
+    let err = hook_failed["error"].as_str().unwrap();
+    assert_eq!(
+        err, "The pre-backup hook failed; the disks were not touched.",
+        "{hook_failed}"
+    );
+    let disk_gone = run(8).await;
+    let err = disk_gone["error"].as_str().unwrap();
+    assert_eq!(err, "The server's disk could not be read.", "{disk_gone}");
+    for body in [&hook_failed, &disk_gone] {
+        let text = body.to_string();
+        assert!(
+            !text.contains(&host_dir) && !text.contains("Device busy") && !text.contains("/srv"),
+            "{text}"
+        );
+    }
+    // The operator's detail, kept on the job (never in the API).
+    let detail = |job| {
+        let cat = app.catalog.clone();
+        async move {
+            cat.job(JobId(job))
+                .await
+                .unwrap()
+                .unwrap()
+                .error_detail
+                .unwrap_or_default()
+        }
+    };
+    let d = detail(1).await;
+    assert!(
+        d.contains("Device busy") && d.contains("exit status: 4"),
+        "{d}"
+    );
+    let d = detail(2).await;
+    assert!(d.contains(&gone.to_string_lossy().into_owned()), "{d}");
+    app.stop().await;
+}
