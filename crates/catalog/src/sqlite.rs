@@ -477,7 +477,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>> {
-        self.inline.token_by_hash(hash)
+        reader::off_runtime(|| self.inline.token_by_hash(hash))
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
@@ -896,7 +896,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>> {
-        self.inline.list_backups(&filter, page)
+        reader::off_runtime(|| self.inline.list_backups(&filter, page))
     }
 
     async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup> {
