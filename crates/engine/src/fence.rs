@@ -144,13 +144,10 @@ impl WriterGuard {
                             // Gone: GC found it stale and removed it, and may
                             // since have deleted packs this job relies on.
                             // Writing it back would hide that.
-                            match storage.head(&key) {
-                                Ok(None) => {
-                                    health.lose("its marker was removed as stale".into());
-                                    return;
-                                }
-                                // A failed look is a failed refresh: retried below.
-                                Ok(Some(_)) | Err(_) => {}
+                            // (A failed look is a failed refresh: retried below.)
+                            if let Ok(None) = storage.head(&key) {
+                                health.lose("its marker was removed as stale".into());
+                                return;
                             }
                             let m = WriterMarker {
                                 refreshed_at_ms: now_ms(),
@@ -158,11 +155,10 @@ impl WriterGuard {
                             };
                             // A failed refresh is retried at the next tick;
                             // `check` fails the job if they keep failing.
-                            match storage.put(&key, &encode_json(WRITER_MAGIC, &m)) {
-                                Ok(()) => health
+                            if storage.put(&key, &encode_json(WRITER_MAGIC, &m)).is_ok() {
+                                health
                                     .refreshed_ms
-                                    .store(m.refreshed_at_ms, Ordering::SeqCst),
-                                Err(_) => {}
+                                    .store(m.refreshed_at_ms, Ordering::SeqCst);
                             }
                         }
                     }

@@ -251,9 +251,10 @@ fn claim_data_dir(data_dir: &Path) -> Result<DataDirLock, ServiceError> {
         .truncate(false)
         .open(&path)
         .map_err(io_err)?;
-    match file.try_lock() {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(rustix::io::Errno::WOULDBLOCK) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             return Err(ServiceError::AlreadyRunning {
@@ -264,7 +265,7 @@ fn claim_data_dir(data_dir: &Path) -> Result<DataDirLock, ServiceError> {
                 dir: data_dir.to_owned(),
             });
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+        Err(e) => return Err(io_err(e.into())),
     }
     file.set_len(0).map_err(io_err)?;
     file.rewind().map_err(io_err)?;
