@@ -160,6 +160,8 @@ pub trait Catalog: Send + Sync {
     /// backup never takes it (the runner clears a leftover manifest of its
     /// own id before it starts).
     async fn reserve_backup_ids(&self, through: BackupId) -> Result<()>;
+    /// The latest failed jobs, newest first, with the operator's detail.
+    async fn failed_jobs(&self, limit: u32) -> Result<Vec<Job>>;
 
     // ---- idempotency keys ----
     /// Claims `req.key` for its owner, atomically (the key is unique per

@@ -296,7 +296,19 @@ pub struct ServerUpdate {
     pub auto_backup_enabled: Option<bool>,
     /// `Some(None)` clears the override.
     pub window_start_minute: Option<Option<u32>>,
-    pub hooks: Option<Hooks>,
+    pub hooks: HookUpdate,
+}
+
+/// A change to some of a server's hooks; each one not named stays as it is
+/// (a freeze hook must never lose its thaw because another one was set).
+/// `Some(None)` makes the server follow the global hook again;
+/// `Some(Some(""))` disables it for the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookUpdate {
+    pub pre_backup: Option<Option<String>>,
+    pub post_backup: Option<Option<String>>,
+    pub pre_restore: Option<Option<String>>,
+    pub post_restore: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,6 +529,9 @@ pub struct Job {
     pub heartbeat_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
     pub error: Option<String>,
+    /// The operator's detail of a failure (never shown by the API).
+    pub error_detail: Option<String>,
+    pub finished_at: Option<OffsetDateTime>,
 }
 
 /// How a job ended.
@@ -527,9 +542,11 @@ pub enum JobOutcome {
         stored_bytes: u64,
     },
     RestoreCompleted,
-    /// The reason is shown to the customer on the backup or restore.
+    /// The reason is shown to the customer on the backup or restore; the
+    /// detail (paths, stderr) only to operators, on the job.
     Failed {
         reason: String,
+        detail: Option<String>,
     },
 }
 

@@ -196,7 +196,7 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
 }
 
 const JOB_COLUMNS: &str = "id, kind, server_id, backup_id, restore_id, state, attempts, \
-     max_attempts, claimed_by, heartbeat_at, created_at, error";
+     max_attempts, claimed_by, heartbeat_at, created_at, error, error_detail, finished_at";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job> {
     let kind: String = r.try_get("kind")?;
@@ -218,6 +218,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job> {
         heartbeat_at: opt_ts(r.try_get("heartbeat_at")?),
         created_at: ts(r.try_get("created_at")?),
         error: r.try_get("error")?,
+        error_detail: r.try_get("error_detail")?,
+        finished_at: opt_ts(r.try_get("finished_at")?),
     })
 }
 
@@ -477,7 +479,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>> {
-        self.inline.token_by_hash(hash)
+        reader::off_runtime(|| self.inline.token_by_hash(hash))
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
@@ -662,16 +664,18 @@ impl Catalog for SqliteCatalog {
             Some(w) => (1, w.map(|v| v as i64)),
             None => (0, None),
         };
-        let hooks = update.hooks.clone();
+        let hooks = &update.hooks;
+        let set = |h: &Option<Option<String>>| i64::from(h.is_some());
+        let value = |h: &Option<Option<String>>| h.clone().flatten();
         sqlx::query(
             "UPDATE servers SET name = COALESCE(?1, name), hostname = COALESCE(?2, hostname), \
                plan_id = COALESCE(?3, plan_id), auto_backup_enabled = COALESCE(?4, auto_backup_enabled), \
                window_start_minute = CASE WHEN ?5 = 1 THEN ?6 ELSE window_start_minute END, \
                hook_pre_backup = CASE WHEN ?7 = 1 THEN ?8 ELSE hook_pre_backup END, \
-               hook_post_backup = CASE WHEN ?7 = 1 THEN ?9 ELSE hook_post_backup END, \
-               hook_pre_restore = CASE WHEN ?7 = 1 THEN ?10 ELSE hook_pre_restore END, \
-               hook_post_restore = CASE WHEN ?7 = 1 THEN ?11 ELSE hook_post_restore END, \
-               updated_at = ?12 WHERE id = ?13",
+               hook_post_backup = CASE WHEN ?9 = 1 THEN ?10 ELSE hook_post_backup END, \
+               hook_pre_restore = CASE WHEN ?11 = 1 THEN ?12 ELSE hook_pre_restore END, \
+               hook_post_restore = CASE WHEN ?13 = 1 THEN ?14 ELSE hook_post_restore END, \
+               updated_at = ?15 WHERE id = ?16",
         )
         .bind(&update.name)
         .bind(&update.hostname)
@@ -679,11 +683,14 @@ impl Catalog for SqliteCatalog {
         .bind(update.auto_backup_enabled.map(i64::from))
         .bind(set_window)
         .bind(window)
-        .bind(i64::from(hooks.is_some()))
-        .bind(hooks.as_ref().and_then(|h| h.pre_backup.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.post_backup.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.pre_restore.clone()))
-        .bind(hooks.as_ref().and_then(|h| h.post_restore.clone()))
+        .bind(set(&hooks.pre_backup))
+        .bind(value(&hooks.pre_backup))
+        .bind(set(&hooks.post_backup))
+        .bind(value(&hooks.post_backup))
+        .bind(set(&hooks.pre_restore))
+        .bind(value(&hooks.pre_restore))
+        .bind(set(&hooks.post_restore))
+        .bind(value(&hooks.post_restore))
         .bind(secs(now))
         .bind(id.0)
         .execute(&mut *tx)
@@ -891,7 +898,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>> {
-        self.inline.list_backups(&filter, page)
+        reader::off_runtime(|| self.inline.list_backups(&filter, page))
     }
 
     async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup> {
@@ -1120,16 +1127,19 @@ impl Catalog for SqliteCatalog {
         now: OffsetDateTime,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let (state, error) = match &outcome {
-            JobOutcome::Failed { reason } => ("failed", Some(reason.as_str())),
-            _ => ("done", None),
+        let (state, error, detail) = match &outcome {
+            JobOutcome::Failed { reason, detail } => {
+                ("failed", Some(reason.as_str()), detail.as_deref())
+            }
+            _ => ("done", None, None),
         };
         let row = sqlx::query(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ? \
+            "UPDATE jobs SET state = ?, error = ?, error_detail = ?, finished_at = ? \
              WHERE id = ? AND state = 'running' AND claimed_by = ? RETURNING kind, backup_id, restore_id",
         )
         .bind(state)
         .bind(error)
+        .bind(detail)
         .bind(secs(now))
         .bind(job.0)
         .bind(worker)
@@ -1160,7 +1170,7 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?
             .rows_affected(),
-            (JobOutcome::Failed { reason }, "restore") => sqlx::query(
+            (JobOutcome::Failed { reason, .. }, "restore") => sqlx::query(
                 "UPDATE restores SET status = 'failed', completed_at = ?, error = ? \
                  WHERE id = ? AND status = 'in_progress'",
             )
@@ -1170,7 +1180,7 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?
             .rows_affected(),
-            (JobOutcome::Failed { reason }, _) => sqlx::query(
+            (JobOutcome::Failed { reason, .. }, _) => sqlx::query(
                 "UPDATE backups SET status = 'failed', completed_at = ?, error = ?, size_mb = NULL \
                  WHERE id = ? AND status = 'in_progress'",
             )
@@ -1322,6 +1332,16 @@ impl Catalog for SqliteCatalog {
 
     async fn reserve_backup_ids(&self, through: BackupId) -> Result<()> {
         self.reserve_ids(through).await
+    }
+
+    async fn failed_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'failed' ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn job(&self, id: JobId) -> Result<Option<Job>> {

@@ -86,7 +86,8 @@ async fn slots_attempts_and_retries() {
     assert!(matches!(dup, Err(CatalogError::Conflict(_))), "{dup:?}");
 
     let fail = JobOutcome::Failed {
-        reason: "The disk /tmp/disk-1.img does not exist.".into(),
+        reason: "The server's disk could not be read.".into(),
+        detail: Some("The disk /tmp/disk-1.img does not exist.".into()),
     };
     run_next(&cat, now, fail.clone()).await;
     let slot = cat.auto_backup_servers().await.unwrap()[0]
@@ -141,7 +142,7 @@ async fn slots_attempts_and_retries() {
         .unwrap();
     assert_eq!((slot.status, slot.attempts), (WorkStatus::Failed, 2));
     let row = cat.backup(b.id, Scope::All).await.unwrap().unwrap();
-    assert!(row.error.unwrap().contains("does not exist"));
+    assert!(row.error.unwrap().contains("disk could not be read"));
 
     // A recorded slot outlives its backup.
     cat.record_slot(ServerId(1), t0()).await.unwrap();
@@ -222,6 +223,7 @@ async fn expiry_never_lists_manual_or_running_backups() {
         now,
         JobOutcome::Failed {
             reason: "no".into(),
+            detail: None,
         },
     )
     .await;

@@ -79,6 +79,7 @@ async fn outcomes_write_events_in_order_for_accounts_with_a_webhook() {
         1,
         JobOutcome::Failed {
             reason: "disk gone".into(),
+            detail: None,
         },
     )
     .await;

@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
-    Catalog, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate, Scope,
-    ServerDisk, ServerId, ServerUpdate, SqliteCatalog, TokenId, TokenOwner, TokenRef,
+    Catalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate,
+    Scope, ServerDisk, ServerId, ServerUpdate, SqliteCatalog, TokenId, TokenOwner, TokenRef,
     DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
 };
 use vpsbackup_service::auth::{generate_token, hash_token, TOKEN_PREFIX};
@@ -398,13 +398,67 @@ pub struct HookArgs {
     post_restore: Option<String>,
 }
 
-impl HookArgs {
-    fn any(&self) -> bool {
-        self.pre_backup.is_some()
-            || self.post_backup.is_some()
-            || self.pre_restore.is_some()
-            || self.post_restore.is_some()
+/// `server set`'s hook flags: each changes only the hook it names.
+#[derive(Args)]
+pub struct HookSetArgs {
+    #[command(flatten)]
+    hooks: HookArgs,
+    /// Forget this server's own hook so the global one (config file) applies
+    /// again; repeat for more. To run no hook at all, give it as "" instead
+    /// (e.g. --post-restore "").
+    #[arg(long = "reset-hook", value_enum)]
+    reset: Vec<HookName>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HookName {
+    PreBackup,
+    PostBackup,
+    PreRestore,
+    PostRestore,
+}
+
+impl HookSetArgs {
+    /// The change, refusing a hook both set and reset.
+    fn into_update(self) -> anyhow::Result<HookUpdate> {
+        let h = self.hooks;
+        let pick = |given: Option<String>, name: HookName, flag: &str| {
+            let reset = self.reset.contains(&name);
+            match (given, reset) {
+                (Some(_), true) => Err(anyhow!(
+                    "--{flag} cannot be used with --reset-hook {flag}: set it or reset it"
+                )),
+                (Some(cmd), false) => Ok(Some(Some(cmd))),
+                (None, true) => Ok(Some(None)),
+                (None, false) => Ok(None),
+            }
+        };
+        Ok(HookUpdate {
+            pre_backup: pick(h.pre_backup, HookName::PreBackup, "pre-backup")?,
+            post_backup: pick(h.post_backup, HookName::PostBackup, "post-backup")?,
+            pre_restore: pick(h.pre_restore, HookName::PreRestore, "pre-restore")?,
+            post_restore: pick(h.post_restore, HookName::PostRestore, "post-restore")?,
+        })
     }
+}
+
+/// A server's own hooks, one per line, for the operator.
+fn hooks_text(h: &Hooks) -> String {
+    let one = |name: &str, v: &Option<String>| match v.as_deref() {
+        None => format!("  {name}: (the global hook, if any)"),
+        Some(c) if c.trim().is_empty() => format!("  {name}: (none)"),
+        Some(c) => format!("  {name}: {c}"),
+    };
+    [
+        one("pre_backup", &h.pre_backup),
+        one("post_backup", &h.post_backup),
+        one("pre_restore", &h.pre_restore),
+        one("post_restore", &h.post_restore),
+    ]
+    .join("\n")
+}
+
+impl HookArgs {
     fn into_hooks(self) -> Hooks {
         Hooks {
             pre_backup: self.pre_backup,
@@ -450,7 +504,8 @@ pub enum ServerCommand {
         #[arg(long)]
         account: Option<String>,
     },
-    /// Change a server: plan, automatic backups, window, hooks.
+    /// Change a server: plan, automatic backups, window, hooks (each hook
+    /// flag changes only that hook; the others stay).
     Set {
         id: i64,
         #[arg(long)]
@@ -471,7 +526,7 @@ pub enum ServerCommand {
         #[arg(long = "disk-format", value_parser = ["raw", "qcow2", "block"])]
         disk_formats: Vec<String>,
         #[command(flatten)]
-        hooks: HookArgs,
+        hooks: HookSetArgs,
     },
     /// Remove a server. Refused while it has backups unless --purge.
     Remove {
@@ -631,11 +686,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 disks,
                 auto_backup_enabled: auto_backup.map(|v| v == "on"),
                 window_start_minute,
-                hooks: if hooks.any() {
-                    Some(hooks.into_hooks())
-                } else {
-                    None
-                },
+                hooks: hooks.into_update()?,
             };
             if update == ServerUpdate::default() {
                 bail!("nothing to change; see `vpsbackup server set --help`");
@@ -650,6 +701,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
                 disks_text(&s.disks)
             );
+            println!("Hooks:\n{}", hooks_text(&s.hooks));
         }
         ServerCommand::Remove { id, purge } => {
             let removed = cat.remove_server(ServerId(id), purge).await?;

@@ -67,6 +67,9 @@ enum Command {
     /// Restore a backup to image files of the provider's choice (disaster
     /// recovery; --allow-damaged for a backup marked damaged).
     Restore(restore::RestoreArgs),
+    /// The latest failed backups and restores, with the detail customers do
+    /// not see (host paths, the stderr of hooks and QEMU).
+    Failures(maintenance::FailuresArgs),
     /// Fills the catalog with completed backups for benchmarks (no data).
     #[command(hide = true)]
     BenchSeed(admin::BenchSeedArgs),
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),
         Command::Status => admin::block_on(maintenance::status(global)),
         Command::Restore(args) => admin::block_on(restore::run(global, args)),
+        Command::Failures(args) => admin::block_on(maintenance::failures(global, args)),
         Command::BenchSeed(args) => admin::block_on(admin::bench_seed(global, args)),
     }
 }

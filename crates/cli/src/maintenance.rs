@@ -1,5 +1,6 @@
 //! Maintenance commands on a data dir, usable while `serve` runs:
-//! `vpsbackup gc`, `vpsbackup verify [--backup ID]` and `vpsbackup status`.
+//! `vpsbackup gc`, `vpsbackup verify [--backup ID]`, `vpsbackup status` and
+//! `vpsbackup failures`.
 //! They drive the same [`Scheduler`] code the service runs on its schedule,
 //! on the same catalog and store (the engine's GC is safe beside running
 //! backups, also across processes).
@@ -106,5 +107,46 @@ pub async fn status(global: Global) -> anyhow::Result<()> {
     if !o.settings.schedule.enabled {
         println!("Automatic backups are off in the config ([schedule] enabled = false).");
     }
+    Ok(())
+}
+
+/// `vpsbackup failures` flags.
+#[derive(Args)]
+pub struct FailuresArgs {
+    /// How many of the latest failed jobs to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+/// Failed jobs, newest first: what the customer was told, then the detail.
+pub async fn failures(global: Global, args: FailuresArgs) -> anyhow::Result<()> {
+    let settings = load_settings(&global)?;
+    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let jobs = cat.failed_jobs(args.limit).await?;
+    if jobs.is_empty() {
+        println!("No failed backups or restores.");
+    }
+    for j in jobs {
+        let what = match (j.kind, j.restore_id) {
+            (vpsbackup_catalog::JobKind::Restore, Some(r)) => {
+                format!("restore {} of backup {}", r.0, j.backup_id.0)
+            }
+            _ => format!("backup {}", j.backup_id.0),
+        };
+        println!(
+            "job {}: {what}, server {}, failed {}",
+            j.id.0,
+            j.server_id.0,
+            j.finished_at
+                .map(vpsbackup_service::clock::rfc3339)
+                .unwrap_or_else(|| "-".into())
+        );
+        println!("  customer sees: {}", j.error.as_deref().unwrap_or("-"));
+        println!(
+            "  detail:        {}",
+            j.error_detail.as_deref().unwrap_or("(none recorded)")
+        );
+    }
+    cat.close().await;
     Ok(())
 }

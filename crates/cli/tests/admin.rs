@@ -573,3 +573,180 @@ fn account_set_webhook_sets_generates_and_clears_it() {
         "cannot be used with",
     );
 }
+
+/// The server's hooks as the catalog holds them.
+fn stored_hooks(dir: &Path, id: i64) -> vpsbackup_catalog::Hooks {
+    use vpsbackup_catalog::Catalog;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let cat = vpsbackup_service::open_catalog(dir, 1).await.unwrap();
+            let s = cat
+                .server(
+                    vpsbackup_catalog::ServerId(id),
+                    vpsbackup_catalog::Scope::All,
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            cat.close().await;
+            s.hooks
+        })
+}
+
+/// Setting one hook keeps the other three: a freeze left without its thaw
+/// keeps the guest frozen.
+#[test]
+fn server_set_changes_only_the_hooks_it_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let disk = tmp.path().join("disk.img");
+    make_disk(&disk);
+    ok(&dir, &["account", "create", "acme"]);
+    let d = disk.to_str().unwrap();
+    ok(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "7",
+            "--name",
+            "web",
+            "--account",
+            "acme",
+            "--disk",
+            d,
+            "--pre-backup",
+            "fsfreeze -f /",
+            "--post-backup",
+            "fsfreeze -u /",
+            "--pre-restore",
+            "virsh shutdown {name}",
+            "--post-restore",
+            "virsh start {name}",
+        ],
+    );
+    let some = |s: &str| Some(s.to_owned());
+    let out = ok(
+        &dir,
+        &["server", "set", "7", "--pre-backup", "sync; fsfreeze -f /"],
+    );
+    assert_eq!(
+        stored_hooks(&dir, 7),
+        vpsbackup_catalog::Hooks {
+            pre_backup: some("sync; fsfreeze -f /"),
+            post_backup: some("fsfreeze -u /"),
+            pre_restore: some("virsh shutdown {name}"),
+            post_restore: some("virsh start {name}"),
+        }
+    );
+    // The operator sees every hook in effect after the change.
+    assert!(
+        out.contains("post_backup: fsfreeze -u /") && out.contains("sync; fsfreeze -f /"),
+        "{out}"
+    );
+    // "" turns one hook off for this server (the global one too); --reset-hook
+    // forgets the server's own so the global one applies again.
+    ok(&dir, &["server", "set", "7", "--post-restore", ""]);
+    ok(&dir, &["server", "set", "7", "--reset-hook", "pre-restore"]);
+    assert_eq!(
+        stored_hooks(&dir, 7),
+        vpsbackup_catalog::Hooks {
+            pre_backup: some("sync; fsfreeze -f /"),
+            post_backup: some("fsfreeze -u /"),
+            pre_restore: None,
+            post_restore: some(""),
+        }
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "set",
+            "7",
+            "--reset-hook",
+            "pre-backup",
+            "--pre-backup",
+            "x",
+        ],
+        "cannot be used with",
+    );
+    fails(
+        &dir,
+        &["server", "set", "7", "--reset-hook", "thaw"],
+        "invalid value",
+    );
+}
+
+/// Several `serve` started at the same instant on one data dir: exactly one
+/// runs (two would each requeue the other's running jobs); the others exit
+/// at once with a clear reason. Repeated, since a check-then-write race
+/// only shows on some rounds.
+#[test]
+fn serves_started_together_on_one_data_dir_leave_exactly_one_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    ok(&dir, &["account", "create", "acme"]); // catalog migrated up front
+    for round in 0..3 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let spawners: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, barrier) = (dir.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+                        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                        .arg(&dir)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut children: Vec<_> = spawners.into_iter().map(|t| t.join().unwrap()).collect();
+        // The losers exit; give them time, then whoever still runs is serving.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let exited = children
+                .iter_mut()
+                .filter_map(|c| c.try_wait().unwrap())
+                .count();
+            if exited >= 3 || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut running = Vec::new();
+        for mut c in children {
+            match c.try_wait().unwrap() {
+                None => running.push(c),
+                Some(status) => {
+                    let mut err = String::new();
+                    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                    assert!(!status.success(), "round {round}: a serve exited 0: {err}");
+                    assert!(
+                        err.contains("another `vpsbackup serve`"),
+                        "round {round}: {err}"
+                    );
+                }
+            }
+        }
+        let n = running.len();
+        for c in &mut running {
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()
+                .unwrap();
+        }
+        for mut c in running {
+            c.wait().unwrap();
+        }
+        assert_eq!(n, 1, "round {round}: {n} serves run on one data dir");
+    }
+}

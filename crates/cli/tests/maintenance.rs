@@ -130,3 +130,39 @@ fn status_gc_and_verify_beside_serve() {
         .success());
     assert!(child.wait().unwrap().success());
 }
+
+/// `vpsbackup failures` shows the operator what the customer was not shown.
+#[test]
+fn failures_lists_the_customers_reason_and_the_operators_detail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    common::ok(&dir, &["account", "create", "acme"]);
+    assert!(common::ok(&dir, &["failures"]).contains("No failed backups"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let cat = vpsbackup_service::open_catalog(&dir, 1).await.unwrap();
+            cat.execute_raw(
+                "INSERT INTO jobs (kind, server_id, backup_id, state, attempts, max_attempts, \
+                   run_after, created_at, finished_at, error, error_detail) \
+                 VALUES ('backup', NULL, 41, 'failed', 1, 3, 0, 0, 1700000000, \
+                   'The server''s disk could not be read.', \
+                   'Disk access failed: /srv/vm/41.img: No such file or directory')",
+            )
+            .await
+            .unwrap();
+            cat.close().await;
+        });
+    let out = common::ok(&dir, &["failures"]);
+    assert!(out.contains("job 1: backup 41"), "{out}");
+    assert!(
+        out.contains("customer sees: The server's disk could not be read."),
+        "{out}"
+    );
+    assert!(
+        out.contains("detail:        Disk access failed: /srv/vm/41.img"),
+        "{out}"
+    );
+}

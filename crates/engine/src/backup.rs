@@ -115,6 +115,7 @@ pub(crate) fn run(
 
     let pipeline = Pipeline {
         inner,
+        fence: &guard,
         index: &index,
         job,
         claimed: Mutex::new(HashSet::new()),
@@ -153,7 +154,9 @@ pub(crate) fn run(
         lists: out.lists,
     };
     // The packs and their index objects are durable (the uploader wrote them in
-    // that order); only now may a manifest reference their chunks.
+    // that order); only now may a manifest reference their chunks, and only
+    // if GC has counted this backup as live all along.
+    guard.check()?;
     if !storage.put_if_absent(&manifest_key(&req.backup_id), &manifest.encode())? {
         return Err(EngineError::BackupExists(req.backup_id.clone()));
     }
@@ -170,6 +173,9 @@ pub(crate) fn run(
 
 struct Pipeline<'a> {
     inner: &'a RepoInner,
+    /// This backup's writer marker: checked as blocks are read, so a backup
+    /// GC may have stopped protecting stops early.
+    fence: &'a WriterGuard,
     index: &'a ChunkIndex,
     job: &'a JobControl,
     /// New chunks some worker of this backup already took on. Capped at
@@ -283,7 +289,7 @@ impl Pipeline<'_> {
             let size = r.size();
             let mut pos = 0u64;
             while pos < size {
-                if let Err(e) = self.job.check() {
+                if let Err(e) = self.job.check().and_then(|()| self.fence.check()) {
                     return self.fail(e);
                 }
                 if self.abort.load(Ordering::Relaxed) {

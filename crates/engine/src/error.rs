@@ -1,5 +1,7 @@
-//! The engine's error type. Display texts are full sentences a customer can
-//! act on: the API shows them as a job's failure reason.
+//! The engine's error type. Display texts are full sentences for the
+//! operator (they may name host paths and carry QEMU's stderr); the service
+//! maps each kind to a plain customer reason (`runner::engine_failure`) and
+//! keeps this text as the job's detail.
 
 use crate::storage::StorageError;
 use vpsbackup_disk::DiskError;
@@ -8,6 +10,10 @@ use vpsbackup_disk::DiskError;
 pub enum EngineError {
     #[error("The job was cancelled before it finished; nothing was recorded.")]
     Cancelled,
+    /// The job's writer marker was not refreshed in time, or GC removed it
+    /// as stale: GC may have deleted packs the job deduplicated against.
+    #[error("The backup lost its registration with the store ({0}); nothing was recorded, run the backup again.")]
+    WriterLost(String),
     #[error("Backup {0} does not exist in the store.")]
     BackupNotFound(String),
     #[error("Backup {0} already exists in the store; choose another backup id.")]

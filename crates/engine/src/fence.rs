@@ -8,6 +8,12 @@
 //! after condemning it in `pending/` and seeing no writer that started
 //! before the condemnation still running. A marker not refreshed within
 //! `writer_stale_after`, or whose process is gone from this host, is stale.
+//!
+//! The writer side holds up its end: [`WriterGuard::check`] fails once the
+//! marker has gone unrefreshed for 3/4 of `writer_stale_after` (before GC
+//! can call it stale) or was removed, and a backup checks it as it reads and
+//! before it writes its manifest, so a backup GC may have stopped protecting
+//! never records a manifest.
 
 use crate::format::{
     decode_json, encode_json, now_ms, random_hex, PackId, PendingDeletes, WriterMarker,
@@ -16,6 +22,7 @@ use crate::format::{
 use crate::storage::{Storage, StorageError};
 use crate::{EngineError, RepoInner};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,6 +34,27 @@ pub(crate) struct WriterGuard {
     pub(crate) started_at_ms: u64,
     stop: Arc<(Mutex<bool>, Condvar)>,
     refresher: Option<JoinHandle<()>>,
+    health: Arc<MarkerHealth>,
+    /// Past this age (3/4 of `writer_stale_after`) the marker is lost.
+    lost_after_ms: u64,
+}
+
+/// What the refresher learned, for the job to check.
+struct MarkerHealth {
+    /// The `refreshed_at_ms` of the last marker written.
+    refreshed_ms: AtomicU64,
+    /// Why the marker is lost for good (set once; never cleared, since a
+    /// later refresh does not undo what GC did meanwhile).
+    lost: Mutex<Option<String>>,
+    is_lost: AtomicBool,
+}
+
+impl MarkerHealth {
+    fn lose(&self, why: String) {
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        lost.get_or_insert(why);
+        self.is_lost.store(true, Ordering::SeqCst);
+    }
 }
 
 pub(crate) fn hostname() -> String {
@@ -88,8 +116,14 @@ impl WriterGuard {
         }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let every = inner.options.writer_stale_after / 4;
+        let health = Arc::new(MarkerHealth {
+            refreshed_ms: AtomicU64::new(started_at_ms),
+            lost: Mutex::new(None),
+            is_lost: AtomicBool::new(false),
+        });
         let refresher = {
             let (storage, key, stop) = (inner.storage.clone(), key.clone(), stop.clone());
+            let health = health.clone();
             std::thread::Builder::new()
                 .name("writer-marker".into())
                 .spawn(move || {
@@ -107,13 +141,25 @@ impl WriterGuard {
                             return;
                         }
                         if timeout.timed_out() {
+                            // Gone: GC found it stale and removed it, and may
+                            // since have deleted packs this job relies on.
+                            // Writing it back would hide that.
+                            // (A failed look is a failed refresh: retried below.)
+                            if let Ok(None) = storage.head(&key) {
+                                health.lose("its marker was removed as stale".into());
+                                return;
+                            }
                             let m = WriterMarker {
                                 refreshed_at_ms: now_ms(),
                                 ..marker.clone()
                             };
-                            // A failed refresh only risks the marker going stale; the
-                            // next one retries.
-                            let _ = storage.put(&key, &encode_json(WRITER_MAGIC, &m));
+                            // A failed refresh is retried at the next tick;
+                            // `check` fails the job if they keep failing.
+                            if storage.put(&key, &encode_json(WRITER_MAGIC, &m)).is_ok() {
+                                health
+                                    .refreshed_ms
+                                    .store(m.refreshed_at_ms, Ordering::SeqCst);
+                            }
                         }
                     }
                 })
@@ -125,7 +171,30 @@ impl WriterGuard {
             started_at_ms,
             stop,
             refresher: Some(refresher),
+            health,
+            lost_after_ms: (inner.options.writer_stale_after.as_millis() as u64) * 3 / 4,
         }))
+    }
+
+    /// Fails once GC may no longer count this writer as live: the marker was
+    /// removed, or has not been refreshed for 3/4 of `writer_stale_after`.
+    /// Cheap (two atomic loads and a clock read): call it often.
+    pub(crate) fn check(&self) -> Result<(), EngineError> {
+        if !self.health.is_lost.load(Ordering::SeqCst) {
+            let age = now_ms().saturating_sub(self.health.refreshed_ms.load(Ordering::SeqCst));
+            if age <= self.lost_after_ms {
+                return Ok(());
+            }
+            self.health.lose(format!(
+                "its marker could not be refreshed for {} s",
+                age / 1000
+            ));
+        }
+        let why = self.health.lost.lock().unwrap_or_else(|e| e.into_inner());
+        Err(EngineError::WriterLost(
+            why.clone()
+                .unwrap_or_else(|| "its marker went stale".into()),
+        ))
     }
 }
 

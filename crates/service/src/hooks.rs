@@ -1,5 +1,7 @@
 //! Hook commands around jobs (freeze/thaw, stop/start a VM): placeholders
-//! filled with shell-quoted values, run with `sh -c` under a timeout.
+//! filled with shell-quoted values, run with `sh -c` under a timeout. A hook
+//! is finished when its own process exits, even if a daemon it started still
+//! holds its stderr.
 
 use std::time::Duration;
 
@@ -37,6 +39,29 @@ pub fn render(template: &str, vars: &HookVars) -> String {
         .replace("{disks}", &disks)
 }
 
+/// How long stderr is still read after the hook's process exited.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
+
+/// Bytes of a hook's stderr kept (its end: where the error usually is).
+const STDERR_KEEP: usize = 4096;
+
+/// Reads a pipe to EOF (or until aborted) into `tail`, keeping only its
+/// last bytes, so a chatty hook cannot grow memory without bound.
+async fn read_tail(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    tail: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > STDERR_KEEP {
+            let extra = tail.len() - STDERR_KEEP;
+            tail.drain(..extra);
+        }
+    }
+}
+
 /// Runs one hook; `Err` says why it failed in a sentence fragment.
 pub async fn run_hook(
     which: &str,
@@ -58,15 +83,27 @@ pub async fn run_hook(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("the {which} hook could not be started: {e}"))?;
-    let mut stderr = child.stderr.take();
-    let waited = tokio::time::timeout(timeout, async {
-        let mut err = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut err).await;
+    // Read stderr on the side, keeping only its tail: a hook that starts a
+    // daemon leaves the daemon holding the pipe, so EOF may never come. The
+    // hook is done when its own process exits; the reader then gets a short
+    // grace to collect what is already in the pipe.
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(read_tail(s, tail.clone())));
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    if waited.is_err() {
+        let _ = child.start_kill();
+    }
+    if let Some(task) = reader {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(STDERR_GRACE, task).await.is_err() {
+            abort.abort();
         }
-        (child.wait().await, err)
-    })
-    .await;
+    }
+    let err = std::mem::take(&mut *tail.lock().unwrap_or_else(|e| e.into_inner()));
+    let waited = waited.map(|status| (status, err));
     match waited {
         Err(_) => Err(format!(
             "the {which} hook did not finish within {} seconds and was stopped",
@@ -137,5 +174,36 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.contains("did not finish"), "{e}");
+    }
+
+    /// A hook that starts a daemon (a VM, an agent) leaves it holding the
+    /// hook's stderr; the hook itself has finished and must count as such.
+    #[tokio::test]
+    async fn a_background_process_holding_stderr_does_not_time_out_the_hook() {
+        let t = Duration::from_secs(3);
+        let started = std::time::Instant::now();
+        run_hook("post_restore", "sleep 30 & echo done >&2", &vars(), t)
+            .await
+            .expect("the hook exited 0 at once");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // A failing one still reports its stderr.
+        let e = run_hook(
+            "pre_backup",
+            "sleep 30 & echo broken >&2; exit 2",
+            &vars(),
+            t,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("broken") && !e.contains("did not finish"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

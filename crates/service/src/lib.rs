@@ -63,7 +63,7 @@ pub enum ServiceError {
         source: std::io::Error,
     },
     #[error("another `vpsbackup serve` (pid {pid}) is using {dir}; stop it first")]
-    AlreadyRunning { pid: u32, dir: PathBuf },
+    AlreadyRunning { pid: String, dir: PathBuf },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error("cannot open the backup store: {0}")]
@@ -99,7 +99,7 @@ pub async fn run_with_clock(
 ) -> Result<(), ServiceError> {
     let settings = Arc::new(settings);
     let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
-    let pidfile = claim_data_dir(&settings.data_dir)?;
+    let data_dir_lock = claim_data_dir(&settings.data_dir)?;
     let store = settings.store_path();
     let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
         .await
@@ -210,31 +210,65 @@ pub async fn run_with_clock(
             tracing::warn!("a worker did not stop in time");
         }
     }
-    let _ = std::fs::remove_file(&pidfile);
+    drop(data_dir_lock);
     served?;
     Ok(())
 }
 
-/// Writes `<data_dir>/serve.pid`, refusing when a live `vpsbackup` process
-/// already holds it. Returns the file's path.
-fn claim_data_dir(data_dir: &Path) -> Result<PathBuf, ServiceError> {
-    let pidfile = data_dir.join("serve.pid");
-    if let Ok(text) = std::fs::read_to_string(&pidfile) {
-        if let Ok(pid) = text.trim().parse::<u32>() {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if pid != std::process::id() && comm.trim().starts_with("vpsbackup") {
-                return Err(ServiceError::AlreadyRunning {
-                    pid,
-                    dir: data_dir.to_owned(),
-                });
-            }
-        }
+/// The exclusive claim of a data dir by one running service.
+///
+/// An `flock` on `<data_dir>/serve.pid`, held as long as this value lives:
+/// the kernel grants it to one open file at a time and drops it when the
+/// process dies, however it dies, so two starts racing each other cannot
+/// both pass (a read-then-write pidfile check could) and a crashed service
+/// leaves nothing to clean up. The file also holds the owner's pid, for the
+/// error message; it is never deleted, because a process that opened it
+/// before the deletion could lock the orphaned file while a newer start
+/// locks a fresh one.
+struct DataDirLock {
+    file: std::fs::File,
+}
+
+impl Drop for DataDirLock {
+    fn drop(&mut self) {
+        // The lock itself goes with the file; an empty pidfile says "no owner".
+        let _ = self.file.set_len(0);
     }
-    std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(|source| {
-        ServiceError::DataDir {
-            path: pidfile.clone(),
-            source,
+}
+
+/// Takes `<data_dir>/serve.pid`'s lock, refusing when another service holds it.
+fn claim_data_dir(data_dir: &Path) -> Result<DataDirLock, ServiceError> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join("serve.pid");
+    let io_err = |source| ServiceError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err)?;
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(ServiceError::AlreadyRunning {
+                pid: text
+                    .trim()
+                    .parse::<u32>()
+                    .map_or_else(|_| "unknown".to_owned(), |p| p.to_string()),
+                dir: data_dir.to_owned(),
+            });
         }
-    })?;
-    Ok(pidfile)
+        Err(e) => return Err(io_err(e.into())),
+    }
+    file.set_len(0).map_err(io_err)?;
+    file.rewind().map_err(io_err)?;
+    writeln!(file, "{}", std::process::id()).map_err(io_err)?;
+    Ok(DataDirLock { file })
 }

@@ -12,7 +12,9 @@
 //! job interrupted by a crash left no backup behind; it is re-run from
 //! scratch (after deleting any manifest of that name) or failed with a reason
 //! once its attempts are used up. On graceful shutdown running jobs are
-//! cancelled and handed back to the queue without counting the attempt.
+//! cancelled and handed back to the queue without counting the attempt; a
+//! job whose engine work had already finished (shutdown during its post
+//! hook) is recorded as finished instead, never redone.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -102,8 +104,8 @@ impl JobRunner {
 
     /// Starts the workers; they stop when `shutdown` turns true.
     ///
-    /// There is no periodic reaper of stale claims: `serve.pid` keeps one
-    /// service per data dir, so a job left running can only belong to a dead
+    /// There is no periodic reaper of stale claims: the lock on `serve.pid`
+    /// keeps one service per data dir, so a job left running can only belong to a dead
     /// process, and those are recovered at start. A wall-clock lease would
     /// also misfire under the scheduler's simulated time.
     pub fn start(
@@ -178,8 +180,13 @@ impl JobRunner {
 
         let outcome = match self.catalog.server(job.server_id, Scope::All).await {
             Ok(Some(server)) => self.execute(&job, &server, &control).await,
-            Ok(None) => Err("The server was removed before the job ran.".to_owned()),
-            Err(e) => Err(format!("The catalog could not be read: {e}")),
+            Ok(None) => Err(JobFailure::new(
+                "The server was removed before the job ran.",
+            )),
+            Err(e) => Err(JobFailure::detailed(
+                "The job could not start; it can be tried again.",
+                format!("The catalog could not be read: {e}"),
+            )),
         };
 
         done.notify_one();
@@ -187,7 +194,11 @@ impl JobRunner {
         self.lock_running().remove(&job.id);
 
         let now = self.clock.now();
-        if self.stopping.load(Ordering::SeqCst) && control.is_cancelled() {
+        // Only a job the shutdown cut short goes back to the queue: one whose
+        // engine work finished (shutdown during its post hook) is recorded,
+        // or a finished restore would run again over what the guest wrote.
+        let cut_short = matches!(&outcome, Err(f) if f.cancelled);
+        if self.stopping.load(Ordering::SeqCst) && control.is_cancelled() && cut_short {
             // Shutdown, not the job's fault: back to the queue for the next start.
             if job.kind == JobKind::Backup {
                 self.delete_engine_backup(&job).await;
@@ -200,7 +211,15 @@ impl JobRunner {
         }
         let outcome = match outcome {
             Ok(o) => o,
-            Err(reason) => JobOutcome::Failed { reason },
+            Err(f) => {
+                if let Some(detail) = &f.detail {
+                    tracing::warn!(reason = %f.reason, %detail, "job failed");
+                }
+                JobOutcome::Failed {
+                    reason: f.reason,
+                    detail: f.detail,
+                }
+            }
         };
         let failed = matches!(outcome, JobOutcome::Failed { .. });
         match self
@@ -238,13 +257,13 @@ impl JobRunner {
         }
     }
 
-    /// Hooks around the engine call. `Err` is the customer-facing reason.
+    /// Hooks around the engine call.
     async fn execute(
         &self,
         job: &Job,
         server: &Server,
         control: &Arc<JobControl>,
-    ) -> Result<JobOutcome, String> {
+    ) -> Result<JobOutcome, JobFailure> {
         let hooks = effective_hooks(&self.settings, &server.hooks);
         let vars = HookVars {
             server_id: server.id.0,
@@ -274,9 +293,13 @@ impl JobRunner {
             None => Ok(()),
         };
         let result = match pre_result {
-            Err(reason) => Err(capitalise(&format!(
-                "{reason}; the disks were not touched."
-            ))),
+            Err(detail) => Err(JobFailure::detailed(
+                format!(
+                    "The {} hook failed; the disks were not touched.",
+                    hook_title(pre_name)
+                ),
+                capitalise(&detail),
+            )),
             Ok(()) => self.engine_call(job, server, control).await,
         };
         // The post-hook always runs: a thaw or a VM start must follow even a failed job.
@@ -285,9 +308,13 @@ impl JobRunner {
                 tracing::warn!(hook = post_name, %reason, "post hook failed");
                 if job.kind == JobKind::Restore {
                     if let Ok(JobOutcome::RestoreCompleted) = result {
-                        return Err(capitalise(&format!(
-                            "The disks were restored, but {reason}; check the server."
-                        )));
+                        return Err(JobFailure::detailed(
+                            format!(
+                                "The disks were restored, but the {} hook failed; check the server.",
+                                hook_title(post_name)
+                            ),
+                            capitalise(&reason),
+                        ));
                     }
                 }
             }
@@ -346,11 +373,11 @@ impl JobRunner {
         job: &Job,
         server: &Server,
         control: &Arc<JobControl>,
-    ) -> Result<JobOutcome, String> {
+    ) -> Result<JobOutcome, JobFailure> {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
-        let disks = self.disk_images(server).await?;
+        let disks = self.disk_images(server).await.map_err(JobFailure::new)?;
         let span = tracing::Span::current();
         match job.kind {
             JobKind::Backup => {
@@ -376,13 +403,18 @@ impl JobRunner {
                     repo.backup_labelled(&req, &labels, &control)
                 })
                 .await
-                .map_err(|e| format!("The backup worker failed: {e}"))?;
+                .map_err(|e| {
+                    JobFailure::detailed(
+                        "An internal error stopped the backup.",
+                        format!("The backup worker failed: {e}"),
+                    )
+                })?;
                 match res {
                     Ok(summary) => Ok(JobOutcome::BackupCompleted {
                         size_mb: summary.data_bytes.div_ceil(MIB),
                         stored_bytes: summary.stored_bytes,
                     }),
-                    Err(e) => Err(engine_reason(e)),
+                    Err(e) => Err(engine_failure(job.kind, e)),
                 }
             }
             JobKind::Restore => {
@@ -391,21 +423,93 @@ impl JobRunner {
                     repo.restore_as(&engine_id, &disks, &control)
                 })
                 .await
-                .map_err(|e| format!("The restore worker failed: {e}"))?;
+                .map_err(|e| {
+                    JobFailure::detailed(
+                        "An internal error stopped the restore.",
+                        format!("The restore worker failed: {e}"),
+                    )
+                })?;
                 match res {
                     Ok(_) => Ok(JobOutcome::RestoreCompleted),
-                    Err(e) => Err(engine_reason(e)),
+                    Err(e) => Err(engine_failure(job.kind, e)),
                 }
             }
         }
     }
 }
 
-fn engine_reason(e: EngineError) -> String {
-    match e {
-        EngineError::Cancelled => "The job was cancelled.".to_owned(),
-        other => other.to_string(),
+/// Why a job did not complete.
+#[derive(Debug)]
+struct JobFailure {
+    /// Shown to the customer on the backup or restore: a plain sentence,
+    /// never a host path or a program's stderr.
+    reason: String,
+    /// For the operator (log, `vpsbackup failures`): the full error.
+    detail: Option<String>,
+    /// The engine stopped because the job was cancelled (a deleted backup,
+    /// or shutdown): nothing of the job's work was finished.
+    cancelled: bool,
+}
+
+impl JobFailure {
+    fn new(reason: impl Into<String>) -> JobFailure {
+        JobFailure {
+            reason: reason.into(),
+            detail: None,
+            cancelled: false,
+        }
     }
+
+    fn detailed(reason: impl Into<String>, detail: impl Into<String>) -> JobFailure {
+        JobFailure {
+            detail: Some(detail.into()),
+            ..JobFailure::new(reason)
+        }
+    }
+}
+
+/// `pre_backup` -> `pre-backup`, as customers read it.
+fn hook_title(name: &str) -> String {
+    name.replace('_', "-")
+}
+
+/// The one place an engine error becomes the customer's reason; the
+/// error's own text (paths, QEMU's stderr) is kept as the operator's detail.
+/// Exhaustive on purpose: a new error kind must choose its customer text.
+fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
+    let disk = match kind {
+        JobKind::Backup => "The server's disk could not be read.",
+        JobKind::Restore => "The server's disk could not be written.",
+    };
+    let reason = match &e {
+        EngineError::Cancelled => {
+            return JobFailure {
+                reason: "The job was cancelled.".to_owned(),
+                detail: None,
+                cancelled: true,
+            }
+        }
+        EngineError::WriterLost(_) => {
+            "The backup lost its place in the backup store before it finished; nothing was recorded, run it again."
+        }
+        EngineError::BackupNotFound(_) => "The backup's data is missing from the backup store.",
+        EngineError::BackupExists(_) => {
+            "The backup store already holds data under this backup's id; nothing was overwritten."
+        }
+        EngineError::Corrupt { .. }
+        | EngineError::MissingChunk { .. }
+        | EngineError::BadObject { .. } => {
+            "The backup's data in the backup store is damaged; restore from another backup."
+        }
+        EngineError::StoreFull => {
+            "There is no space left on the backup store; nothing was recorded. Try again once the provider has freed space."
+        }
+        EngineError::Disk(_) => disk,
+        EngineError::Storage(_) => "The backup store could not be read or written.",
+        EngineError::InvalidRequest(_) => "The backup engine refused the job.",
+        EngineError::Internal(_) => "An internal error stopped the job.",
+    };
+    JobFailure::detailed(reason, e.to_string())
 }
 
 fn engine_format(f: ImageFormat) -> DiskFormat {

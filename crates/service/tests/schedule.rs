@@ -552,7 +552,14 @@ async fn failed_automatic_backup_is_retried_up_to_the_bound() {
     let b = &auto[0];
     assert_eq!(b.status, WorkStatus::Failed);
     let err = b.error.as_deref().unwrap_or_default();
-    assert!(err.contains("gone.img"), "the error says why: {err:?}");
+    // The customer reads why in plain words; the path is the operator's.
+    assert_eq!(err, "The server's disk could not be read.");
+    let failed = sim.catalog.failed_jobs(1).await.unwrap();
+    let detail = failed[0].error_detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("gone.img"),
+        "the detail says why: {detail:?}"
+    );
     let slot = sim
         .schedule
         .auto_backup_servers()

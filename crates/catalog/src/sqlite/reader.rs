@@ -1,5 +1,7 @@
 //! The two reads every API request makes (token lookup, a page of backups),
-//! on plain rusqlite connections called synchronously from the async task.
+//! on plain rusqlite connections called synchronously from the async task,
+//! inside [`off_runtime`]: a read that stalls (a stalled disk, a lock held by
+//! another process) must not hold a runtime thread the rest of the API needs.
 //!
 //! Why not sqlx here: its SQLite driver runs each connection on its own
 //! thread and hands every statement and row across threads; for a 0.1 ms
@@ -17,6 +19,22 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use crate::model::*;
 use crate::{CatalogError, Result};
+
+/// Runs a blocking hot read without stalling the async runtime: on a
+/// multi-thread runtime through `block_in_place`, which first hands this
+/// worker's other tasks to another thread, so only the request that reads
+/// waits; on a current-thread runtime (admin commands) inline, as there is
+/// nothing else to serve. Chosen over `spawn_blocking`: no closure boxing or
+/// 'static copies of the filter, and no wake-up hop when the read is fast.
+pub(crate) fn off_runtime<T>(read: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(read)
+        }
+        _ => read(),
+    }
+}
 
 /// Idle connections kept for reuse.
 const KEEP_IDLE: usize = 8;
