@@ -24,6 +24,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use vpsbackup_catalog::{
     engine_backup_id, Catalog, Hooks, ImageFormat, Job, JobId, JobKind, JobOutcome, Scope, Server,
+    ServerRuntime,
 };
 use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobControl, Repository};
 
@@ -350,6 +351,11 @@ impl JobRunner {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
+        if job.kind == JobKind::Backup {
+            if let Some(reason) = unsupported_runtime(&server.runtime) {
+                return Err(reason);
+            }
+        }
         let disks = self.disk_images(server).await?;
         let span = tracing::Span::current();
         match job.kind {
@@ -392,6 +398,22 @@ impl JobRunner {
                 }
             }
         }
+    }
+}
+
+/// Runtimes recorded but not backed up yet: refused with the reason, before
+/// any disk is opened.
+fn unsupported_runtime(runtime: &ServerRuntime) -> Option<String> {
+    match runtime {
+        ServerRuntime::Offline => None,
+        ServerRuntime::Qemu { .. } => Some(
+            "Backups of servers with the qemu runtime are not supported yet; the disks were not touched."
+                .to_owned(),
+        ),
+        ServerRuntime::Libvirt { .. } => Some(
+            "Backups of servers with the libvirt runtime are not supported yet; the disks were not touched."
+                .to_owned(),
+        ),
     }
 }
 
