@@ -18,6 +18,7 @@
 mod aligned;
 mod lock;
 mod nbd;
+pub mod nbd_export;
 mod qcow2;
 mod raw;
 

@@ -145,6 +145,17 @@ pub struct Qsd {
 
 impl Qsd {
     pub fn start(dir: &Path, images: &[(&Path, &str)], read_only: bool) -> Qsd {
+        Qsd::start_with(dir, images, read_only, "")
+    }
+
+    /// Like [`Qsd::start`], with `export_opts` (e.g. ",bitmaps.0=cp0")
+    /// added to every export.
+    pub fn start_with(
+        dir: &Path,
+        images: &[(&Path, &str)],
+        read_only: bool,
+        export_opts: &str,
+    ) -> Qsd {
         let qmp = dir.join("qsd-qmp.sock");
         let nbd = dir.join("qsd-nbd.sock");
         let _ = std::fs::remove_file(&qmp);
@@ -170,7 +181,7 @@ impl Qsd {
             .arg(format!("addr.type=unix,addr.path={}", nbd.display()));
         for i in 0..images.len() {
             cmd.arg("--export").arg(format!(
-                "type=nbd,id=disk{i},node-name=dev{i},name=disk{i},writable={}",
+                "type=nbd,id=disk{i},node-name=dev{i},name=disk{i},writable={}{export_opts}",
                 if read_only { "off" } else { "on" }
             ));
         }
