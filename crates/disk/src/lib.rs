@@ -19,7 +19,9 @@ mod aligned;
 mod lock;
 mod nbd;
 pub mod nbd_export;
+pub mod point_in_time;
 mod qcow2;
+pub mod qmp;
 mod raw;
 
 use std::fs::File;

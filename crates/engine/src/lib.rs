@@ -333,6 +333,23 @@ impl Repository {
         res
     }
 
+    /// Like [`Repository::backup`], reading each disk from `readers[i]`
+    /// (opened by the caller: e.g. a running server's point-in-time NBD
+    /// export) instead of opening `req.disks[i]`, whose path the manifest
+    /// still records as the disk's source.
+    pub fn backup_from(
+        &self,
+        req: &BackupRequest,
+        readers: Vec<Box<dyn vpsbackup_disk::DiskReader>>,
+        job: &JobControl,
+    ) -> Result<BackupSummary, EngineError> {
+        let res = backup::run_readers(&self.inner, req, readers, job);
+        if res.is_ok() {
+            job.set_finished();
+        }
+        res
+    }
+
     /// Writes every disk of backup `backup_id` to `targets[i]`. A target that
     /// exists with the same size is updated in place (only differing chunks
     /// written); otherwise it is created (raw, or qcow2 when the path ends in
