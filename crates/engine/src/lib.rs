@@ -38,7 +38,9 @@ pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
-pub use vpsbackup_disk::{detect_format, DiskFormat};
+pub use vpsbackup_disk::point_in_time::PointInTime;
+pub use vpsbackup_disk::qmp;
+pub use vpsbackup_disk::{detect_format, DiskFormat, DiskReader};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::path::{Path, PathBuf};

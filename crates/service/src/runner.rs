@@ -367,23 +367,32 @@ impl JobRunner {
                     disks,
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
+                let running = server.runtime.qmp_socket().map(|qmp| {
+                    let scratch = self.settings.data_dir.join("scratch");
+                    (
+                        PathBuf::from(qmp),
+                        scratch.join(format!("server-{}", server.id.0)),
+                    )
+                });
                 let res = tokio::task::spawn_blocking(move || {
                     let _g = span.enter();
                     // A re-run after a crash: the engine only writes the
                     // manifest at the end, but a crash between that write and
                     // the catalog update leaves one behind; start clean.
-                    repo.delete_backup(&engine_id)?;
-                    repo.backup(&req, &control)
+                    repo.delete_backup(&engine_id).map_err(engine_reason)?;
+                    match running {
+                        None => repo.backup(&req, &control).map_err(engine_reason),
+                        Some((qmp, scratch)) => {
+                            crate::running::backup(&repo, &req, &qmp, &scratch, &control)
+                        }
+                    }
                 })
                 .await
                 .map_err(|e| format!("The backup worker failed: {e}"))?;
-                match res {
-                    Ok(summary) => Ok(JobOutcome::BackupCompleted {
-                        size_mb: summary.data_bytes.div_ceil(MIB),
-                        stored_bytes: summary.stored_bytes,
-                    }),
-                    Err(e) => Err(engine_reason(e)),
-                }
+                res.map(|summary| JobOutcome::BackupCompleted {
+                    size_mb: summary.data_bytes.div_ceil(MIB),
+                    stored_bytes: summary.stored_bytes,
+                })
             }
             JobKind::Restore => {
                 let res = tokio::task::spawn_blocking(move || {
@@ -406,10 +415,7 @@ impl JobRunner {
 fn unsupported_runtime(runtime: &ServerRuntime) -> Option<String> {
     match runtime {
         ServerRuntime::Offline => None,
-        ServerRuntime::Qemu { .. } => Some(
-            "Backups of servers with the qemu runtime are not supported yet; the disks were not touched."
-                .to_owned(),
-        ),
+        ServerRuntime::Qemu { .. } => None,
         ServerRuntime::Libvirt { .. } => Some(
             "Backups of servers with the libvirt runtime are not supported yet; the disks were not touched."
                 .to_owned(),
@@ -417,7 +423,7 @@ fn unsupported_runtime(runtime: &ServerRuntime) -> Option<String> {
     }
 }
 
-fn engine_reason(e: EngineError) -> String {
+pub(crate) fn engine_reason(e: EngineError) -> String {
     match e {
         EngineError::Cancelled => "The job was cancelled.".to_owned(),
         other => other.to_string(),
