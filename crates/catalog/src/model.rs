@@ -254,6 +254,78 @@ impl ServerDisk {
     }
 }
 
+/// How a server runs, and so where a backup gets a consistent view of its
+/// disks from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ServerRuntime {
+    /// Read the image files or block devices from the host. The server must
+    /// be stopped (or its filesystems frozen by hooks); an image a running
+    /// QEMU holds open is refused rather than read torn.
+    #[default]
+    Offline,
+    /// A QEMU driven directly: the point in time is taken through its QMP
+    /// socket, and disks are matched to its block nodes by file path.
+    Qemu { qmp_socket: String },
+    /// A libvirt domain (recorded; backups through libvirtd are not
+    /// supported yet).
+    Libvirt { domain: String },
+}
+
+impl ServerRuntime {
+    /// The stored name: "offline", "qemu" or "libvirt".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerRuntime::Offline => "offline",
+            ServerRuntime::Qemu { .. } => "qemu",
+            ServerRuntime::Libvirt { .. } => "libvirt",
+        }
+    }
+
+    /// Builds a runtime from its stored columns; `None` when they do not
+    /// fit together (a qemu runtime without a socket path, say).
+    pub fn from_parts(
+        kind: &str,
+        qmp_socket: Option<String>,
+        domain: Option<String>,
+    ) -> Option<ServerRuntime> {
+        match (kind, qmp_socket, domain) {
+            ("offline", _, _) => Some(ServerRuntime::Offline),
+            ("qemu", Some(qmp_socket), _) if !qmp_socket.is_empty() => {
+                Some(ServerRuntime::Qemu { qmp_socket })
+            }
+            ("libvirt", _, Some(domain)) if !domain.is_empty() => {
+                Some(ServerRuntime::Libvirt { domain })
+            }
+            _ => None,
+        }
+    }
+
+    pub fn qmp_socket(&self) -> Option<&str> {
+        match self {
+            ServerRuntime::Qemu { qmp_socket } => Some(qmp_socket),
+            _ => None,
+        }
+    }
+
+    pub fn domain(&self) -> Option<&str> {
+        match self {
+            ServerRuntime::Libvirt { domain } => Some(domain),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ServerRuntime {
+    /// "offline", "qemu (QMP /run/vm1.qmp)", "libvirt (domain vm1)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerRuntime::Offline => f.write_str("offline"),
+            ServerRuntime::Qemu { qmp_socket } => write!(f, "qemu (QMP {qmp_socket})"),
+            ServerRuntime::Libvirt { domain } => write!(f, "libvirt (domain {domain})"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub id: ServerId,
@@ -268,6 +340,7 @@ pub struct Server {
     /// Overrides the plan's window start when set.
     pub window_start_minute: Option<u32>,
     pub hooks: Hooks,
+    pub runtime: ServerRuntime,
     pub status: ServerStatus,
     /// Manual backups that count against the limit (in progress or completed).
     pub manual_backups_used: u32,
@@ -284,6 +357,7 @@ pub struct NewServer {
     pub plan_id: PlanId,
     pub disks: Vec<ServerDisk>,
     pub hooks: Hooks,
+    pub runtime: ServerRuntime,
 }
 
 /// Changes to a server; `None` leaves a field as it is.
@@ -297,6 +371,7 @@ pub struct ServerUpdate {
     /// `Some(None)` clears the override.
     pub window_start_minute: Option<Option<u32>>,
     pub hooks: HookUpdate,
+    pub runtime: Option<ServerRuntime>,
 }
 
 /// A change to some of a server's hooks; each one not named stays as it is

@@ -156,6 +156,7 @@ fn plan_from_row(r: &SqliteRow, prefix: &str) -> Result<Plan> {
 const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.name AS account_name, \
      s.auto_backup_enabled, s.window_start_minute, s.hook_pre_backup, s.hook_post_backup, \
      s.hook_pre_restore, s.hook_post_restore, s.created_at, s.updated_at, \
+     s.runtime, s.qmp_socket, s.libvirt_domain, \
      p.id AS p_id, p.name AS p_name, p.retention_days AS p_retention_days, \
      p.window_start_minute AS p_window_start_minute, p.window_minutes AS p_window_minutes, \
      p.created_at AS p_created_at, p.updated_at AS p_updated_at, \
@@ -163,6 +164,19 @@ const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.na
      (SELECT COUNT(*) FROM backups b WHERE b.server_id = s.id AND b.backup_type = 'manual' \
         AND b.status IN ('in_progress', 'completed')) AS manual_used \
      FROM servers s JOIN accounts a ON a.id = s.account_id JOIN plans p ON p.id = s.plan_id";
+
+/// A qemu runtime needs its QMP socket, a libvirt one its domain.
+fn check_runtime(runtime: &ServerRuntime) -> Result<()> {
+    match runtime {
+        ServerRuntime::Qemu { qmp_socket } if qmp_socket.trim().is_empty() => Err(
+            CatalogError::Invalid("A qemu runtime needs the path of its QMP socket.".into()),
+        ),
+        ServerRuntime::Libvirt { domain } if domain.trim().is_empty() => Err(
+            CatalogError::Invalid("A libvirt runtime needs a domain name.".into()),
+        ),
+        _ => Ok(()),
+    }
+}
 
 fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
     let running: Option<String> = r.try_get("running_kind")?;
@@ -183,6 +197,19 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
             post_backup: r.try_get("hook_post_backup")?,
             pre_restore: r.try_get("hook_pre_restore")?,
             post_restore: r.try_get("hook_post_restore")?,
+        },
+        runtime: {
+            let kind: String = r.try_get("runtime")?;
+            ServerRuntime::from_parts(
+                &kind,
+                r.try_get("qmp_socket")?,
+                r.try_get("libvirt_domain")?,
+            )
+            .ok_or_else(|| {
+                CatalogError::Invalid(format!(
+                    "Server runtime {kind:?} lacks its socket or domain."
+                ))
+            })?
         },
         status: match running.as_deref() {
             Some("backup") => ServerStatus::BackingUp,
@@ -607,11 +634,13 @@ impl Catalog for SqliteCatalog {
                 "A server needs at least one disk.".into(),
             ));
         }
+        check_runtime(&server.runtime)?;
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO servers (id, name, hostname, account_id, plan_id, hook_pre_backup, \
-               hook_post_backup, hook_pre_restore, hook_post_restore, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               hook_post_backup, hook_pre_restore, hook_post_restore, created_at, updated_at, \
+               runtime, qmp_socket, libvirt_domain) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(server.id.0)
         .bind(&server.name)
@@ -624,6 +653,9 @@ impl Catalog for SqliteCatalog {
         .bind(&server.hooks.post_restore)
         .bind(secs(now))
         .bind(secs(now))
+        .bind(server.runtime.kind())
+        .bind(server.runtime.qmp_socket())
+        .bind(server.runtime.domain())
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -656,6 +688,9 @@ impl Catalog for SqliteCatalog {
         update: ServerUpdate,
         now: OffsetDateTime,
     ) -> Result<Server> {
+        if let Some(runtime) = &update.runtime {
+            check_runtime(runtime)?;
+        }
         let mut tx = self.begin().await?;
         if Self::server_in(&mut tx, id, Scope::All).await?.is_none() {
             return Err(CatalogError::NotFound("Server"));
@@ -675,6 +710,9 @@ impl Catalog for SqliteCatalog {
                hook_post_backup = CASE WHEN ?9 = 1 THEN ?10 ELSE hook_post_backup END, \
                hook_pre_restore = CASE WHEN ?11 = 1 THEN ?12 ELSE hook_pre_restore END, \
                hook_post_restore = CASE WHEN ?13 = 1 THEN ?14 ELSE hook_post_restore END, \
+               runtime = COALESCE(?17, runtime), \
+               qmp_socket = CASE WHEN ?17 IS NULL THEN qmp_socket ELSE ?18 END, \
+               libvirt_domain = CASE WHEN ?17 IS NULL THEN libvirt_domain ELSE ?19 END, \
                updated_at = ?15 WHERE id = ?16",
         )
         .bind(&update.name)
@@ -693,6 +731,9 @@ impl Catalog for SqliteCatalog {
         .bind(value(&hooks.post_restore))
         .bind(secs(now))
         .bind(id.0)
+        .bind(update.runtime.as_ref().map(ServerRuntime::kind))
+        .bind(update.runtime.as_ref().and_then(ServerRuntime::qmp_socket))
+        .bind(update.runtime.as_ref().and_then(ServerRuntime::domain))
         .execute(&mut *tx)
         .await
         .map_err(|e| map_db_error(e, "conflict"))?;

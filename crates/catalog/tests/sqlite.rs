@@ -579,6 +579,7 @@ async fn disk_formats_round_trip_and_a_missing_one_is_recorded_once() {
                 plan_id: plan.id,
                 disks: disks.clone(),
                 hooks: Hooks::default(),
+                runtime: Default::default(),
             },
             now(),
         )
@@ -633,4 +634,62 @@ async fn disk_formats_round_trip_and_a_missing_one_is_recorded_once() {
         .execute_raw("UPDATE server_disks SET format = 'vmdk' WHERE server_id = 9")
         .await
         .is_err());
+}
+
+#[tokio::test]
+async fn a_servers_runtime_is_stored_changed_and_validated() {
+    let (_d, cat) = fresh().await;
+    let s = server(&cat, 1, "acme").await;
+    assert_eq!(s.runtime, ServerRuntime::Offline);
+    let acc = cat.account_by_name("acme").await.unwrap().unwrap();
+    let plan = cat.plan_by_name("standard").await.unwrap().unwrap();
+    let qemu = ServerRuntime::Qemu {
+        qmp_socket: "/run/vm2.qmp".into(),
+    };
+    let mut new = new_server(2, acc.id, plan.id);
+    new.runtime = qemu.clone();
+    assert_eq!(cat.add_server(new, now()).await.unwrap().runtime, qemu);
+
+    // An empty socket or domain is refused and changes nothing.
+    let mut bad = new_server(3, acc.id, plan.id);
+    bad.runtime = ServerRuntime::Qemu {
+        qmp_socket: " ".into(),
+    };
+    assert!(matches!(
+        cat.add_server(bad, now()).await,
+        Err(CatalogError::Invalid(_))
+    ));
+    assert!(cat.server(ServerId(3), Scope::All).await.unwrap().is_none());
+    let empty_domain = ServerUpdate {
+        runtime: Some(ServerRuntime::Libvirt { domain: "".into() }),
+        ..Default::default()
+    };
+    assert!(matches!(
+        cat.update_server(ServerId(2), empty_domain, now()).await,
+        Err(CatalogError::Invalid(_))
+    ));
+
+    // An update without a runtime keeps it; a new one replaces socket and domain.
+    let renamed = ServerUpdate {
+        name: Some("vm2".into()),
+        ..Default::default()
+    };
+    let s = cat
+        .update_server(ServerId(2), renamed, now())
+        .await
+        .unwrap();
+    assert_eq!(s.runtime, qemu);
+    let libvirt = ServerRuntime::Libvirt {
+        domain: "guest-2".into(),
+    };
+    let to_libvirt = ServerUpdate {
+        runtime: Some(libvirt.clone()),
+        ..Default::default()
+    };
+    let s = cat
+        .update_server(ServerId(2), to_libvirt, now())
+        .await
+        .unwrap();
+    assert_eq!(s.runtime, libvirt);
+    assert_eq!(s.runtime.qmp_socket(), None);
 }

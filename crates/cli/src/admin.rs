@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
     Catalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate,
-    Scope, ServerDisk, ServerId, ServerUpdate, SqliteCatalog, TokenId, TokenOwner, TokenRef,
-    DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
+    Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate, SqliteCatalog, TokenId, TokenOwner,
+    TokenRef, DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
 };
 use vpsbackup_service::auth::{generate_token, hash_token, TOKEN_PREFIX};
 use vpsbackup_service::clock::rfc3339;
@@ -469,6 +469,85 @@ impl HookArgs {
     }
 }
 
+#[derive(Args)]
+pub struct RuntimeArgs {
+    /// How the server runs: offline (its images are read from the host;
+    /// refused while a running QEMU holds them), qemu (a point in time is
+    /// taken through --qmp-socket while it runs) or libvirt (through
+    /// libvirtd, --domain) [add's default: offline].
+    #[arg(long, value_parser = ["offline", "qemu", "libvirt"])]
+    runtime: Option<String>,
+    /// The QEMU's QMP socket (unix), for --runtime qemu.
+    #[arg(long)]
+    qmp_socket: Option<PathBuf>,
+    /// The libvirt domain, for --runtime libvirt [default: the server's name].
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+impl RuntimeArgs {
+    fn any(&self) -> bool {
+        self.runtime.is_some() || self.qmp_socket.is_some() || self.domain.is_some()
+    }
+
+    /// The runtime these flags describe, `None` when none was given.
+    /// `--qmp-socket` alone means qemu and `--domain` alone libvirt, so a
+    /// socket or domain can be changed without repeating `--runtime`;
+    /// `current` supplies what is kept when only the kind is given again.
+    fn resolve(
+        self,
+        server_name: &str,
+        current: Option<&ServerRuntime>,
+    ) -> anyhow::Result<Option<ServerRuntime>> {
+        if !self.any() {
+            return Ok(None);
+        }
+        if self.qmp_socket.is_some() && self.domain.is_some() {
+            bail!("give --qmp-socket (runtime qemu) or --domain (runtime libvirt), not both");
+        }
+        let kind = match (&self.runtime, &self.qmp_socket, &self.domain) {
+            (Some(k), _, _) => k.as_str(),
+            (None, Some(_), _) => "qemu",
+            (None, None, _) => "libvirt",
+        };
+        Ok(Some(match kind {
+            "offline" => {
+                if self.qmp_socket.is_some() || self.domain.is_some() {
+                    bail!("an offline server has no --qmp-socket or --domain");
+                }
+                ServerRuntime::Offline
+            }
+            "qemu" => {
+                if self.domain.is_some() {
+                    bail!("--domain is for --runtime libvirt; a qemu server takes --qmp-socket");
+                }
+                let qmp_socket =
+                    match (self.qmp_socket, current.and_then(ServerRuntime::qmp_socket)) {
+                        (Some(p), _) => std::path::absolute(&p)
+                            .with_context(|| format!("QMP socket {}", p.display()))?
+                            .to_string_lossy()
+                            .into_owned(),
+                        (None, Some(kept)) => kept.to_owned(),
+                        (None, None) => bail!("--runtime qemu needs --qmp-socket PATH"),
+                    };
+                ServerRuntime::Qemu { qmp_socket }
+            }
+            _ => {
+                if self.qmp_socket.is_some() {
+                    bail!("--qmp-socket is for --runtime qemu; a libvirt server takes --domain");
+                }
+                let domain = match (self.domain, current.and_then(ServerRuntime::domain)) {
+                    (Some(d), _) if d.trim().is_empty() => bail!("--domain cannot be empty"),
+                    (Some(d), _) => d,
+                    (None, Some(kept)) => kept.to_owned(),
+                    (None, None) => server_name.to_owned(),
+                };
+                ServerRuntime::Libvirt { domain }
+            }
+        }))
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ServerCommand {
     /// Register a server and its disk images.
@@ -497,6 +576,8 @@ pub enum ServerCommand {
         hostname: Option<String>,
         #[command(flatten)]
         hooks: HookArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// List servers.
     List {
@@ -527,6 +608,8 @@ pub enum ServerCommand {
         disk_formats: Vec<String>,
         #[command(flatten)]
         hooks: HookSetArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Remove a server. Refused while it has backups unless --purge.
     Remove {
@@ -550,8 +633,10 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             plan,
             hostname,
             hooks,
+            runtime,
         } => {
             check_disk_format_count(disks.len(), disk_formats.len())?;
+            let runtime = runtime.resolve(&name, None)?.unwrap_or_default();
             let acc = cat
                 .account_by_name(&account)
                 .await?
@@ -582,16 +667,18 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                         plan_id: plan.id,
                         disks: server_disks,
                         hooks: hooks.into_hooks(),
+                        runtime,
                     },
                     now(),
                 )
                 .await?;
             println!(
-                "Added server {} {:?} for account {:?}, plan {:?}, disk(s): {}.",
+                "Added server {} {:?} for account {:?}, plan {:?}, runtime {}, disk(s): {}.",
                 s.id,
                 s.name,
                 s.account_name,
                 s.plan.name,
+                s.runtime,
                 disks_text(&s.disks)
             );
         }
@@ -615,12 +702,12 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             println!(
-                "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  disks",
-                "id", "name", "account", "plan", "status", "auto", "window"
+                "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  disks",
+                "id", "name", "account", "plan", "status", "auto", "window", "runtime"
             );
             for s in page.items {
                 println!(
-                    "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {}",
+                    "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  {}",
                     s.id,
                     s.name,
                     s.account_name,
@@ -628,8 +715,18 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                     s.status.as_str(),
                     if s.auto_backup_enabled { "on" } else { "off" },
                     hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
+                    s.runtime.kind(),
                     disks_text(&s.disks)
                 );
+                match &s.runtime {
+                    ServerRuntime::Offline => {}
+                    ServerRuntime::Qemu { qmp_socket } => {
+                        println!("{:>10}  QMP socket {qmp_socket}", "")
+                    }
+                    ServerRuntime::Libvirt { domain } => {
+                        println!("{:>10}  libvirt domain {domain}", "")
+                    }
+                }
             }
         }
         ServerCommand::Set {
@@ -641,7 +738,18 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             window_start,
             disk_formats,
             hooks,
+            runtime,
         } => {
+            let runtime = if runtime.any() {
+                let current = cat
+                    .server(ServerId(id), Scope::All)
+                    .await?
+                    .ok_or_else(|| anyhow!("server {id} not found"))?;
+                let name = name.as_deref().unwrap_or(&current.name);
+                runtime.resolve(name, Some(&current.runtime))?
+            } else {
+                None
+            };
             let disks = if disk_formats.is_empty() {
                 None
             } else {
@@ -687,18 +795,20 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 auto_backup_enabled: auto_backup.map(|v| v == "on"),
                 window_start_minute,
                 hooks: hooks.into_update()?,
+                runtime,
             };
             if update == ServerUpdate::default() {
                 bail!("nothing to change; see `vpsbackup server set --help`");
             }
             let s = cat.update_server(ServerId(id), update, now()).await?;
             println!(
-                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC, disk(s): {}.",
+                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC, runtime {}, disk(s): {}.",
                 s.id,
                 s.name,
                 s.plan.name,
                 if s.auto_backup_enabled { "on" } else { "off" },
                 hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
+                s.runtime,
                 disks_text(&s.disks)
             );
             println!("Hooks:\n{}", hooks_text(&s.hooks));

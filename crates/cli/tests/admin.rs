@@ -750,3 +750,163 @@ fn serves_started_together_on_one_data_dir_leave_exactly_one_running() {
         assert_eq!(n, 1, "round {round}: {n} serves run on one data dir");
     }
 }
+
+#[test]
+fn server_runtime_is_recorded_changed_and_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let disk = tmp.path().join("disk.img");
+    make_disk(&disk);
+    let disk = disk.to_str().unwrap();
+    ok(&dir, &["account", "create", "acme"]);
+    let add = |id: &str, name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "server",
+            "add",
+            "--id",
+            id,
+            "--name",
+            name,
+            "--account",
+            "acme",
+            "--disk",
+            disk,
+        ];
+        args.extend_from_slice(extra);
+        ok(&dir, &args)
+    };
+    let row = |list: &str, id: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row {id} in {list}"))
+            .to_owned()
+    };
+
+    assert!(add("1", "plain", &[]).contains("runtime offline"));
+    let out = add(
+        "2",
+        "vm2",
+        &["--runtime", "qemu", "--qmp-socket", "/run/vm2.qmp"],
+    );
+    assert!(out.contains("runtime qemu (QMP /run/vm2.qmp)"), "{out}");
+    // The domain defaults to the server's name.
+    let out = add("3", "vm3", &["--runtime", "libvirt"]);
+    assert!(out.contains("runtime libvirt (domain vm3)"), "{out}");
+
+    // Incomplete or contradictory flags are refused and add nothing.
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "4",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            disk,
+            "--runtime",
+            "qemu",
+        ],
+        "needs --qmp-socket",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "4",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            disk,
+            "--runtime",
+            "offline",
+            "--domain",
+            "x",
+        ],
+        "no --qmp-socket or --domain",
+    );
+    fails(
+        &dir,
+        &[
+            "server",
+            "add",
+            "--id",
+            "4",
+            "--name",
+            "x",
+            "--account",
+            "acme",
+            "--disk",
+            disk,
+            "--qmp-socket",
+            "/q",
+            "--domain",
+            "x",
+        ],
+        "not both",
+    );
+    fails(
+        &dir,
+        &["server", "set", "1", "--runtime", "qemu"],
+        "needs --qmp-socket",
+    );
+
+    let list = ok(&dir, &["server", "list"]);
+    assert!(row(&list, "1").contains(" offline "), "{list}");
+    assert!(row(&list, "2").contains(" qemu "), "{list}");
+    assert!(list.contains("QMP socket /run/vm2.qmp"), "{list}");
+    assert!(row(&list, "3").contains(" libvirt "), "{list}");
+    assert!(!list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("4")));
+
+    // --qmp-socket alone moves a qemu server's socket (a relative path is
+    // made absolute); --runtime offline clears it; --domain alone switches
+    // to libvirt.
+    let out = ok(&dir, &["server", "set", "2", "--qmp-socket", "vm2-new.qmp"]);
+    let cwd = std::env::current_dir().unwrap();
+    assert!(
+        out.contains(&format!("QMP {}", cwd.join("vm2-new.qmp").display())),
+        "{out}"
+    );
+    let out = ok(&dir, &["server", "set", "2", "--runtime", "offline"]);
+    assert!(out.contains("runtime offline"), "{out}");
+    let out = ok(&dir, &["server", "set", "1", "--domain", "guest-1"]);
+    assert!(out.contains("runtime libvirt (domain guest-1)"), "{out}");
+    let out = ok(
+        &dir,
+        &[
+            "server",
+            "set",
+            "3",
+            "--name",
+            "renamed",
+            "--runtime",
+            "libvirt",
+        ],
+    );
+    assert!(
+        out.contains("(domain vm3)"),
+        "a kept domain is not renamed: {out}"
+    );
+
+    let list = ok(&dir, &["server", "list"]);
+    assert!(row(&list, "1").contains(" libvirt "), "{list}");
+    assert!(row(&list, "2").contains(" offline "), "{list}");
+    assert!(!list.contains("QMP socket"), "{list}");
+
+    let status = ok(&dir, &["status"]);
+    assert!(
+        status.lines().next().unwrap().contains("RUNTIME"),
+        "{status}"
+    );
+    assert!(row(&status, "1").contains("libvirt"), "{status}");
+    assert!(row(&status, "2").contains("offline"), "{status}");
+}

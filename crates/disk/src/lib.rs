@@ -16,8 +16,12 @@
 //! [`open_writer_as`] instead of the detecting variants.
 
 mod aligned;
+mod lock;
 mod nbd;
+pub mod nbd_export;
+pub mod point_in_time;
 mod qcow2;
+pub mod qmp;
 mod raw;
 
 use std::fs::File;
@@ -26,6 +30,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 pub use aligned::{is_zero, AlignedBuf, PAGE_SIZE};
+pub use lock::ensure_not_in_use;
 pub use qcow2::{Qcow2Reader, Qcow2Writer};
 pub use raw::{RawReader, RawWriter};
 
@@ -88,6 +93,11 @@ pub enum DiskError {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    /// A running QEMU holds the image's write lock: reading it now would mix
+    /// blocks from different moments. The text names no host path: it is a
+    /// job's failure reason as customers see it.
+    #[error("a disk of the server is open for writing by a running QEMU (it holds the image's write lock), so it was not read; stop the server first, or record its runtime as qemu for a point-in-time backup")]
+    InUse { path: PathBuf },
     #[error("{tool} failed for {path}: {stderr}")]
     Tool {
         tool: &'static str,
@@ -174,7 +184,9 @@ pub fn open_reader(path: &Path) -> Result<Box<dyn DiskReader>, DiskError> {
 }
 
 /// Opens an image for reading as the given format, without probing.
+/// Refused while a running QEMU may write to it ([`ensure_not_in_use`]).
 pub fn open_reader_as(path: &Path, format: DiskFormat) -> Result<Box<dyn DiskReader>, DiskError> {
+    ensure_not_in_use(path)?;
     Ok(match format {
         DiskFormat::Raw => Box::new(RawReader::open(path, false)?),
         DiskFormat::BlockDevice => Box::new(RawReader::open(path, true)?),
@@ -211,12 +223,15 @@ pub fn open_writer(path: &Path, size: u64) -> Result<Box<dyn DiskWriter>, DiskEr
 }
 
 /// Opens the target of a restore as the given format, without probing an
-/// existing file (see [`open_writer`] for what happens to it).
+/// existing file (see [`open_writer`] for what happens to it). Refused
+/// while a running QEMU may write to it: a restore under a running guest
+/// would be overwritten by the guest and corrupt its filesystem.
 pub fn open_writer_as(
     path: &Path,
     size: u64,
     format: DiskFormat,
 ) -> Result<Box<dyn DiskWriter>, DiskError> {
+    ensure_not_in_use(path)?;
     let exists = match std::fs::metadata(path) {
         Ok(_) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,

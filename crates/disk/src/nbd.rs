@@ -66,28 +66,28 @@ struct NbdConnection {
     broken: bool,
 }
 
-fn proto_err(msg: impl Into<String>) -> io::Error {
+pub(crate) fn proto_err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+pub(crate) fn read_u16(r: &mut impl Read) -> io::Result<u16> {
     let mut b = [0u8; 2];
     r.read_exact(&mut b)?;
     Ok(u16::from_be_bytes(b))
 }
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_be_bytes(b))
 }
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
 }
 
 /// NBD error values are Linux errno values.
-fn nbd_result(error: u32) -> io::Result<()> {
+pub(crate) fn nbd_result(error: u32) -> io::Result<()> {
     if error == 0 {
         Ok(())
     } else {

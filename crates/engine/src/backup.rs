@@ -87,14 +87,10 @@ pub(crate) fn run(
     labels: &BTreeMap<String, String>,
     job: &JobControl,
 ) -> Result<BackupSummary, EngineError> {
+    // Checked before any disk is opened; `run_readers` checks again for
+    // callers that open their own readers.
     validate_backup_id(&req.backup_id)?;
-    if req.disks.is_empty() {
-        return Err(EngineError::InvalidRequest(
-            "a backup needs at least one disk".into(),
-        ));
-    }
-    let storage = &*inner.storage;
-    if storage.head(&manifest_key(&req.backup_id))?.is_some() {
+    if inner.storage.head(&manifest_key(&req.backup_id))?.is_some() {
         return Err(EngineError::BackupExists(req.backup_id.clone()));
     }
     let mut readers = Vec::with_capacity(req.disks.len());
@@ -103,6 +99,29 @@ pub(crate) fn run(
             Some(format) => vpsbackup_disk::open_reader_as(&disk.path, format)?,
             None => vpsbackup_disk::open_reader(&disk.path)?,
         });
+    }
+    run_readers(inner, req, readers, labels, job)
+}
+
+/// A backup of `readers` (one per `req.disks`, whose paths the manifest
+/// records as the disks' sources): readers opened by the caller, such as a
+/// running server's point-in-time export.
+pub(crate) fn run_readers(
+    inner: &RepoInner,
+    req: &BackupRequest,
+    readers: Vec<Box<dyn DiskReader>>,
+    labels: &BTreeMap<String, String>,
+    job: &JobControl,
+) -> Result<BackupSummary, EngineError> {
+    validate_backup_id(&req.backup_id)?;
+    if readers.len() != req.disks.len() || readers.is_empty() {
+        return Err(EngineError::InvalidRequest(
+            "a backup needs one reader per disk, and at least one disk".into(),
+        ));
+    }
+    let storage = &*inner.storage;
+    if storage.head(&manifest_key(&req.backup_id))?.is_some() {
+        return Err(EngineError::BackupExists(req.backup_id.clone()));
     }
     let total: u64 = readers.iter().map(|r| r.size()).sum();
     job.set_total(total);

@@ -41,7 +41,9 @@ pub use rebuild::RebuildReport;
 pub use restore::RestoreOptions;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
-pub use vpsbackup_disk::{detect_format, DiskFormat};
+pub use vpsbackup_disk::point_in_time::PointInTime;
+pub use vpsbackup_disk::qmp;
+pub use vpsbackup_disk::{detect_format, DiskFormat, DiskReader};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::collections::BTreeMap;
@@ -396,6 +398,25 @@ impl Repository {
         job: &JobControl,
     ) -> Result<BackupSummary, EngineError> {
         let res = backup::run(&self.inner, req, labels, job);
+        if res.is_ok() {
+            job.set_finished();
+        }
+        res
+    }
+
+    /// Like [`Repository::backup`], reading each disk from `readers[i]`
+    /// (opened by the caller: e.g. a running server's point-in-time NBD
+    /// export) instead of opening `req.disks[i]`, whose path the manifest
+    /// still records as the disk's source; `labels` as in
+    /// [`Repository::backup_labelled`].
+    pub fn backup_from(
+        &self,
+        req: &BackupRequest,
+        readers: Vec<Box<dyn vpsbackup_disk::DiskReader>>,
+        labels: &BTreeMap<String, String>,
+        job: &JobControl,
+    ) -> Result<BackupSummary, EngineError> {
+        let res = backup::run_readers(&self.inner, req, readers, labels, job);
         if res.is_ok() {
             job.set_finished();
         }

@@ -76,6 +76,7 @@ pub async fn ensure_demo(
                 // Made here by mke2fs: raw, whatever its guest writes later.
                 disks: vec![ServerDisk::new(disk.to_string_lossy(), ImageFormat::Raw)],
                 hooks: Hooks::default(),
+                runtime: Default::default(),
             },
             now,
         )

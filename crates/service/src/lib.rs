@@ -17,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod hooks;
 pub mod runner;
+mod running;
 pub mod scheduler;
 pub mod settings;
 pub mod webhooks;

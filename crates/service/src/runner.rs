@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use vpsbackup_catalog::{
     engine_backup_id, Catalog, Hooks, ImageFormat, Job, JobId, JobKind, JobOutcome, Scope, Server,
+    ServerRuntime,
 };
 use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobControl, Repository};
 
@@ -377,6 +378,11 @@ impl JobRunner {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
+        if job.kind == JobKind::Backup {
+            if let Some(reason) = unsupported_runtime(&server.runtime) {
+                return Err(JobFailure::new(reason));
+            }
+        }
         let disks = self.disk_images(server).await.map_err(JobFailure::new)?;
         let span = tracing::Span::current();
         match job.kind {
@@ -394,13 +400,28 @@ impl JobRunner {
                     disks,
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
+                let running = server.runtime.qmp_socket().map(|qmp| {
+                    let scratch = self.settings.data_dir.join("scratch");
+                    (
+                        PathBuf::from(qmp),
+                        scratch.join(format!("server-{}", server.id.0)),
+                    )
+                });
                 let res = tokio::task::spawn_blocking(move || {
                     let _g = span.enter();
                     // A re-run after a crash: the engine only writes the
                     // manifest at the end, but a crash between that write and
                     // the catalog update leaves one behind; start clean.
-                    repo.delete_backup(&engine_id)?;
-                    repo.backup_labelled(&req, &labels, &control)
+                    repo.delete_backup(&engine_id)
+                        .map_err(|e| engine_failure(JobKind::Backup, e))?;
+                    match running {
+                        None => repo
+                            .backup_labelled(&req, &labels, &control)
+                            .map_err(|e| engine_failure(JobKind::Backup, e)),
+                        Some((qmp, scratch)) => crate::running::backup(
+                            &repo, &req, &labels, &qmp, &scratch, &control,
+                        ),
+                    }
                 })
                 .await
                 .map_err(|e| {
@@ -409,13 +430,10 @@ impl JobRunner {
                         format!("The backup worker failed: {e}"),
                     )
                 })?;
-                match res {
-                    Ok(summary) => Ok(JobOutcome::BackupCompleted {
-                        size_mb: summary.data_bytes.div_ceil(MIB),
-                        stored_bytes: summary.stored_bytes,
-                    }),
-                    Err(e) => Err(engine_failure(job.kind, e)),
-                }
+                res.map(|summary| JobOutcome::BackupCompleted {
+                    size_mb: summary.data_bytes.div_ceil(MIB),
+                    stored_bytes: summary.stored_bytes,
+                })
             }
             JobKind::Restore => {
                 let res = tokio::task::spawn_blocking(move || {
@@ -438,9 +456,22 @@ impl JobRunner {
     }
 }
 
+/// Runtimes recorded but not backed up yet: refused with the reason, before
+/// any disk is opened.
+fn unsupported_runtime(runtime: &ServerRuntime) -> Option<String> {
+    match runtime {
+        ServerRuntime::Offline => None,
+        ServerRuntime::Qemu { .. } => None,
+        ServerRuntime::Libvirt { .. } => Some(
+            "Backups of servers with the libvirt runtime are not supported yet; the disks were not touched."
+                .to_owned(),
+        ),
+    }
+}
+
 /// Why a job did not complete.
 #[derive(Debug)]
-struct JobFailure {
+pub(crate) struct JobFailure {
     /// Shown to the customer on the backup or restore: a plain sentence,
     /// never a host path or a program's stderr.
     reason: String,
@@ -460,7 +491,7 @@ impl JobFailure {
         }
     }
 
-    fn detailed(reason: impl Into<String>, detail: impl Into<String>) -> JobFailure {
+    pub(crate) fn detailed(reason: impl Into<String>, detail: impl Into<String>) -> JobFailure {
         JobFailure {
             detail: Some(detail.into()),
             ..JobFailure::new(reason)
@@ -476,7 +507,7 @@ fn hook_title(name: &str) -> String {
 /// The one place an engine error becomes the customer's reason; the
 /// error's own text (paths, QEMU's stderr) is kept as the operator's detail.
 /// Exhaustive on purpose: a new error kind must choose its customer text.
-fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
+pub(crate) fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
     let disk = match kind {
         JobKind::Backup => "The server's disk could not be read.",
         JobKind::Restore => "The server's disk could not be written.",

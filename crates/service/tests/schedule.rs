@@ -182,6 +182,7 @@ impl Sim {
                         vpsbackup_catalog::ImageFormat::Raw,
                     )],
                     hooks,
+                    runtime: Default::default(),
                 },
                 self.clock.now(),
             )
@@ -631,6 +632,7 @@ async fn damaged_backup_is_reported_by_verify_and_marked_in_the_api() {
                         vpsbackup_catalog::ImageFormat::Raw,
                     )],
                     hooks: Hooks::default(),
+                    runtime: Default::default(),
                 },
                 now,
             )
@@ -915,6 +917,7 @@ async fn the_service_schedules_and_catches_up_once_after_a_restart() {
                     vpsbackup_catalog::ImageFormat::Raw,
                 )],
                 hooks: Hooks::default(),
+                runtime: Default::default(),
             },
             clock.now(),
         )

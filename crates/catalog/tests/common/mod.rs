@@ -33,5 +33,6 @@ pub fn new_server(id: i64, account: AccountId, plan: PlanId) -> NewServer {
             ImageFormat::Raw,
         )],
         hooks: Hooks::default(),
+        runtime: Default::default(),
     }
 }

@@ -132,3 +132,89 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// A running `qemu-storage-daemon`: QMP on `qmp`, an NBD server on `nbd`,
+/// each image a node `dev<i>` (its file node `file<i>`) with an NBD export
+/// `disk<i>`, writable unless `read_only`. It holds the images' locks as a
+/// running VM does; killed and reaped on drop.
+pub struct Qsd {
+    pub child: std::process::Child,
+    pub qmp: PathBuf,
+    pub nbd: PathBuf,
+}
+
+impl Qsd {
+    pub fn start(dir: &Path, images: &[(&Path, &str)], read_only: bool) -> Qsd {
+        Qsd::start_with(dir, images, read_only, "")
+    }
+
+    /// Like [`Qsd::start`], with `export_opts` (e.g. ",bitmaps.0=cp0")
+    /// added to every export.
+    pub fn start_with(
+        dir: &Path,
+        images: &[(&Path, &str)],
+        read_only: bool,
+        export_opts: &str,
+    ) -> Qsd {
+        let qmp = dir.join("qsd-qmp.sock");
+        let nbd = dir.join("qsd-nbd.sock");
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&nbd);
+        let mut cmd = Command::new("qemu-storage-daemon");
+        let ro = if read_only { "on" } else { "off" };
+        for (i, (path, format)) in images.iter().enumerate() {
+            cmd.arg("--blockdev").arg(format!(
+                "driver=file,filename={},node-name=file{i},read-only={ro}",
+                path.display()
+            ));
+            cmd.arg("--blockdev").arg(format!(
+                "driver={format},file=file{i},node-name=dev{i},read-only={ro}"
+            ));
+        }
+        cmd.arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+        for i in 0..images.len() {
+            cmd.arg("--export").arg(format!(
+                "type=nbd,id=disk{i},node-name=dev{i},name=disk{i},writable={}{export_opts}",
+                if read_only { "off" } else { "on" }
+            ));
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-utils) is needed by the tests");
+        let qsd = Qsd { child, qmp, nbd };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(qsd.qmp.exists() && qsd.nbd.exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        qsd
+    }
+
+    /// `nbd+unix:///disk<i>?socket=...` for qemu-io / qemu-img.
+    pub fn uri(&self, i: usize) -> String {
+        format!("nbd+unix:///disk{i}?socket={}", self.nbd.display())
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

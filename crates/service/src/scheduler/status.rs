@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::fmt;
 
 use time::OffsetDateTime;
-use vpsbackup_catalog::{BackupType, Catalog, ScheduleCatalog, ServerId, TaskRun, WorkStatus};
+use vpsbackup_catalog::{
+    BackupType, Catalog, PageRequest, ScheduleCatalog, Scope, ServerId, TaskRun, WorkStatus,
+};
 use vpsbackup_engine::{Repository, StoreHealth};
 
 use super::settings::ScheduleSettings;
@@ -18,6 +20,8 @@ pub struct ServerLine {
     pub server_id: ServerId,
     pub name: String,
     pub auto_backup_enabled: bool,
+    /// "offline", "qemu" or "libvirt".
+    pub runtime: &'static str,
     /// "HH:MM+Nm" UTC.
     pub window: String,
     /// The newest backup (any type): when and its status.
@@ -67,6 +71,19 @@ pub async fn status_report(
     now: OffsetDateTime,
 ) -> Result<StatusReport, SchedulerError> {
     let servers = schedule.auto_backup_servers().await?;
+    let runtimes: HashMap<ServerId, &'static str> = catalog
+        .list_servers(
+            Scope::All,
+            PageRequest {
+                number: 1,
+                size: u32::MAX,
+            },
+        )
+        .await?
+        .items
+        .into_iter()
+        .map(|s| (s.id, s.runtime.kind()))
+        .collect();
     let mut per_server: HashMap<ServerId, ServerLine> = HashMap::new();
     for s in &servers {
         per_server.insert(
@@ -75,6 +92,7 @@ pub async fn status_report(
                 server_id: s.server_id,
                 name: s.server_name.clone(),
                 auto_backup_enabled: s.auto_backup_enabled,
+                runtime: runtimes.get(&s.server_id).copied().unwrap_or("offline"),
                 window: format!(
                     "{:02}:{:02}+{}m",
                     s.window_start_minute / 60,
@@ -149,6 +167,7 @@ impl fmt::Display for StatusReport {
             "ID",
             "NAME",
             "AUTO",
+            "RUNTIME",
             "WINDOW",
             "LAST BACKUP",
             "STATUS",
@@ -157,7 +176,7 @@ impl fmt::Display for StatusReport {
             "MANUAL KEPT",
             "DAMAGED",
         ];
-        let rows: Vec<[String; 10]> = self
+        let rows: Vec<[String; 11]> = self
             .servers
             .iter()
             .map(|s| {
@@ -165,6 +184,7 @@ impl fmt::Display for StatusReport {
                     s.server_id.to_string(),
                     s.name.clone(),
                     if s.auto_backup_enabled { "on" } else { "off" }.to_owned(),
+                    s.runtime.to_owned(),
                     s.window.clone(),
                     s.last_backup
                         .map(|(t, _)| rfc3339(t))

@@ -181,6 +181,7 @@ impl TestApp {
                         vpsbackup_catalog::ImageFormat::Raw,
                     )],
                     hooks,
+                    runtime: Default::default(),
                 },
                 Self::now(),
             )
