@@ -70,6 +70,26 @@ fn image(dir: &Path, name: &str, src: &str, size: &str) -> PathBuf {
     img
 }
 
+/// A directory of `files` files of `mib` MiB each of incompressible bytes
+/// (xorshift64*), so a backup of it writes a known number of packs whatever
+/// this machine's own trees hold.
+fn incompressible_tree(dir: &Path, files: usize, mib: usize) -> PathBuf {
+    let tree = dir.join("incompressible");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for f in 0..files {
+        let mut bytes = Vec::with_capacity(mib << 20);
+        while bytes.len() < mib << 20 {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            bytes.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        std::fs::write(tree.join(format!("f{f}")), bytes).unwrap();
+    }
+    tree
+}
+
 fn cmp(a: &Path, b: &Path) {
     let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
     assert!(
@@ -218,7 +238,10 @@ fn bare_store_commands_round_trip() {
 fn backup_killed_with_sigkill_leaves_a_consistent_store() {
     let t = TempDir::new("kill");
     let img = image(&t.0, "a", "/usr/share/perl", "64M");
-    let big = image(&t.0, "b", "/usr/lib/python3", "96M");
+    // 80 MiB that cannot compress: five packs, so every round below is
+    // killed with packs still to write (a host tree's size is not stable).
+    let tree = incompressible_tree(&t.0, 5, 16);
+    let big = image(&t.0, "b", tree.to_str().unwrap(), "128M");
     let store = t.0.join("store");
     ok_json(&[
         "store",

@@ -418,9 +418,9 @@ impl JobRunner {
                         None => repo
                             .backup_labelled(&req, &labels, &control)
                             .map_err(|e| engine_failure(JobKind::Backup, e)),
-                        Some((qmp, scratch)) => crate::running::backup(
-                            &repo, &req, &labels, &qmp, &scratch, &control,
-                        ),
+                        Some((qmp, scratch)) => {
+                            crate::running::backup(&repo, &req, &labels, &qmp, &scratch, &control)
+                        }
                     }
                 })
                 .await
