@@ -80,9 +80,11 @@ fn a_disk_image_without_read_permission_fails_the_backup_with_a_reason() {
     };
     let failed = backup(&serve);
     assert_eq!(failed["status"], "failed", "{failed}");
+    // The customer gets a plain reason; the operator's detail names the cause.
     let reason = failed["error"].as_str().unwrap_or_default();
-    assert!(reason.contains("ermission denied"), "{reason}");
-    eprintln!("failure reason: {reason}");
+    assert_eq!(reason, "The server's disk could not be read.");
+    let detail = ok(&dir, &["failures"]);
+    assert!(detail.contains("ermission denied"), "{detail}");
     assert_eq!(serve.get("/servers/5/", &token)["status"], "active");
 
     // The provider fixes the permission; the same service backs up.

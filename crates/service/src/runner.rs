@@ -535,6 +535,10 @@ pub(crate) fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
         EngineError::StoreFull => {
             "There is no space left on the backup store; nothing was recorded. Try again once the provider has freed space."
         }
+        // Its own text is written for customers (and names no path).
+        EngineError::Disk(d @ vpsbackup_engine::DiskError::InUse { .. }) => {
+            return JobFailure::detailed(capitalise(&d.to_string()) + ".", e.to_string())
+        }
         EngineError::Disk(_) => disk,
         EngineError::Storage(_) => "The backup store could not be read or written.",
         EngineError::InvalidRequest(_) => "The backup engine refused the job.",
