@@ -9,7 +9,7 @@
 use std::path::Path;
 
 mod common;
-use common::{ext4_image, ok, same, vpsbackup, wait_for, Serve};
+use common::{add_server, ext4_image, ok, same, vpsbackup, wait_for, Serve};
 
 fn token(dir: &Path) -> String {
     ok(dir, &["token", "create", "--account", "acme"])
@@ -18,24 +18,6 @@ fn token(dir: &Path) -> String {
         .unwrap()
         .trim()
         .to_owned()
-}
-
-fn add_server(dir: &Path, id: &str, disk: &Path) {
-    ok(
-        dir,
-        &[
-            "server",
-            "add",
-            "--id",
-            id,
-            "--name",
-            &format!("vps-{id}"),
-            "--account",
-            "acme",
-            "--disk",
-            disk.to_str().unwrap(),
-        ],
-    );
 }
 
 #[test]
@@ -53,8 +35,8 @@ fn a_lost_catalog_is_rebuilt_from_the_store_and_its_backups_restore() {
     ext4_image(&disk6, "other.bin", &data[..1 << 20]);
     let original = t.join("original5.img");
     std::fs::copy(&disk5, &original).unwrap();
-    add_server(&dir, "5", &disk5);
-    add_server(&dir, "6", &disk6);
+    add_server(&dir, "5", &disk5, &[]);
+    add_server(&dir, "6", &disk6, &[]);
 
     let serve = Serve::start(&dir, &tok);
     let mut ids = Vec::new();
@@ -101,7 +83,7 @@ fn a_lost_catalog_is_rebuilt_from_the_store_and_its_backups_restore() {
     }
     ok(&dir, &["account", "create", "acme"]);
     let tok = token(&dir);
-    add_server(&dir, "5", &disk5);
+    add_server(&dir, "5", &disk5, &[]);
 
     let first = ok(&dir, &["catalog", "import-store"]);
     assert!(

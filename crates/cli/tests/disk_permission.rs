@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 
 mod common;
-use common::{ext4_image, ok, wait_for, Serve};
+use common::{add_server, ext4_image, ok, wait_for, Serve};
 
 const NOBODY: &str = "65534";
 
@@ -34,21 +34,7 @@ fn a_disk_image_without_read_permission_fails_the_backup_with_a_reason() {
     let disk = t.join("vps5.img");
     ext4_image(&disk, "data.bin", &[7u8; 1 << 20]);
     std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
-    ok(
-        &dir,
-        &[
-            "server",
-            "add",
-            "--id",
-            "5",
-            "--name",
-            "vps-5",
-            "--account",
-            "acme",
-            "--disk",
-            disk.to_str().unwrap(),
-        ],
-    );
+    add_server(&dir, "5", &disk, &[]);
     // Only the job under test: no automatic catch-up backup beside it.
     std::fs::write(dir.join("config.toml"), "[schedule]\nenabled = false\n").unwrap();
     let st = Command::new("chown")

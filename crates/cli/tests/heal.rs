@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{ext4_image, ok, vpsbackup};
+use common::{add_server, ext4_image, ok, vpsbackup};
 
 /// A real ext4 image holding 3 MiB of incompressible data.
 fn make_disk(path: &Path) {
@@ -177,21 +177,7 @@ fn setup(tmp: &Path) -> (PathBuf, PathBuf, String) {
     .to_owned();
     let disk = tmp.join("vps5.img");
     make_disk(&disk);
-    ok(
-        &dir,
-        &[
-            "server",
-            "add",
-            "--id",
-            "5",
-            "--name",
-            "vps-5",
-            "--account",
-            "acme",
-            "--disk",
-            disk.to_str().unwrap(),
-        ],
-    );
+    add_server(&dir, "5", &disk, &[]);
     std::fs::write(
         dir.join("config.toml"),
         "[schedule]\nenabled = false\ngc_grace_secs = 0\n",

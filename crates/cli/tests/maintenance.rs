@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{ext4_image, ok, vpsbackup};
+use common::{add_server, ext4_image, ok, vpsbackup};
 
 /// A real ext4 image holding 2 MiB of incompressible data.
 fn make_disk(path: &Path) {
@@ -50,21 +50,7 @@ fn status_gc_and_verify_beside_serve() {
     ok(&dir, &["account", "create", "acme"]);
     let disk = tmp.path().join("vps5.img");
     make_disk(&disk);
-    ok(
-        &dir,
-        &[
-            "server",
-            "add",
-            "--id",
-            "5",
-            "--name",
-            "vps-5",
-            "--account",
-            "acme",
-            "--disk",
-            disk.to_str().unwrap(),
-        ],
-    );
+    add_server(&dir, "5", &disk, &[]);
     std::fs::write(
         dir.join("config.toml"),
         "[schedule]\ntick_secs = 1\ngc_grace_secs = 0\nverify_interval_days = 0\n",

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{ext4_image, ok, same, wait_for, Serve};
+use common::{add_server, ext4_image, ok, same, wait_for, Serve};
 
 /// Kills the hook's `sleep` (started by the killed serve) on every path.
 struct HookPid(PathBuf);
@@ -49,23 +49,7 @@ fn a_restore_killed_with_the_service_is_failed_at_restart_and_a_new_one_succeeds
         p = pid.display()
     );
     let _hook_guard = HookPid(pid.clone());
-    ok(
-        &dir,
-        &[
-            "server",
-            "add",
-            "--id",
-            "5",
-            "--name",
-            "vps-5",
-            "--account",
-            "acme",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--pre-restore",
-            &hook,
-        ],
-    );
+    add_server(&dir, "5", &disk, &["--pre-restore", &hook]);
 
     let serve = Serve::start(&dir, &token);
     let (code, b) = serve.call("POST", "/servers/5/backup/", &token, Some("{}"));

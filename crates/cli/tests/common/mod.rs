@@ -30,6 +30,26 @@ pub fn ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `server add --id ID --name vps-ID --account acme --disk DISK EXTRA...`:
+/// the server most tests need, with any further flags.
+pub fn add_server(dir: &Path, id: &str, disk: &Path, extra: &[&str]) -> String {
+    let name = format!("vps-{id}");
+    let mut args = vec![
+        "server",
+        "add",
+        "--id",
+        id,
+        "--name",
+        &name,
+        "--account",
+        "acme",
+        "--disk",
+        disk.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(dir, &args)
+}
+
 /// An 8 MiB ext4 image at `path` holding one file `name` with `content`.
 pub fn ext4_image(path: &Path, name: &str, content: &[u8]) {
     let dir = path.with_extension("d");
