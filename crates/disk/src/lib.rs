@@ -19,6 +19,7 @@ mod aligned;
 mod lock;
 mod nbd;
 pub mod nbd_export;
+mod nbd_proto;
 pub mod point_in_time;
 mod qcow2;
 pub mod qmp;

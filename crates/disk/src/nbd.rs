@@ -3,14 +3,15 @@
 //! Why our own client: we need only the fixed-newstyle handshake with
 //! `NBD_OPT_GO` and five commands (READ, WRITE, WRITE_ZEROES, FLUSH, DISC)
 //! with simple replies; that is a few hundred lines, and the NBD crates on
-//! crates.io are either async-only or bind libnbd. There are no `/dev/nbd*`
+//! crates.io are either async-only or bind libnbd. The handshake is shared
+//! with `nbd_export.rs` (`nbd_proto`). There are no `/dev/nbd*`
 //! devices here, so `qemu-nbd` serves a socket in a private temp directory.
 //!
 //! Threads: one connection carries one request at a time, so [`NbdPool`]
 //! keeps several connections (each behind a mutex) and `qemu-nbd` is started
 //! with `--shared` to accept them all.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,32 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::nbd_proto::{
+    self, nbd_result, proto_err, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
+    SIMPLE_REPLY_MAGIC, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_WRITE_ZEROES,
+};
 use crate::DiskError;
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-
-const TFLAG_READ_ONLY: u16 = 1 << 1;
-const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_WRITE_ZEROES: u16 = 6;
 
 /// Largest READ/WRITE payload per request. qemu-nbd accepts up to 32 MiB;
 /// staying well below keeps each connection's hold time short.
@@ -66,100 +46,14 @@ struct NbdConnection {
     broken: bool,
 }
 
-pub(crate) fn proto_err(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-pub(crate) fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
-/// NBD error values are Linux errno values.
-pub(crate) fn nbd_result(error: u32) -> io::Result<()> {
-    if error == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(error as i32))
-    }
-}
-
 impl NbdConnection {
-    /// Connects and negotiates the default ("") export with NBD_OPT_GO.
-    fn connect(socket: &Path) -> io::Result<NbdConnection> {
-        let mut sock = UnixStream::connect(socket)?;
-        if read_u64(&mut sock)? != NBDMAGIC || read_u64(&mut sock)? != IHAVEOPT {
-            return Err(proto_err("not an NBD newstyle server"));
-        }
-        let server_flags = read_u16(&mut sock)?;
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err("server lacks fixed newstyle negotiation"));
-        }
-        let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-        sock.write_all(&client_flags.to_be_bytes())?;
-
-        // NBD_OPT_GO: export name length, name (empty), no info requests
-        // (the server always sends NBD_INFO_EXPORT).
-        let mut opt = Vec::with_capacity(26);
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&6u32.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        sock.write_all(&opt)?;
-
-        let mut export: Option<(u64, u16)> = None;
-        loop {
-            if read_u64(&mut sock)? != REPLY_MAGIC {
-                return Err(proto_err("bad option reply magic"));
-            }
-            let option = read_u32(&mut sock)?;
-            let reply = read_u32(&mut sock)?;
-            let len = read_u32(&mut sock)? as usize;
-            if option != OPT_GO {
-                return Err(proto_err(format!("reply to option {option}, expected GO")));
-            }
-            if len > 1 << 20 {
-                return Err(proto_err("oversized option reply"));
-            }
-            let mut data = vec![0u8; len];
-            sock.read_exact(&mut data)?;
-            match reply {
-                REP_ACK => break,
-                REP_INFO
-                    if data.len() >= 12
-                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-                {
-                    let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                    let flags = u16::from_be_bytes([data[10], data[11]]);
-                    export = Some((size, flags));
-                }
-                r if r & REP_FLAG_ERROR != 0 => {
-                    return Err(proto_err(format!(
-                        "server refused the export (error {:#x}): {}",
-                        r,
-                        String::from_utf8_lossy(&data)
-                    )));
-                }
-                _ => {} // unknown informational reply: ignore, as the spec allows
-            }
-        }
-        let (size, flags) = export.ok_or_else(|| proto_err("server sent no export info"))?;
+    /// Negotiates the default ("") export on a fresh connection.
+    fn handshake(mut sock: UnixStream) -> io::Result<NbdConnection> {
+        let export = nbd_proto::negotiate(&mut sock, "", false, &[])?;
         Ok(NbdConnection {
             sock,
-            size,
-            flags,
+            size: export.size,
+            flags: export.flags,
             next_handle: 1,
             broken: false,
         })
@@ -168,17 +62,7 @@ impl NbdConnection {
     fn send_request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
-        let mut req = [0u8; 28];
-        req[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req[4..6].copy_from_slice(&0u16.to_be_bytes());
-        req[6..8].copy_from_slice(&cmd.to_be_bytes());
-        req[8..16].copy_from_slice(&handle.to_be_bytes());
-        req[16..24].copy_from_slice(&offset.to_be_bytes());
-        req[24..28].copy_from_slice(&len.to_be_bytes());
-        self.sock.write_all(&req)?;
-        if !payload.is_empty() {
-            self.sock.write_all(payload)?;
-        }
+        nbd_proto::send_request(&mut self.sock, cmd, handle, offset, len, payload)?;
         Ok(handle)
     }
 
@@ -361,13 +245,14 @@ impl NbdServer {
     }
 
     /// Connects once the socket is up, giving up if qemu-nbd exits or does
-    /// not listen within 30 s.
+    /// not listen within 30 s. Only the socket's absence is waited out: a
+    /// failed handshake (a refused export is `NotFound` too) fails at once.
     fn connect(&mut self) -> Result<NbdConnection, DiskError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut delay = Duration::from_millis(2);
-        loop {
-            match NbdConnection::connect(&self.socket) {
-                Ok(conn) => return Ok(conn),
+        let sock = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(sock) => break sock,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -388,7 +273,9 @@ impl NbdServer {
                 }
                 Err(e) => return Err(self.tool_error(&format!("NBD handshake failed ({e})"))),
             }
-        }
+        };
+        NbdConnection::handshake(sock)
+            .map_err(|e| self.tool_error(&format!("NBD handshake failed ({e})")))
     }
 
     /// Waits for qemu-nbd to exit after every client disconnected; kills it

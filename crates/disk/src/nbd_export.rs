@@ -14,38 +14,17 @@
 //! reads (the server serves many clients). Any protocol error marks the
 //! connection broken: its stream may be out of step, so later calls fail.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::nbd::{nbd_result, proto_err, read_u16, read_u32, read_u64};
+use crate::nbd_proto::{
+    self, nbd_result, proto_err, read_u16, read_u32, read_u64, CMD_BLOCK_STATUS, CMD_DISC,
+    CMD_FLUSH, CMD_READ, CMD_WRITE, MAX_NAME, SIMPLE_REPLY_MAGIC, TFLAG_READ_ONLY,
+};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_BLOCK_STATUS: u16 = 7;
 
 const REPLY_FLAG_DONE: u16 = 1;
 const REPLY_TYPE_NONE: u16 = 0;
@@ -89,106 +68,24 @@ pub struct NbdExport {
     broken: bool,
 }
 
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
-    buf.extend_from_slice(s.as_bytes());
-}
-
 impl NbdExport {
     /// Connects to `export` on the unix socket `socket`, with structured
     /// replies and the metadata contexts `contexts` (e.g. [`BASE_ALLOCATION`],
     /// `qemu:dirty-bitmap:cp0`). A context the server does not offer is not
     /// an error here: ask [`NbdExport::has_context`].
     pub fn connect(socket: &Path, export: &str, contexts: &[&str]) -> io::Result<NbdExport> {
-        if export.len() > 4096 || contexts.iter().any(|c| c.len() > 4096) {
+        if export.len() > MAX_NAME || contexts.iter().any(|c| c.len() > MAX_NAME) {
             return Err(proto_err("export or context name longer than 4096 bytes"));
         }
         let mut sock = UnixStream::connect(socket)?;
         // A server that stops answering must not hang a backup for ever.
         sock.set_read_timeout(Some(Duration::from_secs(120)))?;
-        if read_u64(&mut sock)? != NBDMAGIC || read_u64(&mut sock)? != IHAVEOPT {
-            return Err(proto_err("not an NBD newstyle server"));
-        }
-        let server_flags = read_u16(&mut sock)?;
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err("server lacks fixed newstyle negotiation"));
-        }
-        let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-        sock.write_all(&client_flags.to_be_bytes())?;
-
-        send_option(&mut sock, OPT_STRUCTURED_REPLY, &[])?;
-        let (reply, data) = recv_option_reply(&mut sock, OPT_STRUCTURED_REPLY)?;
-        if reply != REP_ACK {
-            return Err(proto_err(format!(
-                "server refused structured replies ({reply:#x}): {}",
-                String::from_utf8_lossy(&data)
-            )));
-        }
-
-        let mut negotiated = Vec::new();
-        if !contexts.is_empty() {
-            let mut data = Vec::new();
-            put_str(&mut data, export);
-            data.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
-            for c in contexts {
-                put_str(&mut data, c);
-            }
-            send_option(&mut sock, OPT_SET_META_CONTEXT, &data)?;
-            loop {
-                let (reply, data) = recv_option_reply(&mut sock, OPT_SET_META_CONTEXT)?;
-                match reply {
-                    REP_ACK => break,
-                    REP_META_CONTEXT if data.len() >= 4 => {
-                        let id = u32::from_be_bytes(data[0..4].try_into().expect("4 bytes"));
-                        negotiated.push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
-                    }
-                    r if r & REP_FLAG_ERROR != 0 => {
-                        return Err(proto_err(format!(
-                            "server refused the metadata contexts ({r:#x}): {}",
-                            String::from_utf8_lossy(&data)
-                        )))
-                    }
-                    _ => {}
-                }
-            }
-        }
-
-        let mut data = Vec::new();
-        put_str(&mut data, export);
-        data.extend_from_slice(&0u16.to_be_bytes()); // no info requests
-        send_option(&mut sock, OPT_GO, &data)?;
-        let mut info: Option<(u64, u16)> = None;
-        loop {
-            let (reply, data) = recv_option_reply(&mut sock, OPT_GO)?;
-            match reply {
-                REP_ACK => break,
-                REP_INFO
-                    if data.len() >= 12
-                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-                {
-                    let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                    info = Some((size, u16::from_be_bytes([data[10], data[11]])));
-                }
-                r if r & REP_FLAG_ERROR != 0 => {
-                    // Ends the negotiation politely instead of hanging up.
-                    let _ = send_option(&mut sock, OPT_ABORT, &[]);
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!(
-                            "the server refused export {export:?} ({r:#x}): {}",
-                            String::from_utf8_lossy(&data)
-                        ),
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let (size, flags) = info.ok_or_else(|| proto_err("server sent no export info"))?;
+        let negotiated = nbd_proto::negotiate(&mut sock, export, true, contexts)?;
         Ok(NbdExport {
             sock,
-            size,
-            read_only: flags & (1 << 1) != 0,
-            contexts: negotiated,
+            size: negotiated.size,
+            read_only: negotiated.flags & TFLAG_READ_ONLY != 0,
+            contexts: negotiated.contexts,
             next_handle: 1,
             broken: false,
         })
@@ -219,15 +116,7 @@ impl NbdExport {
     fn send(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
-        let mut req = Vec::with_capacity(28 + payload.len());
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&cmd.to_be_bytes());
-        req.extend_from_slice(&handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(payload);
-        self.sock.write_all(&req)?;
+        nbd_proto::send_request(&mut self.sock, cmd, handle, offset, len, payload)?;
         Ok(handle)
     }
 
@@ -486,34 +375,4 @@ impl Drop for NbdExport {
         }
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
-}
-
-fn send_option(sock: &mut UnixStream, option: u32, data: &[u8]) -> io::Result<()> {
-    let mut opt = Vec::with_capacity(16 + data.len());
-    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    opt.extend_from_slice(&option.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    opt.extend_from_slice(data);
-    sock.write_all(&opt)
-}
-
-/// One option reply to `option`: (reply type, data).
-fn recv_option_reply(sock: &mut UnixStream, option: u32) -> io::Result<(u32, Vec<u8>)> {
-    if read_u64(sock)? != OPTION_REPLY_MAGIC {
-        return Err(proto_err("bad option reply magic"));
-    }
-    let got = read_u32(sock)?;
-    let reply = read_u32(sock)?;
-    let len = read_u32(sock)? as usize;
-    if got != option {
-        return Err(proto_err(format!(
-            "reply to option {got}, expected {option}"
-        )));
-    }
-    if len > 1 << 20 {
-        return Err(proto_err("oversized option reply"));
-    }
-    let mut data = vec![0u8; len];
-    sock.read_exact(&mut data)?;
-    Ok((reply, data))
 }
