@@ -42,6 +42,8 @@ pub struct SqliteCatalog {
     read: SqlitePool,
     /// The per-request hot reads, inline on rusqlite (see `reader`).
     inline: std::sync::Arc<reader::InlineReader>,
+    /// The threads those reads run on inside the service (started on first use).
+    read_threads: std::sync::Arc<std::sync::OnceLock<reader::ReadThreads>>,
 }
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -325,6 +327,7 @@ impl SqliteCatalog {
             write,
             read,
             inline: std::sync::Arc::new(reader::InlineReader::new(path)),
+            read_threads: Default::default(),
         })
     }
 
@@ -506,7 +509,11 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>> {
-        reader::off_runtime(|| self.inline.token_by_hash(hash))
+        let hash = *hash;
+        reader::off_runtime(&self.inline, &self.read_threads, move |r| {
+            r.token_by_hash(&hash)
+        })
+        .await
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
@@ -939,7 +946,10 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>> {
-        reader::off_runtime(|| self.inline.list_backups(&filter, page))
+        reader::off_runtime(&self.inline, &self.read_threads, move |r| {
+            r.list_backups(&filter, page)
+        })
+        .await
     }
 
     async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup> {
