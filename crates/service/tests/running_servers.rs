@@ -3,21 +3,24 @@
 //! disk a running QEMU holds is never read torn.
 
 mod common;
+#[path = "../../disk/tests/common/guest.rs"]
+mod guest;
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{make_disk, TestApp};
+use guest::{hammer, Guest};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vpsbackup_catalog::{
     engine_backup_id, BackupId, Catalog, Hooks, ImageFormat, NewServer, ServerDisk, ServerId,
     ServerRuntime, ServerUpdate,
 };
+use vpsbackup_engine::qmp::Qmp;
 use vpsbackup_engine::{JobControl, Repository};
 
 async fn backup(app: &TestApp, token: &str, server: i64) -> Value {
@@ -73,137 +76,6 @@ fn run(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A running "server": qemu-storage-daemon with each image as node
-/// `dev<i>`, the guest's view of it on the FUSE-mounted file `guest<i>`
-/// (writable, as the guest's own writes), QMP on `qmp.sock`.
-struct Guest {
-    child: Child,
-    qmp: PathBuf,
-    guests: Vec<PathBuf>,
-}
-
-impl Guest {
-    fn start(dir: &Path, images: &[(&Path, &str)]) -> Guest {
-        let qmp = dir.join("qmp.sock");
-        let mut cmd = Command::new("qemu-storage-daemon");
-        let mut guests = Vec::new();
-        for (i, (path, format)) in images.iter().enumerate() {
-            let guest = dir.join(format!("guest{i}"));
-            std::fs::write(&guest, b"").unwrap();
-            cmd.arg("--blockdev")
-                .arg(format!(
-                    "driver=file,filename={},node-name=file{i}",
-                    path.display()
-                ))
-                .arg("--blockdev")
-                .arg(format!("driver={format},file=file{i},node-name=dev{i}"))
-                .arg("--export")
-                .arg(format!(
-                    "type=fuse,id=guest{i},node-name=dev{i},mountpoint={},writable=on",
-                    guest.display()
-                ));
-            guests.push(guest);
-        }
-        cmd.arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=m",
-                qmp.display()
-            ))
-            .args(["--monitor", "chardev=m"]);
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon (qemu-utils) is needed by the tests");
-        let g = Guest { child, qmp, guests };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(g.qmp.exists()
-            && g.guests
-                .iter()
-                .all(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0)))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        g
-    }
-
-    /// Names starting with "vpsbackup-" among exports, jobs and nodes.
-    fn leftovers(&self) -> Vec<String> {
-        let mut qmp = vpsbackup_engine::qmp::Qmp::connect(&self.qmp).unwrap();
-        let mut left = Vec::new();
-        for (cmd, key) in [
-            ("query-block-exports", "id"),
-            ("query-block-jobs", "device"),
-            ("query-named-block-nodes", "node-name"),
-        ] {
-            let args = if cmd == "query-named-block-nodes" {
-                json!({"flat": true})
-            } else {
-                json!({})
-            };
-            for v in qmp.execute(cmd, args).unwrap().as_array().unwrap() {
-                if let Some(n) = v[key].as_str().filter(|n| n.starts_with("vpsbackup-")) {
-                    left.push(n.to_owned());
-                }
-            }
-        }
-        left
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // SIGTERM: it unmounts its FUSE exports on the way out.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-        for g in &self.guests {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(g)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// The guest: random 4..64 KiB writes of random bytes at random offsets of
-/// its disks until stopped, each one under `gate`.
-fn hammer(
-    guests: Vec<PathBuf>,
-    gate: Arc<Mutex<()>>,
-    stop: Arc<AtomicBool>,
-    writes: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let files: Vec<_> = guests
-            .iter()
-            .map(|g| std::fs::OpenOptions::new().write(true).open(g).unwrap())
-            .collect();
-        let sizes: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().len()).collect();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        while !stop.load(Ordering::Relaxed) {
-            let d = (next() % files.len() as u64) as usize;
-            let len = 4096 * (1 + next() % 16);
-            let at = (next() % ((sizes[d] - len) / 4096)) * 4096;
-            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _g = gate.lock().unwrap();
-            files[d].write_all_at(&data, at).unwrap();
-            writes.fetch_add(1, Ordering::Relaxed);
-        }
-    })
 }
 
 async fn wait_for(path: &Path) {

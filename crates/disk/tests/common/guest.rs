@@ -1,0 +1,151 @@
+//! A running "server" for the point-in-time tests of the disk crate and of
+//! the service: qemu-storage-daemon holding each image as block node
+//! `dev<i>`, the guest's view of it on the FUSE-mounted file `guest<i>`
+//! (writable: the guest's own writes), QMP on `qmp.sock`; and a guest that
+//! hammers its disks with random writes.
+//!
+//! Shared by path (`#[path = ...] mod guest;`); the including test crate
+//! brings `Qmp` into its root (`vpsbackup_disk::qmp::Qmp` or the engine's
+//! re-export), so this file names no crate of its own.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::Qmp;
+
+pub struct Guest {
+    child: Child,
+    pub qmp: PathBuf,
+    pub guests: Vec<PathBuf>,
+}
+
+impl Guest {
+    /// Starts QSD on `images` (path, QEMU driver) with its sockets in `dir`;
+    /// ready once QMP listens and every FUSE export shows the disk's size.
+    pub fn start(dir: &Path, images: &[(&Path, &str)]) -> Guest {
+        let qmp = dir.join("qmp.sock");
+        let mut cmd = Command::new("qemu-storage-daemon");
+        let mut guests = Vec::new();
+        for (i, (path, format)) in images.iter().enumerate() {
+            let guest = dir.join(format!("guest{i}"));
+            std::fs::write(&guest, b"").unwrap();
+            cmd.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name=file{i}",
+                    path.display()
+                ))
+                .arg("--blockdev")
+                .arg(format!("driver={format},file=file{i},node-name=dev{i}"))
+                .arg("--export")
+                .arg(format!(
+                    "type=fuse,id=guest{i},node-name=dev{i},mountpoint={},writable=on",
+                    guest.display()
+                ));
+            guests.push(guest);
+        }
+        cmd.arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=m"]);
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-utils) is needed by the tests");
+        let g = Guest { child, qmp, guests };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(g.qmp.exists()
+            && g.guests
+                .iter()
+                .all(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0)))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        g
+    }
+
+    /// Names starting with "vpsbackup-" among exports, jobs and nodes:
+    /// what a point in time left in the QEMU.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut qmp = Qmp::connect(&self.qmp).unwrap();
+        let mut left = Vec::new();
+        for (cmd, key) in [
+            ("query-block-exports", "id"),
+            ("query-block-jobs", "device"),
+            ("query-named-block-nodes", "node-name"),
+        ] {
+            let args = if cmd == "query-named-block-nodes" {
+                json!({"flat": true})
+            } else {
+                json!({})
+            };
+            for v in qmp.execute(cmd, args).unwrap().as_array().unwrap() {
+                if let Some(n) = v[key].as_str().filter(|n| n.starts_with("vpsbackup-")) {
+                    left.push(n.to_owned());
+                }
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // SIGTERM: it unmounts its FUSE exports on the way out.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        for g in &self.guests {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(g)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The guest: random 4..64 KiB writes of random bytes at random 4 KiB-aligned
+/// offsets of its disks until stopped, each one under `gate`.
+pub fn hammer(
+    guests: Vec<PathBuf>,
+    gate: Arc<Mutex<()>>,
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let files: Vec<_> = guests
+            .iter()
+            .map(|g| std::fs::OpenOptions::new().write(true).open(g).unwrap())
+            .collect();
+        let sizes: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().len()).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let d = (next() % files.len() as u64) as usize;
+            let len = 4096 * (1 + next() % 16);
+            let at = (next() % ((sizes[d] - len) / 4096)) * 4096;
+            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _g = gate.lock().unwrap();
+            files[d].write_all_at(&data, at).unwrap();
+            writes.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
