@@ -68,7 +68,6 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
             "garbage collection stopped without deleting anything: index object {key} is damaged ({why}); rebuild the index from the packs first (vpsbackup store rebuild-index)"
         )));
     }
-    let quarantine = crate::quarantine::load(storage)?;
     let mut found_bad = Vec::new();
     let packs: HashMap<PackId, ObjectMeta> = storage
         .list("packs/")?
@@ -238,7 +237,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         }
     }
 
-    consolidate_quarantine(storage, &quarantine, |p| {
+    consolidate_quarantine(storage, &index.quarantine, |p| {
         packs.contains_key(p) && !deletable.contains(p)
     })?;
 

@@ -45,6 +45,9 @@ pub struct ChunkIndex {
     quarantined: HashSet<(u32, ChunkId)>,
     /// The index objects this was loaded from.
     pub(crate) sources: Vec<String>,
+    /// The quarantine records as read with this index (GC consolidates
+    /// exactly these).
+    pub(crate) quarantine: crate::quarantine::Quarantine,
     /// Index objects that could not be decoded, with the reason: their
     /// chunks look missing (a backup stores them again; verify reports
     /// the backups that need them) and GC refuses to run until
@@ -90,9 +93,10 @@ impl ChunkIndex {
         }
         // Read after the index objects: a copy quarantined meanwhile is in
         // this listing, whatever index object names it.
-        for (chunk, pack) in crate::quarantine::load(storage)?.copies {
-            if let Some(n) = pack_nums.get(&pack) {
-                idx.quarantined.insert((*n, chunk));
+        idx.quarantine = crate::quarantine::load(storage)?;
+        for (chunk, pack) in &idx.quarantine.copies {
+            if let Some(n) = pack_nums.get(pack) {
+                idx.quarantined.insert((*n, *chunk));
             }
         }
         idx.slots.sort_unstable_by_key(|s| s.id);
