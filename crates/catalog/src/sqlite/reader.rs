@@ -88,9 +88,11 @@ pub(crate) async fn off_runtime<T: Send + 'static>(
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
             threads
-                .get_or_init(|| ReadThreads::start(reader.clone(), n))
+                .get_or_init(|| {
+                    let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+                    ReadThreads::start(reader.clone(), n)
+                })
                 .run(read)
                 .await
         }
