@@ -8,12 +8,12 @@
 //! written as zeros and the damaged byte ranges are printed, for disaster
 //! recovery. The customer API never restores a damaged backup.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use vpsbackup_catalog::{BackupId, Catalog, Scope, WorkStatus};
-use vpsbackup_engine::{DiskFormat, DiskImage, JobControl, Repository, RestoreOptions};
+use vpsbackup_engine::{DiskImage, JobControl, Repository, RestoreOptions};
 
 use crate::admin::{load_settings, Global};
 
@@ -32,18 +32,6 @@ pub struct RestoreArgs {
     /// zeros and their byte ranges printed.
     #[arg(long)]
     pub allow_damaged: bool,
-}
-
-/// The target's format, from what it is and its name, never from the
-/// bytes in it (an image's first bytes may be a guest's).
-fn target(path: &Path) -> DiskImage {
-    use std::os::unix::fs::FileTypeExt;
-    let format = match std::fs::metadata(path) {
-        Ok(m) if m.file_type().is_block_device() => DiskFormat::BlockDevice,
-        _ if path.extension().is_some_and(|e| e == "qcow2") => DiskFormat::Qcow2,
-        _ => DiskFormat::Raw,
-    };
-    DiskImage::pinned(path, format)
 }
 
 pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
@@ -69,7 +57,13 @@ pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     let store = settings.store_path();
-    let targets: Vec<DiskImage> = args.to.iter().map(|p| target(p)).collect();
+    // The target's format from what it is and its name, never from the
+    // bytes in it (an image's first bytes may be a guest's).
+    let targets: Vec<DiskImage> = args
+        .to
+        .iter()
+        .map(|p| DiskImage::pinned(p, vpsbackup_engine::format_by_name(p)))
+        .collect();
     let opts = RestoreOptions {
         allow_damaged: args.allow_damaged,
     };

@@ -179,6 +179,17 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat, DiskError> {
     })
 }
 
+/// The format a restore target gets from what it is and its name, never
+/// from the bytes in it: a block device by its file type, qcow2 when the
+/// name ends in `.qcow2`, else raw.
+pub fn format_by_name(path: &Path) -> DiskFormat {
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => DiskFormat::BlockDevice,
+        _ if path.extension().is_some_and(|ext| ext == "qcow2") => DiskFormat::Qcow2,
+        _ => DiskFormat::Raw,
+    }
+}
+
 /// Opens an image or block device for reading, detecting its format.
 pub fn open_reader(path: &Path) -> Result<Box<dyn DiskReader>, DiskError> {
     open_reader_as(path, detect_format(path)?)
@@ -205,13 +216,7 @@ pub fn open_reader_as(path: &Path, format: DiskFormat) -> Result<Box<dyn DiskRea
 pub fn open_writer(path: &Path, size: u64) -> Result<Box<dyn DiskWriter>, DiskError> {
     let format = match std::fs::symlink_metadata(path) {
         Ok(_) => detect_format(path)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if path.extension().is_some_and(|ext| ext == "qcow2") {
-                DiskFormat::Qcow2
-            } else {
-                DiskFormat::Raw
-            }
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => format_by_name(path),
         Err(source) => {
             return Err(DiskError::Io {
                 op: "stat",

@@ -43,7 +43,7 @@ pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
 pub use vpsbackup_disk::point_in_time::PointInTime;
 pub use vpsbackup_disk::qmp;
-pub use vpsbackup_disk::{detect_format, DiskError, DiskFormat, DiskReader};
+pub use vpsbackup_disk::{detect_format, format_by_name, DiskError, DiskFormat, DiskReader};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::collections::BTreeMap;
