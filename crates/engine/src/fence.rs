@@ -22,8 +22,8 @@ use crate::format::{
 use crate::storage::{Storage, StorageError};
 use crate::{EngineError, RepoInner};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -43,18 +43,10 @@ pub(crate) struct WriterGuard {
 struct MarkerHealth {
     /// The `refreshed_at_ms` of the last marker written.
     refreshed_ms: AtomicU64,
-    /// Why the marker is lost for good (set once; never cleared, since a
-    /// later refresh does not undo what GC did meanwhile).
-    lost: Mutex<Option<String>>,
-    is_lost: AtomicBool,
-}
-
-impl MarkerHealth {
-    fn lose(&self, why: String) {
-        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
-        lost.get_or_insert(why);
-        self.is_lost.store(true, Ordering::SeqCst);
-    }
+    /// Why the marker is lost for good (set once, the first reason wins;
+    /// never cleared, since a later refresh does not undo what GC did
+    /// meanwhile).
+    lost: OnceLock<String>,
 }
 
 pub(crate) fn hostname() -> String {
@@ -118,8 +110,7 @@ impl WriterGuard {
         let every = inner.options.writer_stale_after / 4;
         let health = Arc::new(MarkerHealth {
             refreshed_ms: AtomicU64::new(started_at_ms),
-            lost: Mutex::new(None),
-            is_lost: AtomicBool::new(false),
+            lost: OnceLock::new(),
         });
         let refresher = {
             let (storage, key, stop) = (inner.storage.clone(), key.clone(), stop.clone());
@@ -146,7 +137,7 @@ impl WriterGuard {
                             // Writing it back would hide that.
                             // (A failed look is a failed refresh: retried below.)
                             if let Ok(None) = storage.head(&key) {
-                                health.lose("its marker was removed as stale".into());
+                                let _ = health.lost.set("its marker was removed as stale".into());
                                 return;
                             }
                             let m = WriterMarker {
@@ -180,21 +171,19 @@ impl WriterGuard {
     /// removed, or has not been refreshed for 3/4 of `writer_stale_after`.
     /// Cheap (two atomic loads and a clock read): call it often.
     pub(crate) fn check(&self) -> Result<(), EngineError> {
-        if !self.health.is_lost.load(Ordering::SeqCst) {
-            let age = now_ms().saturating_sub(self.health.refreshed_ms.load(Ordering::SeqCst));
-            if age <= self.lost_after_ms {
-                return Ok(());
+        let why = match self.health.lost.get() {
+            Some(why) => why,
+            None => {
+                let age = now_ms().saturating_sub(self.health.refreshed_ms.load(Ordering::SeqCst));
+                if age <= self.lost_after_ms {
+                    return Ok(());
+                }
+                self.health.lost.get_or_init(|| {
+                    format!("its marker could not be refreshed for {} s", age / 1000)
+                })
             }
-            self.health.lose(format!(
-                "its marker could not be refreshed for {} s",
-                age / 1000
-            ));
-        }
-        let why = self.health.lost.lock().unwrap_or_else(|e| e.into_inner());
-        Err(EngineError::WriterLost(
-            why.clone()
-                .unwrap_or_else(|| "its marker went stale".into()),
-        ))
+        };
+        Err(EngineError::WriterLost(why.clone()))
     }
 }
 
