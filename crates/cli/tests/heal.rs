@@ -10,20 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{add_server, ext4_image, ok, vpsbackup};
+use common::{add_server, incompressible_disk, ok, same, vpsbackup};
 
 /// A real ext4 image holding 3 MiB of incompressible data.
 fn make_disk(path: &Path) {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..3 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
-    ext4_image(path, "data.bin", &data);
+    incompressible_disk(path, 3, 0x9e37_79b9_7f4a_7c15);
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -197,16 +188,6 @@ fn events(dir: &Path) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-fn same(a: &Path, b: &Path) -> bool {
-    Command::new("cmp")
-        .arg("-s")
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
 }
 
 /// Parses "disk 0: bytes A-B (N chunk[s]) unreadable, written as zeros".

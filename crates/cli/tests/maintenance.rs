@@ -6,20 +6,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{add_server, ext4_image, ok, vpsbackup};
+use common::{add_server, incompressible_disk, ok, vpsbackup};
 
 /// A real ext4 image holding 2 MiB of incompressible data.
 fn make_disk(path: &Path) {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..2 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
-    ext4_image(path, "data.bin", &data);
+    incompressible_disk(path, 2, 0x2545_f491_4f6c_dd1d);
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
