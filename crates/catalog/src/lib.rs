@@ -104,6 +104,13 @@ pub trait Catalog: Send + Sync {
     async fn delete_backup(&self, id: BackupId, scope: Scope) -> Result<DeletedBackup>;
     /// Every backup of every server (admin and scheduler use; unpaged).
     async fn all_backups(&self) -> Result<Vec<Backup>>;
+    /// Records how a backup read its disks.
+    async fn record_backup_read(&self, id: BackupId, read: &BackupRead) -> Result<()>;
+    /// The backup an incremental backup of `server` may build on: its
+    /// latest completed backup that is not damaged, unless the server was
+    /// restored (or a restore was tried) since, which changed its disks
+    /// behind QEMU's dirty bitmaps. `None`: read in full.
+    async fn incremental_base(&self, server: ServerId) -> Result<Option<Backup>>;
 
     // ---- restores ----
     /// Creates the restore row and enqueues its job in one transaction;

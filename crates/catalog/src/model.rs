@@ -264,8 +264,13 @@ pub enum ServerRuntime {
     #[default]
     Offline,
     /// A QEMU driven directly: the point in time is taken through its QMP
-    /// socket, and disks are matched to its block nodes by file path.
-    Qemu { qmp_socket: String },
+    /// socket, and disks are matched to its block nodes by file path. With
+    /// a guest agent (the host end of its channel, a unix socket), the
+    /// guest's filesystems are frozen for the instant.
+    Qemu {
+        qmp_socket: String,
+        guest_agent: Option<String>,
+    },
     /// A libvirt domain (recorded; backups through libvirtd are not
     /// supported yet).
     Libvirt { domain: String },
@@ -287,12 +292,14 @@ impl ServerRuntime {
         kind: &str,
         qmp_socket: Option<String>,
         domain: Option<String>,
+        guest_agent: Option<String>,
     ) -> Option<ServerRuntime> {
         match (kind, qmp_socket, domain) {
             ("offline", _, _) => Some(ServerRuntime::Offline),
-            ("qemu", Some(qmp_socket), _) if !qmp_socket.is_empty() => {
-                Some(ServerRuntime::Qemu { qmp_socket })
-            }
+            ("qemu", Some(qmp_socket), _) if !qmp_socket.is_empty() => Some(ServerRuntime::Qemu {
+                qmp_socket,
+                guest_agent: guest_agent.filter(|g| !g.is_empty()),
+            }),
             ("libvirt", _, Some(domain)) if !domain.is_empty() => {
                 Some(ServerRuntime::Libvirt { domain })
             }
@@ -302,7 +309,14 @@ impl ServerRuntime {
 
     pub fn qmp_socket(&self) -> Option<&str> {
         match self {
-            ServerRuntime::Qemu { qmp_socket } => Some(qmp_socket),
+            ServerRuntime::Qemu { qmp_socket, .. } => Some(qmp_socket),
+            _ => None,
+        }
+    }
+
+    pub fn guest_agent(&self) -> Option<&str> {
+        match self {
+            ServerRuntime::Qemu { guest_agent, .. } => guest_agent.as_deref(),
             _ => None,
         }
     }
@@ -320,7 +334,14 @@ impl std::fmt::Display for ServerRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServerRuntime::Offline => f.write_str("offline"),
-            ServerRuntime::Qemu { qmp_socket } => write!(f, "qemu (QMP {qmp_socket})"),
+            ServerRuntime::Qemu {
+                qmp_socket,
+                guest_agent: None,
+            } => write!(f, "qemu (QMP {qmp_socket})"),
+            ServerRuntime::Qemu {
+                qmp_socket,
+                guest_agent: Some(agent),
+            } => write!(f, "qemu (QMP {qmp_socket}, guest agent {agent})"),
             ServerRuntime::Libvirt { domain } => write!(f, "libvirt (domain {domain})"),
         }
     }
@@ -457,6 +478,53 @@ pub struct Backup {
     pub verified_at: Option<OffsetDateTime>,
     pub damaged: bool,
     pub verify_error: Option<String>,
+    /// How the backup read its disks, once it completed (`None` for
+    /// backups made before this was recorded).
+    pub read: Option<BackupRead>,
+}
+
+/// How a backup read its server's disks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRead {
+    /// Only what changed since the previous backup was read (QEMU's dirty
+    /// bitmaps); the backup is still complete on its own.
+    pub incremental: bool,
+    pub bytes_read: u64,
+    /// Why the disks (or some) were read in full when the server runs
+    /// under QEMU (first backup, bitmap lost, disk resized, ...).
+    pub full_reason: Option<String>,
+    pub consistency: Consistency,
+}
+
+/// How consistent a backup's point in time is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Read from the disk files of a server that was not running.
+    Offline,
+    /// A running server's disks at one instant, as after a power cut.
+    CrashConsistent,
+    /// A running server's disks at one instant with its filesystems frozen
+    /// by the guest agent.
+    Frozen,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Offline => "offline",
+            Consistency::CrashConsistent => "crash-consistent",
+            Consistency::Frozen => "frozen",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Consistency> {
+        Some(match s {
+            "offline" => Consistency::Offline,
+            "crash-consistent" => Consistency::CrashConsistent,
+            "frozen" => Consistency::Frozen,
+            _ => return None,
+        })
+    }
 }
 
 /// The engine's name for a catalog backup.

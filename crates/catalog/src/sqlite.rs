@@ -86,7 +86,8 @@ fn map_db_error(e: sqlx::Error, duplicate: &str) -> CatalogError {
 const BACKUP_SELECT: &str = "SELECT b.id, b.server_id, s.name AS server_name, b.account_id, \
      b.backup_type, b.status, b.description, b.created_at, b.expires_at, b.completed_at, \
      b.size_mb, b.stored_bytes, b.progress, b.error, b.engine_backup_id, b.scheduled_for, \
-     b.verified_at, b.damaged, b.verify_error \
+     b.verified_at, b.damaged, b.verify_error, b.incremental, b.bytes_read, b.full_reason, \
+     b.consistency \
      FROM backups b JOIN servers s ON s.id = b.server_id";
 
 fn backup_from_row(r: &SqliteRow) -> Result<Backup> {
@@ -116,6 +117,30 @@ fn backup_from_row(r: &SqliteRow) -> Result<Backup> {
         verified_at: opt_ts(r.try_get("verified_at")?),
         damaged: r.try_get::<i64, _>("damaged")? != 0,
         verify_error: r.try_get("verify_error")?,
+        read: backup_read(
+            r.try_get("incremental")?,
+            r.try_get("bytes_read")?,
+            r.try_get("full_reason")?,
+            r.try_get("consistency")?,
+        ),
+    })
+}
+
+/// A backup's [`BackupRead`] from its columns (none before it completed).
+fn backup_read(
+    incremental: i64,
+    bytes_read: Option<i64>,
+    full_reason: Option<String>,
+    consistency: Option<String>,
+) -> Option<BackupRead> {
+    Some(BackupRead {
+        incremental: incremental != 0,
+        bytes_read: bytes_read? as u64,
+        full_reason,
+        consistency: consistency
+            .as_deref()
+            .and_then(Consistency::parse)
+            .unwrap_or(Consistency::Offline),
     })
 }
 
@@ -158,7 +183,7 @@ fn plan_from_row(r: &SqliteRow, prefix: &str) -> Result<Plan> {
 const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.name AS account_name, \
      s.auto_backup_enabled, s.window_start_minute, s.hook_pre_backup, s.hook_post_backup, \
      s.hook_pre_restore, s.hook_post_restore, s.created_at, s.updated_at, \
-     s.runtime, s.qmp_socket, s.libvirt_domain, \
+     s.runtime, s.qmp_socket, s.libvirt_domain, s.guest_agent, \
      p.id AS p_id, p.name AS p_name, p.retention_days AS p_retention_days, \
      p.window_start_minute AS p_window_start_minute, p.window_minutes AS p_window_minutes, \
      p.created_at AS p_created_at, p.updated_at AS p_updated_at, \
@@ -170,7 +195,7 @@ const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.na
 /// A qemu runtime needs its QMP socket, a libvirt one its domain.
 fn check_runtime(runtime: &ServerRuntime) -> Result<()> {
     match runtime {
-        ServerRuntime::Qemu { qmp_socket } if qmp_socket.trim().is_empty() => Err(
+        ServerRuntime::Qemu { qmp_socket, .. } if qmp_socket.trim().is_empty() => Err(
             CatalogError::Invalid("A qemu runtime needs the path of its QMP socket.".into()),
         ),
         ServerRuntime::Libvirt { domain } if domain.trim().is_empty() => Err(
@@ -206,6 +231,7 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
                 &kind,
                 r.try_get("qmp_socket")?,
                 r.try_get("libvirt_domain")?,
+                r.try_get("guest_agent")?,
             )
             .ok_or_else(|| {
                 CatalogError::Invalid(format!(
@@ -646,8 +672,8 @@ impl Catalog for SqliteCatalog {
         sqlx::query(
             "INSERT INTO servers (id, name, hostname, account_id, plan_id, hook_pre_backup, \
                hook_post_backup, hook_pre_restore, hook_post_restore, created_at, updated_at, \
-               runtime, qmp_socket, libvirt_domain) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               runtime, qmp_socket, libvirt_domain, guest_agent) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(server.id.0)
         .bind(&server.name)
@@ -663,6 +689,7 @@ impl Catalog for SqliteCatalog {
         .bind(server.runtime.kind())
         .bind(server.runtime.qmp_socket())
         .bind(server.runtime.domain())
+        .bind(server.runtime.guest_agent())
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -720,6 +747,7 @@ impl Catalog for SqliteCatalog {
                runtime = COALESCE(?17, runtime), \
                qmp_socket = CASE WHEN ?17 IS NULL THEN qmp_socket ELSE ?18 END, \
                libvirt_domain = CASE WHEN ?17 IS NULL THEN libvirt_domain ELSE ?19 END, \
+               guest_agent = CASE WHEN ?17 IS NULL THEN guest_agent ELSE ?20 END, \
                updated_at = ?15 WHERE id = ?16",
         )
         .bind(&update.name)
@@ -741,6 +769,7 @@ impl Catalog for SqliteCatalog {
         .bind(update.runtime.as_ref().map(ServerRuntime::kind))
         .bind(update.runtime.as_ref().and_then(ServerRuntime::qmp_socket))
         .bind(update.runtime.as_ref().and_then(ServerRuntime::domain))
+        .bind(update.runtime.as_ref().and_then(ServerRuntime::guest_agent))
         .execute(&mut *tx)
         .await
         .map_err(|e| map_db_error(e, "conflict"))?;
@@ -1000,6 +1029,37 @@ impl Catalog for SqliteCatalog {
             .iter()
             .map(backup_from_row)
             .collect()
+    }
+
+    async fn record_backup_read(&self, id: BackupId, read: &BackupRead) -> Result<()> {
+        sqlx::query(
+            "UPDATE backups SET incremental = ?, bytes_read = ?, full_reason = ?, \
+             consistency = ? WHERE id = ?",
+        )
+        .bind(read.incremental as i64)
+        .bind(read.bytes_read as i64)
+        .bind(&read.full_reason)
+        .bind(read.consistency.as_str())
+        .bind(id.0)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn incremental_base(&self, server: ServerId) -> Result<Option<Backup>> {
+        // Restores and backups of a server never run at once (one job per
+        // server), so a restore created at or after a backup's creation
+        // ran after it.
+        let row = sqlx::query(&format!(
+            "{BACKUP_SELECT} WHERE b.server_id = ? AND b.status = 'completed' \
+             AND b.damaged = 0 AND NOT EXISTS (SELECT 1 FROM restores r \
+               WHERE r.server_id = b.server_id AND r.created_at >= b.created_at) \
+             ORDER BY b.id DESC LIMIT 1"
+        ))
+        .bind(server.0)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(backup_from_row).transpose()
     }
 
     async fn create_restore(&self, restore: NewRestore, now: OffsetDateTime) -> Result<Restore> {

@@ -645,6 +645,7 @@ async fn a_servers_runtime_is_stored_changed_and_validated() {
     let plan = cat.plan_by_name("standard").await.unwrap().unwrap();
     let qemu = ServerRuntime::Qemu {
         qmp_socket: "/run/vm2.qmp".into(),
+        guest_agent: Some("/run/vm2.qga".into()),
     };
     let mut new = new_server(2, acc.id, plan.id);
     new.runtime = qemu.clone();
@@ -654,6 +655,7 @@ async fn a_servers_runtime_is_stored_changed_and_validated() {
     let mut bad = new_server(3, acc.id, plan.id);
     bad.runtime = ServerRuntime::Qemu {
         qmp_socket: " ".into(),
+        guest_agent: None,
     };
     assert!(matches!(
         cat.add_server(bad, now()).await,

@@ -483,11 +483,19 @@ pub struct RuntimeArgs {
     /// The libvirt domain, for --runtime libvirt [default: the server's name].
     #[arg(long)]
     domain: Option<String>,
+    /// The host end of the QEMU guest agent's channel (a unix socket), for
+    /// --runtime qemu: the guest's filesystems are frozen for the instant
+    /// of each backup's point in time ("" removes it).
+    #[arg(long)]
+    guest_agent: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
     fn any(&self) -> bool {
-        self.runtime.is_some() || self.qmp_socket.is_some() || self.domain.is_some()
+        self.runtime.is_some()
+            || self.qmp_socket.is_some()
+            || self.domain.is_some()
+            || self.guest_agent.is_some()
     }
 
     /// The runtime these flags describe, `None` when none was given.
@@ -508,8 +516,12 @@ impl RuntimeArgs {
         let kind = match (&self.runtime, &self.qmp_socket, &self.domain) {
             (Some(k), _, _) => k.as_str(),
             (None, Some(_), _) => "qemu",
-            (None, None, _) => "libvirt",
+            (None, None, Some(_)) => "libvirt",
+            (None, None, None) => "qemu",
         };
+        if kind != "qemu" && self.guest_agent.is_some() {
+            bail!("--guest-agent is for --runtime qemu");
+        }
         Ok(Some(match kind {
             "offline" => {
                 if self.qmp_socket.is_some() || self.domain.is_some() {
@@ -530,7 +542,23 @@ impl RuntimeArgs {
                         (None, Some(kept)) => kept.to_owned(),
                         (None, None) => bail!("--runtime qemu needs --qmp-socket PATH"),
                     };
-                ServerRuntime::Qemu { qmp_socket }
+                let guest_agent = match (
+                    self.guest_agent,
+                    current.and_then(ServerRuntime::guest_agent),
+                ) {
+                    (Some(p), _) if p.as_os_str().is_empty() => None,
+                    (Some(p), _) => Some(
+                        std::path::absolute(&p)
+                            .with_context(|| format!("guest agent socket {}", p.display()))?
+                            .to_string_lossy()
+                            .into_owned(),
+                    ),
+                    (None, kept) => kept.map(str::to_owned),
+                };
+                ServerRuntime::Qemu {
+                    qmp_socket,
+                    guest_agent,
+                }
             }
             _ => {
                 if self.qmp_socket.is_some() {
@@ -720,8 +748,14 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 );
                 match &s.runtime {
                     ServerRuntime::Offline => {}
-                    ServerRuntime::Qemu { qmp_socket } => {
-                        println!("{:>10}  QMP socket {qmp_socket}", "")
+                    ServerRuntime::Qemu {
+                        qmp_socket,
+                        guest_agent,
+                    } => {
+                        println!("{:>10}  QMP socket {qmp_socket}", "");
+                        if let Some(agent) = guest_agent {
+                            println!("{:>10}  guest agent {agent}", "");
+                        }
                     }
                     ServerRuntime::Libvirt { domain } => {
                         println!("{:>10}  libvirt domain {domain}", "")

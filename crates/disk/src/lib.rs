@@ -22,6 +22,7 @@ pub mod nbd_export;
 mod nbd_proto;
 pub mod point_in_time;
 mod qcow2;
+pub mod qga;
 pub mod qmp;
 mod raw;
 

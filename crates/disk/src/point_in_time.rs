@@ -14,7 +14,27 @@
 //! Everything created in QEMU is named `vpsbackup-...`: teardown on every
 //! path (end, error, cancel: [`PointInTime`] tears down on drop), and at
 //! the next job's start whatever a crash left behind is found by name and
-//! removed. The guest is not frozen: the view is crash-consistent.
+//! removed. With a guest agent ([`TakeOptions::guest_agent`]) the guest's
+//! filesystems are frozen just before the transaction and thawed as soon as
+//! it returns (milliseconds); without one, or when it does not answer, the
+//! view is crash-consistent, as after a power cut, and
+//! [`PointInTime::frozen`] says why.
+//!
+//! Checkpoints (dirty bitmaps): with a [`Checkpoint`], the same transaction
+//! adds a bitmap named after the new backup to every disk (persistent on
+//! qcow2, so it survives a clean QEMU restart; raw nodes only take
+//! in-memory ones) and disables the base backup's bitmap, which then says
+//! exactly what changed between the two points in time; it is exported
+//! with the overlay (`qemu:dirty-bitmap:NAME`). After a backup that
+//! completed, the base's bitmap is removed; after one that did not, the
+//! new bitmap is merged back into the base's and the base records again,
+//! so the chain from the last completed backup has no gap. A crash in
+//! between leaves the base disabled and the new one recording: the next
+//! job merges them the same way before it starts. A bitmap QEMU marks
+//! inconsistent (it was killed), a missing one (QEMU restarted; raw
+//! disks), or a disabled one with nothing recording after it cannot be
+//! trusted: every bitmap of ours is removed and the disk is read in full,
+//! with the reason.
 
 use std::fs;
 use std::io;
@@ -25,7 +45,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::nbd_export::{NbdExport, StatusRun, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
+use crate::nbd_export::{
+    NbdExport, StatusRun, BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
+};
+use crate::qga::GuestAgent;
 use crate::qmp::{Qmp, QmpError};
 use crate::{DiskError, DiskFormat, DiskReader, Extent};
 
@@ -44,19 +67,56 @@ fn qmp_err(socket: &Path) -> impl Fn(QmpError) -> DiskError + '_ {
     }
 }
 
+/// The bitmaps of a point in time: the backup it is taken for, and the
+/// earlier backup whose bitmap tells what changed since (`None`: no
+/// earlier backup to build on; every disk is read in full).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub new: String,
+    pub base: Option<String>,
+}
+
+/// How to take a point in time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TakeOptions {
+    /// Start the new backup's dirty bitmaps, and read the base's.
+    pub checkpoint: Option<Checkpoint>,
+    /// The host end of the guest agent's channel: freeze for the instant.
+    pub guest_agent: Option<PathBuf>,
+}
+
+/// The dirty bitmap QEMU keeps for backup `id`.
+pub fn bitmap_name(id: &str) -> String {
+    format!("{PREFIX}{id}")
+}
+
 /// The point in time of one server's disks, live until dropped.
 pub struct PointInTime {
     qmp: Qmp,
     qmp_socket: PathBuf,
     scratch: PathBuf,
     nbd_socket: PathBuf,
-    /// Per disk: (export name, guest size).
-    exports: Vec<(String, u64)>,
+    disks: Vec<PitDisk>,
+    /// The new backup's bitmap, once the transaction made it.
+    new_bitmap: Option<String>,
+    /// Set by [`PointInTime::finish`] after a completed backup.
+    completed: bool,
+    /// Filesystems the guest agent froze for the instant, or why none.
+    frozen: Result<u64, String>,
     torn_down: bool,
 }
 
+struct PitDisk {
+    /// The disk's block node.
+    node: String,
+    export: String,
+    size: u64,
+    /// The base's bitmap exported with the overlay, or why there is none.
+    changes: Result<String, String>,
+}
+
 /// A block node that holds an image file, from `query-named-block-nodes`.
-fn node_for(nodes: &[Value], path: &Path) -> Option<(String, u64)> {
+fn node_for<'a>(nodes: &'a [Value], path: &Path) -> Option<&'a Value> {
     let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     nodes
         .iter()
@@ -68,12 +128,76 @@ fn node_for(nodes: &[Value], path: &Path) -> Option<(String, u64)> {
         })
         // A node of ours (an overlay backed by the disk) names its own file.
         .filter(|n| !n["node-name"].as_str().unwrap_or("").starts_with(PREFIX))
-        .find_map(|n| {
-            Some((
-                n["node-name"].as_str()?.to_owned(),
-                n["image"]["virtual-size"].as_u64()?,
-            ))
-        })
+        .find(|n| n["node-name"].is_string() && n["image"]["virtual-size"].is_u64())
+}
+
+/// Brings one disk's bitmaps of ours down to the base's alone, recording,
+/// and says whether it can be trusted (`Ok`: its name) or why not (then
+/// none of ours is left). `node` is the disk's `query-named-block-nodes`
+/// entry.
+fn settle_bitmaps(
+    qmp: &mut Qmp,
+    node: &Value,
+    base: Option<&str>,
+) -> Result<Result<String, String>, QmpError> {
+    let name = node["node-name"].as_str().unwrap_or_default().to_owned();
+    let ours: Vec<&Value> = node["dirty-bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with(PREFIX)))
+        .collect();
+    let base = base.map(bitmap_name);
+    let found = base
+        .as_deref()
+        .and_then(|b| ours.iter().find(|m| m["name"] == b));
+    let recording_others: Vec<&str> = ours
+        .iter()
+        .filter(|m| Some(m["name"].as_str().unwrap_or_default()) != base.as_deref())
+        .filter(|m| m["recording"] == true && m["inconsistent"] != true)
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    let verdict = match (found, base.as_deref()) {
+        (_, None) => Err("there is no earlier backup to build on".to_owned()),
+        (None, Some(_)) => Err(
+            "QEMU has no dirty bitmap for the previous backup (QEMU was \
+             restarted since, and raw disks keep bitmaps only in memory; or the backup after \
+             it was deleted)"
+                .to_owned(),
+        ),
+        (Some(m), _) if m["inconsistent"] == true => {
+            Err("its dirty bitmap is inconsistent (QEMU stopped without saving it)".to_owned())
+        }
+        (Some(m), _) if m["recording"] == true => Ok(()),
+        // Disabled: a job stopped between its point in time and its end.
+        // What the guest wrote since is in that job's bitmap, if any.
+        (Some(_), Some(_)) if recording_others.is_empty() => {
+            Err("its dirty bitmap stopped recording and nothing recorded after it".to_owned())
+        }
+        (Some(_), Some(b)) => {
+            let others: Vec<Value> = recording_others.iter().map(|o| json!(o)).collect();
+            qmp.execute(
+                "transaction",
+                json!({"actions": [
+                    {"type": "block-dirty-bitmap-enable", "data": {"node": name, "name": b}},
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"node": name, "target": b, "bitmaps": others}},
+                ]}),
+            )?;
+            Ok(())
+        }
+    };
+    let keep = verdict.as_ref().ok().and(base.as_deref());
+    for m in &ours {
+        let n = m["name"].as_str().unwrap_or_default();
+        if Some(n) != keep {
+            qmp.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": name, "name": n}),
+            )?;
+        }
+    }
+    Ok(verdict.map(|()| base.unwrap_or_default()))
 }
 
 impl PointInTime {
@@ -81,11 +205,16 @@ impl PointInTime {
     /// opened them) through the QMP socket `qmp_socket`, with scratch files
     /// in `scratch` (created; one directory per server, used by one job at
     /// a time).
+    /// With a checkpoint, the transaction also starts the new backup's
+    /// dirty bitmaps and freezes the base's, whose changes
+    /// [`PointInTime::changes`] then gives.
     pub fn take(
         qmp_socket: &Path,
         disks: &[PathBuf],
         scratch: &Path,
+        opts: &TakeOptions,
     ) -> Result<PointInTime, DiskError> {
+        let checkpoint = opts.checkpoint.as_ref();
         let err = qmp_err(qmp_socket);
         let mut qmp = Qmp::connect(qmp_socket).map_err(&err)?;
         fs::create_dir_all(scratch).map_err(|source| DiskError::Io {
@@ -106,16 +235,37 @@ impl PointInTime {
             qmp_socket: qmp_socket.to_owned(),
             scratch: scratch.to_owned(),
             nbd_socket,
-            exports: Vec::new(),
+            disks: Vec::new(),
+            new_bitmap: None,
+            completed: false,
+            frozen: Err("no guest agent is configured".into()),
             torn_down: false,
         };
         let mut actions = Vec::new();
-        let mut sized = Vec::new();
         for (i, disk) in disks.iter().enumerate() {
-            let (node, size) = node_for(&nodes, disk).ok_or_else(|| DiskError::Unsupported {
+            let info = node_for(&nodes, disk).ok_or_else(|| DiskError::Unsupported {
                 path: disk.clone(),
                 reason: "the running QEMU has no block node for this disk".into(),
             })?;
+            let node = info["node-name"].as_str().unwrap_or_default().to_owned();
+            let size = info["image"]["virtual-size"].as_u64().unwrap_or_default();
+            let changes = match checkpoint {
+                None => Err("no checkpoint was asked for".to_owned()),
+                Some(c) => {
+                    let changes =
+                        settle_bitmaps(&mut pit.qmp, info, c.base.as_deref()).map_err(&err)?;
+                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                        "node": node, "name": bitmap_name(&c.new),
+                        // Only qcow2 can store a bitmap; raw keeps it in memory.
+                        "persistent": info["drv"] == "qcow2"}}));
+                    if let Ok(base) = &changes {
+                        // Frozen at the instant: what changed up to it.
+                        actions.push(json!({"type": "block-dirty-bitmap-disable",
+                            "data": {"node": node, "name": base}}));
+                    }
+                    changes
+                }
+            };
             let overlay = scratch.join(format!("fleece{i}.qcow2"));
             let out = Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2"])
@@ -146,45 +296,90 @@ impl PointInTime {
             actions.push(json!({"type": "blockdev-backup", "data": {
                 "job-id": format!("{PREFIX}job{i}"), "device": node,
                 "target": fleece, "sync": "none"}}));
-            sized.push(size);
+            pit.disks.push(PitDisk {
+                node,
+                export: format!("{PREFIX}exp{i}"),
+                size,
+                changes,
+            });
         }
-        // The instant: all disks at once.
-        pit.qmp
-            .execute("transaction", json!({ "actions": actions }))
-            .map_err(&err)?;
+        // The instant: all disks at once, the guest frozen around it when
+        // its agent answers.
+        let frozen = opts.guest_agent.as_deref().map(|socket| {
+            GuestAgent::connect(socket)
+                .and_then(GuestAgent::freeze)
+                .map_err(|e| format!("the guest agent did not freeze the guest ({e})"))
+        });
+        let taken = pit
+            .qmp
+            .execute("transaction", json!({ "actions": actions }));
+        pit.frozen = match frozen {
+            None => Err("no guest agent is configured".into()),
+            Some(Ok(f)) => {
+                let n = f.filesystems;
+                f.thaw()
+                    .map(|()| n)
+                    .map_err(|e| format!("the guest agent did not confirm the thaw ({e})"))
+            }
+            Some(Err(why)) => Err(why),
+        };
+        taken.map_err(&err)?;
+        pit.new_bitmap = checkpoint.map(|c| bitmap_name(&c.new));
         pit.qmp
             .execute(
                 "nbd-server-start",
                 json!({"addr": {"type": "unix", "data": {"path": pit.nbd_socket}}}),
             )
             .map_err(&err)?;
-        for (i, size) in sized.into_iter().enumerate() {
-            let name = format!("{PREFIX}exp{i}");
-            pit.qmp
-                .execute(
-                    "block-export-add",
-                    json!({"type": "nbd", "id": name, "node-name": format!("{PREFIX}fleece{i}"),
-                           "name": name, "writable": false}),
-                )
-                .map_err(&err)?;
-            pit.exports.push((name, size));
+        for (i, d) in pit.disks.iter().enumerate() {
+            let mut export = json!({"type": "nbd", "id": d.export,
+                "node-name": format!("{PREFIX}fleece{i}"), "name": d.export, "writable": false});
+            if let Ok(bitmap) = &d.changes {
+                // Found through the overlay's backing chain: the disk's node.
+                export["bitmaps"] = json!([bitmap]);
+            }
+            pit.qmp.execute("block-export-add", export).map_err(&err)?;
         }
         Ok(pit)
+    }
+
+    /// How many filesystems the guest agent froze for the instant, or why
+    /// the point in time is only crash-consistent.
+    pub fn frozen(&self) -> Result<u64, String> {
+        self.frozen.clone()
+    }
+
+    /// What may have changed on disk `i` since the base backup, as extents
+    /// (sorted, whole bitmap clusters), or why it is not known (read the
+    /// disk in full).
+    pub fn changes(&self, i: usize) -> Result<Vec<Extent>, String> {
+        let d = self.disks.get(i).ok_or("no such disk")?;
+        let bitmap = d.changes.as_ref().map_err(Clone::clone)?;
+        let context = format!("qemu:dirty-bitmap:{bitmap}");
+        let runs = NbdExport::connect(&self.nbd_socket, &d.export, &[&context])
+            .and_then(|mut c| c.status_map(&context))
+            .map_err(|e| format!("its dirty bitmap cannot be read ({e})"))?;
+        Ok(merge_runs(
+            runs.iter().filter(|r| r.flags & STATE_DIRTY != 0),
+        ))
     }
 
     /// A reader of disk `i` as it was at the point in time, reporting
     /// `format` (the disk's recorded one: the guest view is the same).
     pub fn reader(&self, i: usize, format: DiskFormat) -> Result<NbdExportReader, DiskError> {
-        let (name, size) = self.exports.get(i).ok_or_else(|| DiskError::Unsupported {
+        let d = self.disks.get(i).ok_or_else(|| DiskError::Unsupported {
             path: self.qmp_socket.clone(),
             reason: format!("no disk {i} in the point in time"),
         })?;
-        NbdExportReader::open(&self.nbd_socket, name, *size, format)
+        NbdExportReader::open(&self.nbd_socket, &d.export, d.size, format)
     }
 
     /// Ends the exports and the jobs and removes the overlays; errors are
     /// collected, not stopped at, so as much as possible is removed.
-    pub fn finish(mut self) -> Result<(), DiskError> {
+    /// `completed`: the backup read from it is complete (its bitmap becomes
+    /// the next base); otherwise the chain goes back to the base's.
+    pub fn finish(mut self, completed: bool) -> Result<(), DiskError> {
+        self.completed = completed;
         self.teardown()
     }
 
@@ -202,8 +397,66 @@ impl PointInTime {
         self.torn_down = true;
         let r = remove_leftovers(&mut self.qmp, &self.nbd_socket);
         remove_overlays(&self.scratch);
-        r.map_err(qmp_err(&self.qmp_socket))
+        // Bitmaps last: an export holds its bitmap busy.
+        let b = r.and_then(|()| self.settle_checkpoint());
+        b.map_err(qmp_err(&self.qmp_socket))
     }
+
+    /// After a completed backup the base's bitmaps go (the new ones are the
+    /// next base); otherwise the new ones are merged into the base's, which
+    /// records again, or just removed when there is no base.
+    fn settle_checkpoint(&mut self) -> Result<(), QmpError> {
+        let Some(new) = self.new_bitmap.clone() else {
+            return Ok(());
+        };
+        for d in &self.disks {
+            let node = &d.node;
+            match (&d.changes, self.completed) {
+                (Ok(base), true) => {
+                    self.qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": base}),
+                    )?;
+                }
+                (Ok(base), false) => {
+                    self.qmp.execute(
+                        "transaction",
+                        json!({"actions": [
+                            {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": base}},
+                            {"type": "block-dirty-bitmap-merge",
+                             "data": {"node": node, "target": base, "bitmaps": [new]}},
+                        ]}),
+                    )?;
+                    self.qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": new}),
+                    )?;
+                }
+                (Err(_), true) => {}
+                (Err(_), false) => {
+                    self.qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": new}),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Consecutive runs as merged extents.
+fn merge_runs<'a>(runs: impl Iterator<Item = &'a StatusRun>) -> Vec<Extent> {
+    runs.fold(Vec::<Extent>::new(), |mut v, r| {
+        match v.last_mut() {
+            Some(l) if l.offset + l.len == r.offset => l.len += r.len,
+            _ => v.push(Extent {
+                offset: r.offset,
+                len: r.len,
+            }),
+        }
+        v
+    })
 }
 
 impl Drop for PointInTime {
@@ -321,21 +574,12 @@ impl NbdExportReader {
         let runs: Vec<StatusRun> = conns[0]
             .status_map(BASE_ALLOCATION)
             .map_err(io_err("read the allocation map of"))?;
-        let data = runs
-            .iter()
-            // A hole that does not read as zeros (a backing file's data)
-            // must be read.
-            .filter(|r| r.flags & STATE_ZERO == 0 || r.flags & STATE_HOLE == 0)
-            .fold(Vec::<Extent>::new(), |mut v, r| {
-                match v.last_mut() {
-                    Some(l) if l.offset + l.len == r.offset => l.len += r.len,
-                    _ => v.push(Extent {
-                        offset: r.offset,
-                        len: r.len,
-                    }),
-                }
-                v
-            });
+        // A hole that does not read as zeros (a backing file's data) must
+        // be read.
+        let data = merge_runs(
+            runs.iter()
+                .filter(|r| r.flags & STATE_ZERO == 0 || r.flags & STATE_HOLE == 0),
+        );
         Ok(NbdExportReader {
             conns: conns.into_iter().map(Mutex::new).collect(),
             size,

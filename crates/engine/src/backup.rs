@@ -20,6 +20,7 @@ use crate::format::{
     encode_chunk_list, now_ms, random_hex, ChunkId, IndexFile, Manifest, ManifestDisk,
     ManifestHeader, PackBuilder, PackEntry, PackId,
 };
+use crate::incremental::{self, BaseDisk, ChangedSince};
 use crate::index::ChunkIndex;
 use crate::job::ReadLimiter;
 use crate::storage::Storage;
@@ -51,6 +52,17 @@ enum Work {
         disk: usize,
         len: usize,
         buf: AlignedBuf,
+        /// Per chunk of the block, in an incremental backup: the base's id
+        /// to reuse (that chunk was not read), or `None` (read: hash it).
+        /// Empty: every chunk was read.
+        reuse: Vec<Option<ChunkId>>,
+    },
+    /// A block whose every chunk is the base's, never read.
+    Reused {
+        seq: u64,
+        disk: usize,
+        len: u64,
+        ids: Vec<ChunkId>,
     },
     Zero {
         seq: u64,
@@ -69,6 +81,17 @@ enum ChunkOut {
         raw_len: u32,
         flags: u32,
     },
+}
+
+impl ChunkOut {
+    /// A chunk taken from the base backup.
+    fn reused(id: ChunkId) -> ChunkOut {
+        if id.is_zero() {
+            ChunkOut::Zero
+        } else {
+            ChunkOut::Known(id)
+        }
+    }
 }
 
 struct Done {
@@ -100,16 +123,18 @@ pub(crate) fn run(
             None => vpsbackup_disk::open_reader(&disk.path)?,
         });
     }
-    run_readers(inner, req, readers, labels, job)
+    run_readers(inner, req, readers, None, labels, job)
 }
 
 /// A backup of `readers` (one per `req.disks`, whose paths the manifest
 /// records as the disks' sources): readers opened by the caller, such as a
-/// running server's point-in-time export.
+/// running server's point-in-time export. With `changed`, chunks outside
+/// the changed extents are taken from the base backup instead of read.
 pub(crate) fn run_readers(
     inner: &RepoInner,
     req: &BackupRequest,
     readers: Vec<Box<dyn DiskReader>>,
+    changed: Option<&ChangedSince>,
     labels: &BTreeMap<String, String>,
     job: &JobControl,
 ) -> Result<BackupSummary, EngineError> {
@@ -131,6 +156,11 @@ pub(crate) fn run_readers(
     let guard = WriterGuard::register(inner, &req.backup_id)?;
     let (condemned, _) = crate::fence::load_pending(storage)?;
     let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
+    // The base is read after the index: its chunks are reused only where
+    // the index (which excludes what GC condemned) still offers them.
+    let base_manifest = changed.map(|c| incremental::load_manifest(inner, c));
+    let bases = incremental::bases(inner, &index, changed, base_manifest.as_ref(), &readers);
+    let full_reasons = bases.full_reasons;
 
     let pipeline = Pipeline {
         inner,
@@ -144,7 +174,7 @@ pub(crate) fn run_readers(
         chunk_size: inner.config.chunk_size as usize,
         block: BLOCK.max(inner.config.chunk_size as usize),
     };
-    let out = pipeline.run(&readers, req.read_limit)?;
+    let out = pipeline.run(&readers, bases.disks, req.read_limit)?;
     job.check()?;
 
     let header = ManifestHeader {
@@ -187,6 +217,9 @@ pub(crate) fn run_readers(
         stored_bytes: out.stored_bytes,
         chunks_total: out.chunks_total,
         chunks_new: out.chunks_new,
+        bytes_read: out.bytes_read,
+        incremental: changed.is_some() && full_reasons.is_empty(),
+        full_reasons,
     })
 }
 
@@ -219,6 +252,8 @@ struct WriterOut {
     chunks_total: u64,
     chunks_new: u64,
     seqs: u64,
+    /// Bytes read from the disks (filled in from the reader's count).
+    bytes_read: u64,
 }
 
 fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T, EngineError>>) -> Result<T, EngineError> {
@@ -245,6 +280,7 @@ impl Pipeline<'_> {
     fn run(
         &self,
         readers: &[Box<dyn DiskReader>],
+        bases: Vec<Option<BaseDisk<'_>>>,
         read_limit: Option<u64>,
     ) -> Result<WriterOut, EngineError> {
         let (pool_tx, pool_rx) = bounded::<AlignedBuf>(WINDOW);
@@ -259,7 +295,8 @@ impl Pipeline<'_> {
         let workers = self.inner.options.workers.max(1);
 
         std::thread::scope(|s| {
-            let reader = s.spawn(move || self.read_disks(readers, read_limit, pool_rx, work_tx));
+            let reader =
+                s.spawn(move || self.read_disks(readers, bases, read_limit, pool_rx, work_tx));
             let mut hs = Vec::new();
             for _ in 0..workers {
                 let (rx, tx) = (work_rx.clone(), done_tx.clone());
@@ -274,16 +311,17 @@ impl Pipeline<'_> {
             let written = join(writer);
             let uploaded = join(uploader);
             // Report the root cause: the first failure in pipeline order.
-            let seqs = read?;
+            let (seqs, bytes_read) = read?;
             for h in hashed {
                 h?;
             }
             // The writer fails only with "the uploader stopped" when the
             // uploader failed first: the uploader's error is the cause.
-            let out = match (written, uploaded) {
+            let mut out = match (written, uploaded) {
                 (Err(_), Err(e)) | (Ok(_), Err(e)) | (Err(e), Ok(())) => return Err(e),
                 (Ok(out), Ok(())) => out,
             };
+            out.bytes_read = bytes_read;
             if out.seqs != seqs {
                 return Err(EngineError::Internal(
                     "the backup pipeline lost a block".into(),
@@ -293,18 +331,22 @@ impl Pipeline<'_> {
         })
     }
 
-    /// Returns the number of work items sent.
+    /// Returns the number of work items sent and the bytes read.
     fn read_disks(
         &self,
         readers: &[Box<dyn DiskReader>],
+        mut bases: Vec<Option<BaseDisk<'_>>>,
         read_limit: Option<u64>,
         pool: Receiver<AlignedBuf>,
         work: Sender<Work>,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, u64), EngineError> {
         let mut limiter = read_limit.map(ReadLimiter::new);
         let mut seq = 0u64;
+        let mut bytes_read = 0u64;
         let block = self.block as u64;
+        let cs = self.chunk_size as u64;
         for (disk, r) in readers.iter().enumerate() {
+            let mut base = bases.get_mut(disk).and_then(Option::take);
             let size = r.size();
             let mut pos = 0u64;
             while pos < size {
@@ -312,7 +354,7 @@ impl Pipeline<'_> {
                     return self.fail(e);
                 }
                 if self.abort.load(Ordering::Relaxed) {
-                    return Ok(seq);
+                    return Ok((seq, bytes_read));
                 }
                 let next = match r.next_data(pos) {
                     Ok(n) => n,
@@ -329,20 +371,56 @@ impl Pipeline<'_> {
                         len: data_at - pos,
                     };
                     if work.send(item).is_err() {
-                        return Ok(seq);
+                        return Ok((seq, bytes_read));
                     }
                     seq += 1;
                     pos = data_at;
                     continue;
                 }
-                let Ok(mut buf) = pool.recv() else {
-                    return Ok(seq);
-                };
                 let len = block.min(size - pos) as usize;
-                let read = match fill_block(&**r, &mut buf[..len], pos) {
+                // In an incremental backup, which chunks the base gives.
+                let reuse: Vec<Option<ChunkId>> = match base.as_mut() {
+                    None => Vec::new(),
+                    Some(b) => (pos..pos + len as u64)
+                        .step_by(cs as usize)
+                        .map(|at| {
+                            let n = cs.min(pos + len as u64 - at);
+                            if b.dirty(at, n) {
+                                None
+                            } else {
+                                b.reusable(at / cs)
+                            }
+                        })
+                        .collect(),
+                };
+                if !reuse.is_empty() && reuse.iter().all(Option::is_some) {
+                    let ids = reuse.into_iter().flatten().collect();
+                    let item = Work::Reused {
+                        seq,
+                        disk,
+                        len: len as u64,
+                        ids,
+                    };
+                    if work.send(item).is_err() {
+                        return Ok((seq, bytes_read));
+                    }
+                    seq += 1;
+                    pos += len as u64;
+                    continue;
+                }
+                let Ok(mut buf) = pool.recv() else {
+                    return Ok((seq, bytes_read));
+                };
+                let read = if reuse.is_empty() {
+                    fill_block(&**r, &mut buf[..len], pos)
+                } else {
+                    fill_chunks(&**r, &mut buf[..len], pos, self.chunk_size, &reuse)
+                };
+                let read = match read {
                     Ok(n) => n,
                     Err(e) => return self.fail(e),
                 };
+                bytes_read += read;
                 if let Some(l) = limiter.as_mut() {
                     l.take(read, self.job);
                 }
@@ -352,16 +430,17 @@ impl Pipeline<'_> {
                         disk,
                         len,
                         buf,
+                        reuse,
                     })
                     .is_err()
                 {
-                    return Ok(seq);
+                    return Ok((seq, bytes_read));
                 }
                 seq += 1;
                 pos += len as u64;
             }
         }
-        Ok(seq)
+        Ok((seq, bytes_read))
     }
 
     fn hash_and_compress(
@@ -382,18 +461,36 @@ impl Pipeline<'_> {
                     payload: Vec::new(),
                     buf: None,
                 },
+                Work::Reused {
+                    seq,
+                    disk,
+                    len,
+                    ids,
+                } => Done {
+                    seq,
+                    disk,
+                    len,
+                    chunks: ids.into_iter().map(ChunkOut::reused).collect(),
+                    payload: Vec::new(),
+                    buf: None,
+                },
                 Work::Data {
                     seq,
                     disk,
                     len,
                     buf,
+                    reuse,
                 } => {
                     let mut chunks = Vec::with_capacity(len.div_ceil(self.chunk_size));
                     let mut payload = self.spare_payloads.1.try_recv().unwrap_or_default();
                     payload.clear();
                     // Room for the worst case up front: no regrowth while compressing.
                     payload.reserve(len);
-                    for raw in buf[..len].chunks(self.chunk_size) {
+                    for (k, raw) in buf[..len].chunks(self.chunk_size).enumerate() {
+                        if let Some(Some(id)) = reuse.get(k) {
+                            chunks.push(ChunkOut::reused(*id));
+                            continue;
+                        }
                         if is_zero(raw) {
                             chunks.push(ChunkOut::Zero);
                             continue;
@@ -453,6 +550,7 @@ impl Pipeline<'_> {
                 chunks_total: 0,
                 chunks_new: 0,
                 seqs: 0,
+                bytes_read: 0,
             },
         };
         let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
@@ -546,6 +644,33 @@ fn fill_block(r: &dyn DiskReader, buf: &mut [u8], pos: u64) -> Result<u64, Engin
             read += stop - start;
         }
         cur = stop.max(start);
+    }
+    Ok(read)
+}
+
+/// Fills the chunks of `buf` (the disk's bytes at `pos`) that `reuse` does
+/// not give (`None`), merging neighbours into one read. Returns the bytes
+/// actually read.
+fn fill_chunks(
+    r: &dyn DiskReader,
+    buf: &mut [u8],
+    pos: u64,
+    chunk_size: usize,
+    reuse: &[Option<ChunkId>],
+) -> Result<u64, EngineError> {
+    let mut read = 0;
+    let mut k = 0;
+    while k < reuse.len() {
+        if reuse[k].is_some() {
+            k += 1;
+            continue;
+        }
+        let first = k;
+        while k < reuse.len() && reuse[k].is_none() {
+            k += 1;
+        }
+        let (a, b) = (first * chunk_size, (k * chunk_size).min(buf.len()));
+        read += fill_block(r, &mut buf[a..b], pos + a as u64)?;
     }
     Ok(read)
 }

@@ -27,6 +27,7 @@ mod error;
 mod fence;
 pub mod format;
 mod gc;
+mod incremental;
 pub mod index;
 mod job;
 mod quarantine;
@@ -36,14 +37,18 @@ pub mod storage;
 mod verify;
 
 pub use error::EngineError;
+pub use incremental::ChangedSince;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use restore::RestoreOptions;
 pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
-pub use vpsbackup_disk::point_in_time::PointInTime;
+pub use vpsbackup_disk::point_in_time::{Checkpoint, PointInTime, TakeOptions};
 pub use vpsbackup_disk::qmp;
-pub use vpsbackup_disk::{detect_format, format_by_name, DiskError, DiskFormat, DiskReader};
+pub use vpsbackup_disk::{
+    detect_format, ensure_not_in_use, format_by_name, open_reader, DiskError, DiskFormat,
+    DiskReader, Extent,
+};
 
 use format::{Manifest, StoreConfig, CONFIG_MAGIC};
 use std::collections::BTreeMap;
@@ -160,6 +165,15 @@ pub struct BackupSummary {
     pub stored_bytes: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Bytes read from the disks: all their data in a full backup, only
+    /// the changed extents' chunks in an incremental one.
+    pub bytes_read: u64,
+    /// True when every disk was read incrementally (only what changed
+    /// since the base the caller gave).
+    pub incremental: bool,
+    /// Why disks of an incremental backup were read in full (empty when
+    /// none was, or when no base was given: the caller knows why).
+    pub full_reasons: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -408,15 +422,18 @@ impl Repository {
     /// (opened by the caller: e.g. a running server's point-in-time NBD
     /// export) instead of opening `req.disks[i]`, whose path the manifest
     /// still records as the disk's source; `labels` as in
-    /// [`Repository::backup_labelled`].
+    /// [`Repository::backup_labelled`]. With `changed`, an incremental
+    /// backup: chunks outside the changed extents are taken from the base
+    /// backup, not read (see [`ChangedSince`]).
     pub fn backup_from(
         &self,
         req: &BackupRequest,
         readers: Vec<Box<dyn vpsbackup_disk::DiskReader>>,
+        changed: Option<&ChangedSince>,
         labels: &BTreeMap<String, String>,
         job: &JobControl,
     ) -> Result<BackupSummary, EngineError> {
-        let res = backup::run_readers(&self.inner, req, readers, labels, job);
+        let res = backup::run_readers(&self.inner, req, readers, changed, labels, job);
         if res.is_ok() {
             job.set_finished();
         }

@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use vpsbackup_catalog::{
-    engine_backup_id, Catalog, Hooks, ImageFormat, Job, JobId, JobKind, JobOutcome, Scope, Server,
-    ServerRuntime,
+    engine_backup_id, BackupRead, Catalog, Consistency, Hooks, ImageFormat, Job, JobId, JobKind,
+    JobOutcome, Scope, Server, ServerRuntime,
 };
 use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobControl, Repository};
 
@@ -400,13 +400,19 @@ impl JobRunner {
                     disks,
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
-                let running = server.runtime.qmp_socket().map(|qmp| {
-                    let scratch = self.settings.data_dir.join("scratch");
-                    (
-                        PathBuf::from(qmp),
-                        scratch.join(format!("server-{}", server.id.0)),
-                    )
-                });
+                let running = match server.runtime.qmp_socket() {
+                    None => None,
+                    Some(qmp) => Some(crate::running::Running {
+                        qmp: PathBuf::from(qmp),
+                        guest_agent: server.runtime.guest_agent().map(PathBuf::from),
+                        scratch: self
+                            .settings
+                            .data_dir
+                            .join("scratch")
+                            .join(format!("server-{}", server.id.0)),
+                        base: self.incremental_base(server).await,
+                    }),
+                };
                 let res = tokio::task::spawn_blocking(move || {
                     let _g = span.enter();
                     // A re-run after a crash: the engine only writes the
@@ -417,9 +423,18 @@ impl JobRunner {
                     match running {
                         None => repo
                             .backup_labelled(&req, &labels, &control)
+                            .map(|s| {
+                                let read = BackupRead {
+                                    incremental: false,
+                                    bytes_read: s.bytes_read,
+                                    full_reason: None,
+                                    consistency: Consistency::Offline,
+                                };
+                                (s, read)
+                            })
                             .map_err(|e| engine_failure(JobKind::Backup, e)),
-                        Some((qmp, scratch)) => {
-                            crate::running::backup(&repo, &req, &labels, &qmp, &scratch, &control)
+                        Some(running) => {
+                            crate::running::backup(&repo, &req, &labels, running, &control)
                         }
                     }
                 })
@@ -430,7 +445,11 @@ impl JobRunner {
                         format!("The backup worker failed: {e}"),
                     )
                 })?;
-                res.map(|summary| JobOutcome::BackupCompleted {
+                let (summary, read) = res?;
+                if let Err(e) = self.catalog.record_backup_read(job.backup_id, &read).await {
+                    tracing::warn!(error = %e, "cannot record how the backup read its disks");
+                }
+                Ok(JobOutcome::BackupCompleted {
                     size_mb: summary.data_bytes.div_ceil(MIB),
                     stored_bytes: summary.stored_bytes,
                 })
@@ -452,6 +471,24 @@ impl JobRunner {
                     Err(e) => Err(engine_failure(job.kind, e)),
                 }
             }
+        }
+    }
+}
+
+impl JobRunner {
+    /// The engine id of the backup a running server's next backup may
+    /// build on, or why it reads in full.
+    async fn incremental_base(&self, server: &Server) -> Result<String, String> {
+        match self.catalog.incremental_base(server.id).await {
+            Ok(Some(b)) => Ok(b.engine_backup_id),
+            Ok(None) => Err(
+                "there is no completed, undamaged backup of this server since its \
+                 last restore to build on"
+                    .to_owned(),
+            ),
+            Err(e) => Err(format!(
+                "the catalog could not name the previous backup ({e})"
+            )),
         }
     }
 }

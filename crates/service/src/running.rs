@@ -6,36 +6,74 @@
 //! crash by the next job's `take`, which removes what it finds by name.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
-use vpsbackup_catalog::JobKind;
+use vpsbackup_catalog::{BackupRead, Consistency, JobKind};
 use vpsbackup_engine::{
-    BackupRequest, BackupSummary, DiskFormat, DiskReader, JobControl, PointInTime, Repository,
+    BackupRequest, BackupSummary, ChangedSince, Checkpoint, DiskFormat, DiskReader, JobControl,
+    PointInTime, Repository, TakeOptions,
 };
 
 use crate::runner::{engine_failure, JobFailure};
 
-/// Backs up `req`'s disks from a point in time of the QEMU on `qmp`, with
-/// scratch overlays in `scratch`, recording `labels` in the manifest.
+/// Where a running server is reached.
+pub(crate) struct Running {
+    pub qmp: PathBuf,
+    pub guest_agent: Option<PathBuf>,
+    /// Scratch overlays of this server's point in time.
+    pub scratch: PathBuf,
+    /// The earlier backup whose dirty bitmaps tell what changed (an
+    /// incremental backup), or why there is none (a full read).
+    pub base: Result<String, String>,
+}
+
+/// Backs up `req`'s disks from a point in time of the running QEMU,
+/// recording `labels` in the manifest.
 pub(crate) fn backup(
     repo: &Repository,
     req: &BackupRequest,
     labels: &BTreeMap<String, String>,
-    qmp: &Path,
-    scratch: &Path,
+    running: Running,
     control: &JobControl,
-) -> Result<BackupSummary, JobFailure> {
+) -> Result<(BackupSummary, BackupRead), JobFailure> {
+    let Running {
+        qmp,
+        guest_agent,
+        scratch,
+        base,
+    } = running;
     let paths: Vec<_> = req.disks.iter().map(|d| d.path.clone()).collect();
-    let pit = PointInTime::take(qmp, &paths, scratch).map_err(|e| {
+    let opts = TakeOptions {
+        checkpoint: Some(Checkpoint {
+            new: req.backup_id.clone(),
+            base: base.as_ref().ok().cloned(),
+        }),
+        guest_agent,
+    };
+    let pit = PointInTime::take(&qmp, &paths, &scratch, &opts).map_err(|e| {
         JobFailure::detailed(
             "The point in time of the running server could not be taken; its disks were not read.",
             format!("Cannot take the point in time: {e}"),
         )
     })?;
-    tracing::info!(
-        disks = paths.len(),
-        "point in time taken through QMP; the guest was not frozen, so the backup is crash-consistent"
-    );
+    let consistency = match pit.frozen() {
+        Ok(filesystems) => {
+            tracing::info!(
+                disks = paths.len(),
+                filesystems,
+                "point in time taken through QMP with the guest's filesystems frozen"
+            );
+            Consistency::Frozen
+        }
+        Err(why) => {
+            tracing::info!(
+                disks = paths.len(),
+                reason = %why,
+                "point in time taken through QMP; the guest was not frozen, so the backup is crash-consistent"
+            );
+            Consistency::CrashConsistent
+        }
+    };
     let mut readers: Vec<Box<dyn DiskReader>> = Vec::with_capacity(paths.len());
     for (i, disk) in req.disks.iter().enumerate() {
         // The guest view is the same whatever the image's format; the
@@ -48,10 +86,34 @@ pub(crate) fn backup(
             )
         })?));
     }
-    let res = repo.backup_from(req, readers, labels, control);
-    if let Err(e) = pit.finish() {
-        // The backup itself is whole; the next job removes what is left.
+    let changed = base.as_ref().ok().map(|b| ChangedSince {
+        base: b.clone(),
+        disks: (0..paths.len()).map(|i| pit.changes(i)).collect(),
+    });
+    let res = repo.backup_from(req, readers, changed.as_ref(), labels, control);
+    if let Err(e) = pit.finish(res.is_ok()) {
+        // The backup itself is whole; the next job removes what is left
+        // (and, with a bitmap it cannot trust, reads in full).
         tracing::warn!(error = %e, "cannot tear the point in time down");
     }
-    res.map_err(|e| engine_failure(JobKind::Backup, e))
+    let summary = res.map_err(|e| engine_failure(JobKind::Backup, e))?;
+    let full_reason = match (&base, summary.incremental) {
+        (_, true) => None,
+        (Err(why), false) => Some(why.clone()),
+        (Ok(_), false) => Some(summary.full_reasons.join("; ")),
+    };
+    match &full_reason {
+        None => tracing::info!(
+            bytes_read = summary.bytes_read,
+            "incremental backup: read only what QEMU's dirty bitmaps marked as changed"
+        ),
+        Some(why) => tracing::info!(bytes_read = summary.bytes_read, reason = %why, "full read"),
+    }
+    let read = BackupRead {
+        incremental: summary.incremental,
+        bytes_read: summary.bytes_read,
+        full_reason,
+        consistency,
+    };
+    Ok((summary, read))
 }

@@ -6,6 +6,7 @@ mod common;
 #[path = "../../disk/tests/common/guest.rs"]
 mod guest;
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,8 +18,8 @@ use guest::{hammer, Guest};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vpsbackup_catalog::{
-    engine_backup_id, BackupId, Catalog, Hooks, ImageFormat, NewServer, ServerDisk, ServerId,
-    ServerRuntime, ServerUpdate,
+    engine_backup_id, BackupId, BackupRead, Catalog, Consistency, Hooks, ImageFormat, NewServer,
+    Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate,
 };
 use vpsbackup_engine::qmp::Qmp;
 use vpsbackup_engine::{JobControl, Repository};
@@ -142,6 +143,7 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
                 hooks,
                 runtime: ServerRuntime::Qemu {
                     qmp_socket: guest.qmp.to_string_lossy().into_owned(),
+                    guest_agent: None,
                 },
             },
             TestApp::now(),
@@ -220,6 +222,158 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
         "raw disk differs from the point in time"
     );
     assert_ne!(std::fs::read(&guest.guests[1]).unwrap(), reference[1]);
+}
+
+/// Adds server `id` with runtime qemu on `guest`'s QMP socket.
+async fn add_running(
+    app: &TestApp,
+    id: i64,
+    acc: vpsbackup_catalog::AccountId,
+    disks: &[(&Path, ImageFormat)],
+    qmp: &Path,
+    agent: Option<&Path>,
+) {
+    let plan = app.catalog.plan_by_name("standard").await.unwrap().unwrap();
+    app.catalog
+        .add_server(
+            NewServer {
+                id: ServerId(id),
+                name: format!("vm{id}"),
+                hostname: String::new(),
+                account_id: acc,
+                plan_id: plan.id,
+                disks: disks
+                    .iter()
+                    .map(|(p, f)| ServerDisk::new(p.to_string_lossy(), *f))
+                    .collect(),
+                hooks: Hooks::default(),
+                runtime: ServerRuntime::Qemu {
+                    qmp_socket: qmp.to_string_lossy().into_owned(),
+                    guest_agent: agent.map(|a| a.to_string_lossy().into_owned()),
+                },
+            },
+            TestApp::now(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn read_of(app: &TestApp, done: &Value) -> BackupRead {
+    let id = BackupId(done["id"].as_i64().unwrap());
+    let b = app.catalog.backup(id, Scope::All).await.unwrap().unwrap();
+    b.read.expect("a completed backup records how it read")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_servers_next_backup_reads_only_what_changed() {
+    let app = TestApp::start().await;
+    let (acc, token) = app.account("acme").await;
+    let dir = app.dir.path().to_owned();
+    let base = dir.join("base.raw");
+    make_disk(&base, 3, 8);
+    let qcow = dir.join("disk0.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&base)
+        .arg(&qcow));
+    let raw = dir.join("disk1.raw");
+    make_disk(&raw, 4, 8);
+    let guest = Guest::start(&dir, &[(&qcow, "qcow2"), (&raw, "raw")]);
+    add_running(
+        &app,
+        31,
+        acc,
+        &[(&qcow, ImageFormat::Qcow2), (&raw, ImageFormat::Raw)],
+        &guest.qmp,
+        None,
+    )
+    .await;
+
+    let first = backup(&app, &token, 31).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let read = read_of(&app, &first).await;
+    assert!(!read.incremental);
+    assert_eq!(read.consistency, Consistency::CrashConsistent);
+    assert!(read.full_reason.unwrap().contains("no completed"));
+
+    // The guest writes 4 KiB in three places of disk 0 and one of disk 1.
+    let write = |disk: usize, at: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&guest.guests[disk])
+            .unwrap();
+        f.write_all_at(&[0xc3; 4096], at).unwrap();
+    };
+    write(0, 1 << 20);
+    write(0, 3 << 20);
+    write(0, (5 << 20) + 8192);
+    write(1, 2 << 20);
+    let second = backup(&app, &token, 31).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    let read = read_of(&app, &second).await;
+    assert!(read.incremental, "{:?}", read.full_reason);
+    assert_eq!(read.full_reason, None);
+    // Four 64 KiB chunks at most (their unwritten parts may be holes).
+    assert!(
+        (4 * 4096..=4 * 65536).contains(&read.bytes_read),
+        "{}",
+        read.bytes_read
+    );
+
+    // Each backup restores to the guest's disks as they were.
+    let repo = Repository::open_local(&app.settings.store_path()).unwrap();
+    let out0 = dir.join("restored0.qcow2");
+    let out1 = dir.join("restored1.raw");
+    let id = BackupId(second["id"].as_i64().unwrap());
+    repo.restore(
+        &engine_backup_id(id),
+        &[out0.clone(), out1.clone()],
+        &JobControl::new(),
+    )
+    .unwrap();
+    assert!(guest_view(&out0) == std::fs::read(&guest.guests[0]).unwrap());
+    assert!(std::fs::read(&out1).unwrap() == std::fs::read(&guest.guests[1]).unwrap());
+
+    // The newest backup deleted: the one before has no bitmap any more, so
+    // the next backup reads in full and says why.
+    let (s, _) = app
+        .delete(&format!("/api/v1/backups/{}/", id.0), &token)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let third = backup(&app, &token, 31).await;
+    assert_eq!(third["status"], "completed", "{third}");
+    let read = read_of(&app, &third).await;
+    assert!(!read.incremental);
+    assert!(read.full_reason.unwrap().contains("no dirty bitmap"));
+    // ... and the one after builds on it again.
+    write(1, 6 << 20);
+    let fourth = backup(&app, &token, 31).await;
+    assert!(read_of(&app, &fourth).await.incremental);
+
+    // Restoring into the running server is refused; once it is stopped,
+    // the restore runs, and the next backup reads in full: the disks
+    // changed behind the bitmaps.
+    let restore = json!({"backup_id": fourth["id"]});
+    let (s, b) = app
+        .post("/api/v1/servers/31/restore/", &token, restore.clone())
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert!(b["detail"].as_str().unwrap().contains("running"), "{b}");
+    drop(guest);
+    let (s, b) = app
+        .post("/api/v1/servers/31/restore/", &token, restore)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let done = app
+        .wait_done(&format!("/api/v1/restores/{}/", b["id"]), &token)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let guest = Guest::start(&dir, &[(&qcow, "qcow2"), (&raw, "raw")]);
+    let after = backup(&app, &token, 31).await;
+    let read = read_of(&app, &after).await;
+    assert!(!read.incremental);
+    assert!(read.full_reason.unwrap().contains("since its last restore"));
+    drop(guest);
 }
 
 #[tokio::test]

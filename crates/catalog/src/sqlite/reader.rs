@@ -219,7 +219,8 @@ impl InlineReader {
         let page_sql = format!(
             "SELECT b.id, b.server_id, s.name, b.account_id, b.backup_type, b.status, b.description, \
                b.created_at, b.expires_at, b.completed_at, b.size_mb, b.stored_bytes, b.progress, \
-               b.error, b.engine_backup_id, b.scheduled_for, b.verified_at, b.damaged, b.verify_error \
+               b.error, b.engine_backup_id, b.scheduled_for, b.verified_at, b.damaged, b.verify_error, \
+               b.incremental, b.bytes_read, b.full_reason, b.consistency \
              FROM backups b JOIN servers s ON s.id = b.server_id{page_where} \
              ORDER BY b.id DESC LIMIT ? OFFSET ?"
         );
@@ -278,5 +279,6 @@ fn backup_from(r: &Row<'_>) -> rusqlite::Result<Backup> {
         verified_at: super::opt_ts(r.get(16)?),
         damaged: r.get::<_, i64>(17)? != 0,
         verify_error: r.get(18)?,
+        read: super::backup_read(r.get(19)?, r.get(20)?, r.get(21)?, r.get(22)?),
     })
 }

@@ -100,6 +100,19 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Kills QEMU with SIGKILL, as a host crash would (nothing is saved),
+    /// and unmounts its exports.
+    #[allow(dead_code)] // the disk crate's tests use it, the service's do not
+    pub fn kill9(mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        // Drop unmounts; its SIGTERM finds no process.
+    }
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         // SIGTERM: it unmounts its FUSE exports on the way out.

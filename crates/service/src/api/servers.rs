@@ -165,7 +165,7 @@ pub async fn backup(
         (status = 400, description = "Invalid backup_id or Idempotency-Key, a backup that is not completed, is damaged, or is of another server", body = BadRequestDoc),
         (status = 401, description = "Missing or invalid token", body = Detail),
         (status = 404, description = "Server or backup not found", body = Detail),
-        (status = 409, description = "A backup or restore of this server is queued or running, or the first request with this Idempotency-Key is still running", body = Detail),
+        (status = 409, description = "A backup or restore of this server is queued or running, the server is running (a QEMU holds its disks) and has no pre_restore hook to stop it, or the first request with this Idempotency-Key is still running", body = Detail),
         (status = 422, description = "This Idempotency-Key was used for a different request", body = Detail),
     ),
     security(("bearer" = [])))]
@@ -176,20 +176,22 @@ pub async fn restore(
     body: JsonObject,
 ) -> Result<(StatusCode, Json<RestoreView>), ApiError> {
     let server_id = server_path_id(&raw)?;
-    if state
-        .catalog
-        .server(server_id, caller.scope())
-        .await?
-        .is_none()
-    {
+    let Some(server) = state.catalog.server(server_id, caller.scope()).await? else {
         return Err(ApiError::NotFound("Server not found.".into()));
-    }
+    };
     let mut errors = FieldErrors::new();
     let backup_id = required_int(&body.0, "backup_id", &mut errors);
     let backup_id = match backup_id {
         Some(b) if errors.is_empty() => BackupId(b),
         _ => return Err(ApiError::Fields(errors)),
     };
+    // Overwriting the disks of a running guest would corrupt both; a
+    // pre_restore hook is the provider's way to stop it first.
+    if server.hooks.pre_restore.is_none() && running(&server).await {
+        return Err(ApiError::Conflict(
+            "The server is running; stop it before restoring it from a backup.".into(),
+        ));
+    }
     let restore = state
         .catalog
         .create_restore(
@@ -215,4 +217,20 @@ pub async fn restore(
     let mut view = RestoreView::from(&restore);
     view.message = Some(RESTORE_MESSAGE);
     Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// True if a running QEMU holds any of the server's disks (its image locks).
+async fn running(server: &Server) -> bool {
+    let paths: Vec<std::path::PathBuf> =
+        server.disks.iter().map(|d| d.path.clone().into()).collect();
+    tokio::task::spawn_blocking(move || {
+        paths.iter().any(|p| {
+            matches!(
+                vpsbackup_engine::ensure_not_in_use(p),
+                Err(vpsbackup_engine::DiskError::InUse { .. })
+            )
+        })
+    })
+    .await
+    .unwrap_or(false)
 }
