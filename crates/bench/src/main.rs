@@ -9,6 +9,7 @@
 
 mod measure;
 mod peers;
+mod running;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,17 @@ enum StepCommand {
         #[command(subcommand)]
         op: EngineOp,
     },
+    /// Backups of a running server (qemu-storage-daemon): first backup,
+    /// today's full-read incremental and the dirty-bitmap incremental after
+    /// a fixed amount of guest writes, per disk size (needs root).
+    Running {
+        /// Virtual disk sizes to measure, GiB (each holds base.qcow2's data).
+        #[arg(long, value_delimiter = ',', default_values_t = [16u64])]
+        sizes: Vec<u64>,
+        /// MiB the guest rewrites between the backups (16 GiB x 1% = 164).
+        #[arg(long, default_value_t = 164)]
+        change_mib: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,8 +87,24 @@ enum EngineOp {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(StepCommand::Step { op }) = cli.step {
-        return run_engine_step(op);
+    match cli.step {
+        Some(StepCommand::Step { op }) => return run_engine_step(op),
+        Some(StepCommand::Running {
+            ref sizes,
+            change_mib,
+        }) => {
+            return running::run(&running::Args {
+                images: cli
+                    .images
+                    .clone()
+                    .context("--images DIR is required (see bench/make-images.sh)")?,
+                work: cli.work.clone(),
+                sizes: sizes.clone(),
+                change_mib,
+                runs: cli.runs,
+            })
+        }
+        None => {}
     }
     let images = cli
         .images

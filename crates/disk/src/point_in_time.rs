@@ -40,7 +40,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -83,7 +84,16 @@ pub struct TakeOptions {
     pub checkpoint: Option<Checkpoint>,
     /// The host end of the guest agent's channel: freeze for the instant.
     pub guest_agent: Option<PathBuf>,
+    /// Scratch bytes the overlays may take (what the guest overwrites while
+    /// the backup reads): past it the reads fail and the point in time is
+    /// torn down, before the scratch filesystem fills and the guest's own
+    /// writes fail. `None`: a quarter of the disks' size, at least 1 GiB.
+    /// Never more than 90% of the scratch filesystem's free space.
+    pub scratch_limit: Option<u64>,
 }
+
+/// How often the scratch space is measured.
+const SCRATCH_POLL: Duration = Duration::from_millis(100);
 
 /// The dirty bitmap QEMU keeps for backup `id`.
 pub fn bitmap_name(id: &str) -> String {
@@ -103,6 +113,11 @@ pub struct PointInTime {
     completed: bool,
     /// Filesystems the guest agent froze for the instant, or why none.
     frozen: Result<u64, String>,
+    /// Set when the overlays outgrew the scratch limit: reads fail.
+    overran: Arc<AtomicBool>,
+    /// Stops the scratch watchdog.
+    watch_stop: Arc<AtomicBool>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
     torn_down: bool,
 }
 
@@ -239,6 +254,9 @@ impl PointInTime {
             new_bitmap: None,
             completed: false,
             frozen: Err("no guest agent is configured".into()),
+            overran: Arc::new(AtomicBool::new(false)),
+            watch_stop: Arc::new(AtomicBool::new(false)),
+            watchdog: None,
             torn_down: false,
         };
         let mut actions = Vec::new();
@@ -325,6 +343,17 @@ impl PointInTime {
         };
         taken.map_err(&err)?;
         pit.new_bitmap = checkpoint.map(|c| bitmap_name(&c.new));
+        let sizes: u64 = pit.disks.iter().map(|d| d.size).sum();
+        let limit = opts
+            .scratch_limit
+            .unwrap_or((sizes / 4).max(1 << 30))
+            .min(free_space(scratch).map_or(u64::MAX, |f| f / 10 * 9));
+        pit.watchdog = Some(watch_scratch(
+            scratch.to_owned(),
+            limit,
+            pit.overran.clone(),
+            pit.watch_stop.clone(),
+        ));
         pit.qmp
             .execute(
                 "nbd-server-start",
@@ -371,7 +400,15 @@ impl PointInTime {
             path: self.qmp_socket.clone(),
             reason: format!("no disk {i} in the point in time"),
         })?;
-        NbdExportReader::open(&self.nbd_socket, &d.export, d.size, format)
+        let mut r = NbdExportReader::open(&self.nbd_socket, &d.export, d.size, format)?;
+        r.overran = Some(self.overran.clone());
+        Ok(r)
+    }
+
+    /// True when the guest overwrote more during the backup than the
+    /// scratch limit allows (the reads were stopped).
+    pub fn overran(&self) -> bool {
+        self.overran.load(Ordering::SeqCst)
     }
 
     /// Ends the exports and the jobs and removes the overlays; errors are
@@ -395,6 +432,10 @@ impl PointInTime {
             return Ok(());
         }
         self.torn_down = true;
+        self.watch_stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
         let r = remove_leftovers(&mut self.qmp, &self.nbd_socket);
         remove_overlays(&self.scratch);
         // Bitmaps last: an export holds its bitmap busy.
@@ -463,6 +504,51 @@ impl Drop for PointInTime {
     fn drop(&mut self) {
         let _ = self.teardown();
     }
+}
+
+/// Bytes the overlay files in `scratch` take on disk.
+fn overlay_bytes(scratch: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(scratch)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fleece"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Free bytes on the filesystem holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for the call to fill.
+    #[allow(unsafe_code)]
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` lives across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Measures the overlays until `stop`; past `limit` sets `overran`, which
+/// makes every read of the point in time fail.
+fn watch_scratch(
+    scratch: PathBuf,
+    limit: u64,
+    overran: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            if overlay_bytes(&scratch) > limit {
+                overran.store(true, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(SCRATCH_POLL);
+        }
+    })
 }
 
 /// Deletes the overlay files in `scratch` (ours or a crashed job's).
@@ -542,6 +628,8 @@ pub struct NbdExportReader {
     /// overlay's map does not change for the point in time it shows).
     data: Vec<Extent>,
     socket: PathBuf,
+    /// Set by the point in time's scratch watchdog: stop reading.
+    overran: Option<Arc<AtomicBool>>,
 }
 
 impl NbdExportReader {
@@ -586,6 +674,7 @@ impl NbdExportReader {
             format,
             data,
             socket: socket.to_owned(),
+            overran: None,
         })
     }
 }
@@ -611,6 +700,17 @@ impl DiskReader for NbdExportReader {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self
+            .overran
+            .as_ref()
+            .is_some_and(|o| o.load(Ordering::SeqCst))
+        {
+            return Err(DiskError::Io {
+                op: "read the point-in-time export on",
+                path: self.socket.clone(),
+                source: io::Error::other("the scratch space limit was reached"),
+            });
+        }
         // Any free connection; else wait on the first.
         let conn = self
             .conns

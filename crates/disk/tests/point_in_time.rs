@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use guest::{hammer, Guest};
+use guest::{fake_agent, hammer, Guest};
 use vpsbackup_disk::point_in_time::{Checkpoint, PointInTime, TakeOptions};
 use vpsbackup_disk::qmp::Qmp;
 use vpsbackup_disk::{DiskFormat, DiskReader, Extent};
@@ -207,7 +207,7 @@ fn checkpoint(new: &str, base: Option<&str>) -> TakeOptions {
             new: new.into(),
             base: base.map(Into::into),
         }),
-        guest_agent: None,
+        ..TakeOptions::default()
     }
 }
 
@@ -370,54 +370,6 @@ fn qcow2_bitmaps_survive_a_clean_restart_and_are_not_trusted_after_a_kill() {
     );
 }
 
-/// A guest agent for a guest with no OS: answers on a unix socket like
-/// qemu-ga, and "freezes" by holding the guest's writes (the gate) while
-/// it copies the guest's disks: what a frozen guest would have on disk.
-fn fake_agent(
-    socket: &Path,
-    gate: Arc<Mutex<()>>,
-    guests: Vec<PathBuf>,
-) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut out = stream.try_clone().unwrap();
-        let mut lines = BufReader::new(stream);
-        let mut held = None;
-        let mut at_freeze = Vec::new();
-        let mut line = Vec::new();
-        while lines.read_until(b'\n', &mut line).unwrap() > 0 {
-            let text = String::from_utf8_lossy(&line)
-                .trim_start_matches('\u{fffd}')
-                .to_owned();
-            line.clear();
-            let Ok(msg) = serde_json::from_str::<serde_json::Value>(text.trim()) else {
-                continue;
-            };
-            let reply = match msg["execute"].as_str().unwrap() {
-                "guest-sync-delimited" => {
-                    out.write_all(&[0xff]).unwrap();
-                    serde_json::json!({"return": msg["arguments"]["id"]})
-                }
-                "guest-fsfreeze-freeze" => {
-                    held = Some(gate.lock().unwrap());
-                    at_freeze = guests.iter().map(|g| std::fs::read(g).unwrap()).collect();
-                    serde_json::json!({"return": 2})
-                }
-                "guest-fsfreeze-thaw" => {
-                    held = None;
-                    serde_json::json!({"return": 2})
-                }
-                other => panic!("unexpected agent command {other}"),
-            };
-            out.write_all(format!("{reply}\n").as_bytes()).unwrap();
-        }
-        assert!(held.is_none(), "the guest was left frozen");
-        at_freeze
-    })
-}
-
 #[test]
 fn with_a_guest_agent_the_instant_falls_inside_the_freeze() {
     let tmp = tempfile::tempdir().unwrap();
@@ -442,6 +394,7 @@ fn with_a_guest_agent_the_instant_falls_inside_the_freeze() {
     let opts = TakeOptions {
         checkpoint: None,
         guest_agent: Some(socket.clone()),
+        scratch_limit: None,
     };
     let pit = PointInTime::take(&qsd.qmp, &paths, &scratch, &opts).unwrap();
     assert_eq!(pit.frozen(), Ok(2));
@@ -461,4 +414,43 @@ fn with_a_guest_agent_the_instant_falls_inside_the_freeze() {
     assert!(pit.frozen().unwrap_err().contains("did not freeze"));
     pit.finish(true).unwrap();
     assert_eq!(qsd.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_guest_that_outgrows_the_scratch_limit_stops_the_read_not_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (qcow, raw) = disks(tmp.path());
+    let paths = [qcow.clone(), raw.clone()];
+    let qsd = Guest::start(tmp.path(), &[(&qcow, "qcow2"), (&raw, "raw")]);
+    let scratch = tmp.path().join("scratch");
+    let opts = TakeOptions {
+        scratch_limit: Some(1 << 20),
+        ..TakeOptions::default()
+    };
+    let pit = PointInTime::take(&qsd.qmp, &paths, &scratch, &opts).unwrap();
+    let r1 = pit.reader(1, DiskFormat::Raw).unwrap();
+    let mut buf = vec![0u8; 65536];
+    r1.read_exact_at(&mut buf, 0).unwrap();
+    // The guest rewrites 4 MiB: each first write of a cluster copies the
+    // old one into the overlay.
+    let offsets: Vec<u64> = (0..64).map(|i| i * (256 << 10)).collect();
+    guest_writes(&qsd, 1, &offsets, 65536);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pit.overran() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the limit was never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = r1.read_exact_at(&mut buf, 0).unwrap_err();
+    assert!(err.to_string().contains("scratch space limit"), "{err}");
+    drop(r1);
+    pit.finish(false).unwrap();
+    assert_eq!(qsd.leftovers(), Vec::<String>::new());
+    // The guest's writes all landed.
+    let f = std::fs::read(&qsd.guests[1]).unwrap();
+    for (n, o) in offsets.iter().enumerate() {
+        assert_eq!(f[*o as usize], n as u8 + 1);
+    }
 }

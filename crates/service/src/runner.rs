@@ -411,6 +411,7 @@ impl JobRunner {
                             .join("scratch")
                             .join(format!("server-{}", server.id.0)),
                         base: self.incremental_base(server).await,
+                        scratch_limit: self.settings.scratch_limit_mb.map(|mb| mb << 20),
                     }),
                 };
                 let res = tokio::task::spawn_blocking(move || {

@@ -25,6 +25,8 @@ pub(crate) struct Running {
     /// The earlier backup whose dirty bitmaps tell what changed (an
     /// incremental backup), or why there is none (a full read).
     pub base: Result<String, String>,
+    /// Bytes the scratch overlays may take (`None`: the default).
+    pub scratch_limit: Option<u64>,
 }
 
 /// Backs up `req`'s disks from a point in time of the running QEMU,
@@ -41,6 +43,7 @@ pub(crate) fn backup(
         guest_agent,
         scratch,
         base,
+        scratch_limit,
     } = running;
     let paths: Vec<_> = req.disks.iter().map(|d| d.path.clone()).collect();
     let opts = TakeOptions {
@@ -49,6 +52,7 @@ pub(crate) fn backup(
             base: base.as_ref().ok().cloned(),
         }),
         guest_agent,
+        scratch_limit,
     };
     let pit = PointInTime::take(&qmp, &paths, &scratch, &opts).map_err(|e| {
         JobFailure::detailed(
@@ -91,12 +95,23 @@ pub(crate) fn backup(
         disks: (0..paths.len()).map(|i| pit.changes(i)).collect(),
     });
     let res = repo.backup_from(req, readers, changed.as_ref(), labels, control);
+    let overran = pit.overran();
     if let Err(e) = pit.finish(res.is_ok()) {
         // The backup itself is whole; the next job removes what is left
         // (and, with a bitmap it cannot trust, reads in full).
         tracing::warn!(error = %e, "cannot tear the point in time down");
     }
-    let summary = res.map_err(|e| engine_failure(JobKind::Backup, e))?;
+    let summary = res.map_err(|e| {
+        if overran {
+            JobFailure::detailed(
+                "The server rewrote too much of its disks while they were being read; the \
+                 backup was stopped to protect the server and will be tried again.",
+                format!("The scratch space limit was reached ({e}); raise scratch_limit_mb or back up at a quieter time."),
+            )
+        } else {
+            engine_failure(JobKind::Backup, e)
+        }
+    })?;
     let full_reason = match (&base, summary.incremental) {
         (_, true) => None,
         (Err(why), false) => Some(why.clone()),

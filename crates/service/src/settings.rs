@@ -55,6 +55,12 @@ pub struct Settings {
     pub hook_timeout_secs: u64,
     /// Read bandwidth limit per backup job, MB/s (none: unlimited).
     pub read_limit_mb_per_s: Option<u64>,
+    /// Scratch space a running server's backup may use for what the guest
+    /// overwrites while its disks are read, MiB (none: a quarter of the
+    /// server's disks, at least 1 GiB); never more than 90% of the free
+    /// space where `<data_dir>/scratch` lives. Past it the backup stops
+    /// (and is retried) rather than let the scratch filesystem fill.
+    pub scratch_limit_mb: Option<u64>,
     /// Connections reading the catalog (listings scale with these).
     pub catalog_readers: u32,
     /// Global hooks; a server's own hooks override them one by one.
@@ -120,6 +126,7 @@ impl Default for Settings {
             max_body_bytes: 64 * 1024,
             hook_timeout_secs: 300,
             read_limit_mb_per_s: None,
+            scratch_limit_mb: None,
             catalog_readers: 4,
             hooks: HookCommands::default(),
             schedule: crate::scheduler::ScheduleSettings::default(),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{make_disk, TestApp};
-use guest::{hammer, Guest};
+use guest::{fake_agent, hammer, Guest};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vpsbackup_catalog::{
@@ -374,6 +374,127 @@ async fn a_running_servers_next_backup_reads_only_what_changed() {
     assert!(!read.incremental);
     assert!(read.full_reason.unwrap().contains("since its last restore"));
     drop(guest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_incrementals_with_deletions_restores_every_point() {
+    let app = TestApp::start().await;
+    let (acc, token) = app.account("acme").await;
+    let dir = app.dir.path().to_owned();
+    let qcow = dir.join("disk0.qcow2");
+    let base = dir.join("base.raw");
+    make_disk(&base, 5, 6);
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&base)
+        .arg(&qcow));
+    let guest = Guest::start(&dir, &[(&qcow, "qcow2")]);
+    add_running(
+        &app,
+        41,
+        acc,
+        &[(&qcow, ImageFormat::Qcow2)],
+        &guest.qmp,
+        None,
+    )
+    .await;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&guest.guests[0])
+        .unwrap();
+
+    // Six backups, the guest writing between them. Deleting an older
+    // backup (the second, once the third exists) leaves the chain alone;
+    // deleting the newest (the fourth, at once) makes the next one full.
+    let mut kept: Vec<(i64, Vec<u8>)> = Vec::new();
+    for round in 0..6u64 {
+        if round > 0 {
+            for k in 0..8 {
+                f.write_all_at(&[round as u8; 8192], (round * 8 + k) * 97 % 1400 * 4096)
+                    .unwrap();
+            }
+        }
+        let reference = std::fs::read(&guest.guests[0]).unwrap();
+        let done = backup(&app, &token, 41).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        let read = read_of(&app, &done).await;
+        let expect_incremental = !matches!(round, 0 | 4);
+        assert_eq!(
+            read.incremental, expect_incremental,
+            "round {round}: {:?}",
+            read.full_reason
+        );
+        if expect_incremental {
+            // 8 writes of 8 KiB: at most 16 clusters.
+            assert!(
+                read.bytes_read <= 16 * 65536,
+                "round {round}: {}",
+                read.bytes_read
+            );
+        }
+        let id = done["id"].as_i64().unwrap();
+        kept.push((id, reference));
+        let delete = match round {
+            2 => Some(kept.remove(1).0),
+            3 => Some(kept.pop().unwrap().0),
+            _ => None,
+        };
+        if let Some(gone) = delete {
+            let (s, _) = app
+                .delete(&format!("/api/v1/backups/{gone}/"), &token)
+                .await;
+            assert_eq!(s, StatusCode::NO_CONTENT);
+        }
+    }
+    assert_eq!(kept.len(), 4);
+    let repo = Repository::open_local(&app.settings.store_path()).unwrap();
+    for (id, reference) in kept {
+        let out = dir.join(format!("restored-{id}.qcow2"));
+        repo.restore(
+            &engine_backup_id(BackupId(id)),
+            std::slice::from_ref(&out),
+            &JobControl::new(),
+        )
+        .unwrap();
+        assert!(
+            guest_view(&out) == reference,
+            "backup {id} differs from its point in time"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_agent_freezes_the_guest_for_the_instant_and_the_backup_says_so() {
+    let app = TestApp::start().await;
+    let (acc, token) = app.account("acme").await;
+    let dir = app.dir.path().to_owned();
+    let raw = dir.join("disk0.raw");
+    make_disk(&raw, 6, 4);
+    let guest = Guest::start(&dir, &[(&raw, "raw")]);
+    let socket = dir.join("qga.sock");
+    let agent = fake_agent(&socket, Arc::new(Mutex::new(())), guest.guests.clone());
+    add_running(
+        &app,
+        51,
+        acc,
+        &[(&raw, ImageFormat::Raw)],
+        &guest.qmp,
+        Some(&socket),
+    )
+    .await;
+    let done = backup(&app, &token, 51).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(read_of(&app, &done).await.consistency, Consistency::Frozen);
+    // The agent saw a freeze and a thaw (it asserts the thaw) and hung up.
+    assert_eq!(agent.join().unwrap().len(), 1);
+
+    // The agent gone: crash-consistent, and the backup still completes.
+    let done = backup(&app, &token, 51).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        read_of(&app, &done).await.consistency,
+        Consistency::CrashConsistent
+    );
 }
 
 #[tokio::test]

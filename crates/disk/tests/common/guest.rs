@@ -162,3 +162,52 @@ pub fn hammer(
         }
     })
 }
+
+/// A guest agent for a guest with no OS: answers on a unix socket like
+/// qemu-ga, and "freezes" by holding the guest's writes (the gate) while
+/// it copies the guest's disks: what a frozen guest would have on disk.
+#[allow(dead_code)] // used by some of the including test crates
+pub fn fake_agent(
+    socket: &Path,
+    gate: Arc<Mutex<()>>,
+    guests: Vec<PathBuf>,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut out = stream.try_clone().unwrap();
+        let mut lines = BufReader::new(stream);
+        let mut held = None;
+        let mut at_freeze = Vec::new();
+        let mut line = Vec::new();
+        while lines.read_until(b'\n', &mut line).unwrap() > 0 {
+            let text = String::from_utf8_lossy(&line)
+                .trim_start_matches('\u{fffd}')
+                .to_owned();
+            line.clear();
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(text.trim()) else {
+                continue;
+            };
+            let reply = match msg["execute"].as_str().unwrap() {
+                "guest-sync-delimited" => {
+                    out.write_all(&[0xff]).unwrap();
+                    json!({"return": msg["arguments"]["id"]})
+                }
+                "guest-fsfreeze-freeze" => {
+                    held = Some(gate.lock().unwrap());
+                    at_freeze = guests.iter().map(|g| std::fs::read(g).unwrap()).collect();
+                    json!({"return": 2})
+                }
+                "guest-fsfreeze-thaw" => {
+                    held = None;
+                    json!({"return": 2})
+                }
+                other => panic!("unexpected agent command {other}"),
+            };
+            out.write_all(format!("{reply}\n").as_bytes()).unwrap();
+        }
+        assert!(held.is_none(), "the guest was left frozen");
+        at_freeze
+    })
+}

@@ -6,7 +6,8 @@ use std::fmt;
 
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
-    BackupType, Catalog, PageRequest, ScheduleCatalog, Scope, ServerId, TaskRun, WorkStatus,
+    BackupRead, BackupType, Catalog, PageRequest, ScheduleCatalog, Scope, ServerId, TaskRun,
+    WorkStatus,
 };
 use vpsbackup_engine::{Repository, StoreHealth};
 
@@ -26,6 +27,8 @@ pub struct ServerLine {
     pub window: String,
     /// The newest backup (any type): when and its status.
     pub last_backup: Option<(OffsetDateTime, WorkStatus)>,
+    /// How the newest completed backup read the disks.
+    pub last_read: Option<(OffsetDateTime, BackupRead)>,
     /// When the next automatic backup is planned (None: automatic backups off).
     pub next_backup: Option<OffsetDateTime>,
     pub automatic_kept: u32,
@@ -100,6 +103,7 @@ pub async fn status_report(
                     s.window_minutes
                 ),
                 last_backup: None,
+                last_read: None,
                 next_backup: window::next_backup(s, now, settings),
                 automatic_kept: 0,
                 manual_kept: 0,
@@ -113,6 +117,15 @@ pub async fn status_report(
         };
         if line.last_backup.is_none_or(|(t, _)| b.created_at >= t) {
             line.last_backup = Some((b.created_at, b.status));
+        }
+        if let Some(read) = &b.read {
+            if line
+                .last_read
+                .as_ref()
+                .is_none_or(|(t, _)| b.created_at >= *t)
+            {
+                line.last_read = Some((b.created_at, read.clone()));
+            }
         }
         if b.status == WorkStatus::Completed {
             match b.backup_type {
@@ -171,12 +184,13 @@ impl fmt::Display for StatusReport {
             "WINDOW",
             "LAST BACKUP",
             "STATUS",
+            "LAST READ",
             "NEXT BACKUP",
             "AUTO KEPT",
             "MANUAL KEPT",
             "DAMAGED",
         ];
-        let rows: Vec<[String; 11]> = self
+        let rows: Vec<[String; 12]> = self
             .servers
             .iter()
             .map(|s| {
@@ -191,6 +205,13 @@ impl fmt::Display for StatusReport {
                         .unwrap_or_else(|| "never".into()),
                     s.last_backup
                         .map(|(_, st)| st.as_str().to_owned())
+                        .unwrap_or_else(|| "-".into()),
+                    s.last_read
+                        .as_ref()
+                        .map(|(_, r)| {
+                            let kind = if r.incremental { "incremental" } else { "full" };
+                            format!("{kind} {}", human_bytes(r.bytes_read))
+                        })
                         .unwrap_or_else(|| "-".into()),
                     s.next_backup.map(rfc3339).unwrap_or_else(|| "off".into()),
                     s.automatic_kept.to_string(),
