@@ -121,13 +121,26 @@ fn one_run(base: &Path, dir: &Path, gib: u64, change_mib: u64) -> anyhow::Result
             .arg(format!("{gib}G")),
     )?;
     let qsd = guest::Guest::start(dir, &[(&disk, "qcow2")]);
-    let repo = Repository::open_local(&dir.join("store"))?;
+    let store = dir.join("store");
+    let repo = Repository::open_local(&store)?;
     let scratch = dir.join("scratch");
 
     let full = backup(&repo, &qsd.qmp, &disk, &scratch, "b1", Some(None))?;
     guest_writes(&qsd.guests[0], gib << 30, change_mib)?;
-    // Today's path first (no checkpoint: the bitmap chain stays as it is).
-    let reread = backup(&repo, &qsd.qmp, &disk, &scratch, "full2", None)?;
+    // Today's path on a copy of the store as the first backup left it, so
+    // both next backups store the same new chunks; no checkpoint, so the
+    // bitmap chain stays as it is for the incremental.
+    let copy = dir.join("store-copy");
+    run_tool(Command::new("cp").arg("-a").arg(&store).arg(&copy))?;
+    let reread = backup(
+        &Repository::open_local(&copy)?,
+        &qsd.qmp,
+        &disk,
+        &scratch,
+        "full2",
+        None,
+    )?;
+    std::fs::remove_dir_all(&copy)?;
     let inc = backup(&repo, &qsd.qmp, &disk, &scratch, "b2", Some(Some("b1")))?;
 
     // The incremental is the disk as the guest sees it (no guest writes

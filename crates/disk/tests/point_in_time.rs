@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use guest::{fake_agent, hammer, Guest};
+use guest::{fake_agent, Guest, Hammer};
 use vpsbackup_disk::point_in_time::{Checkpoint, PointInTime, TakeOptions};
 use vpsbackup_disk::qmp::Qmp;
 use vpsbackup_disk::{DiskFormat, DiskReader, Extent};
@@ -66,22 +66,11 @@ fn the_point_in_time_is_exact_while_the_guest_hammers_both_disks() {
     let (qcow, raw) = disks(tmp.path());
     let qsd = Guest::start(tmp.path(), &[(&qcow, "qcow2"), (&raw, "raw")]);
     let scratch = tmp.path().join("scratch");
-    let gate = Arc::new(Mutex::new(()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let writer = hammer(
-        qsd.guests.clone(),
-        gate.clone(),
-        stop.clone(),
-        writes.clone(),
-    );
-    while writes.load(Ordering::Relaxed) < 50 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let hammer = Hammer::start(qsd.guests.clone());
 
     // The instant: the guest is held between the reference copy and the
     // transaction, and runs again as soon as the point in time is taken.
-    let held = gate.lock().unwrap();
+    let held = hammer.gate.lock().unwrap();
     let reference: Vec<Vec<u8>> = qsd
         .guests
         .iter()
@@ -95,15 +84,14 @@ fn the_point_in_time_is_exact_while_the_guest_hammers_both_disks() {
     )
     .unwrap();
     drop(held);
-    let at_pit = writes.load(Ordering::Relaxed);
+    let at_pit = hammer.count();
 
     let r0 = pit.reader(0, DiskFormat::Qcow2).unwrap();
     let r1 = pit.reader(1, DiskFormat::Raw).unwrap();
-    let got0 = read_interleaved(&r0, Some(&writes));
-    let got1 = read_interleaved(&r1, Some(&writes));
-    let during = writes.load(Ordering::Relaxed) - at_pit;
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    let got0 = read_interleaved(&r0, Some(&hammer.writes));
+    let got1 = read_interleaved(&r1, Some(&hammer.writes));
+    let during = hammer.count() - at_pit;
+    hammer.stop();
     assert!(during >= 1000, "only {during} guest writes during the read");
     assert_same(&got0, &reference[0], "qcow2 disk at the point in time");
     assert_same(&got1, &reference[1], "raw disk at the point in time");
@@ -377,20 +365,9 @@ fn with_a_guest_agent_the_instant_falls_inside_the_freeze() {
     let paths = [qcow.clone(), raw.clone()];
     let qsd = Guest::start(tmp.path(), &[(&qcow, "qcow2"), (&raw, "raw")]);
     let scratch = tmp.path().join("scratch");
-    let gate = Arc::new(Mutex::new(()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let writer = hammer(
-        qsd.guests.clone(),
-        gate.clone(),
-        stop.clone(),
-        writes.clone(),
-    );
-    while writes.load(Ordering::Relaxed) < 50 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let hammer = Hammer::start(qsd.guests.clone());
     let socket = tmp.path().join("qga.sock");
-    let agent = fake_agent(&socket, gate, qsd.guests.clone());
+    let agent = fake_agent(&socket, hammer.gate.clone(), qsd.guests.clone());
     let opts = TakeOptions {
         checkpoint: None,
         guest_agent: Some(socket.clone()),
@@ -400,8 +377,7 @@ fn with_a_guest_agent_the_instant_falls_inside_the_freeze() {
     assert_eq!(pit.frozen(), Ok(2));
     let got0 = read_all(&pit.reader(0, DiskFormat::Qcow2).unwrap());
     let got1 = read_all(&pit.reader(1, DiskFormat::Raw).unwrap());
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    hammer.stop();
     pit.finish(true).unwrap();
     let at_freeze = agent.join().unwrap();
     assert_same(&got0, &at_freeze[0], "qcow2 disk as frozen");

@@ -192,16 +192,7 @@ fn a_base_chunk_found_damaged_is_read_again_not_reused() {
     backup_changed(&repo, "b1", &[&img], None);
 
     // Bit rot in the largest pack; verify quarantines its bad copies.
-    let victim = pack_files(&store)
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let mid = bytes.len() / 2;
-    for x in &mut bytes[mid..mid + 64] {
-        *x ^= 0x5a;
-    }
-    std::fs::write(&victim, &bytes).unwrap();
+    rot_largest_pack(&store, 64);
     assert!(!repo.verify(None, &JobControl::new()).unwrap().is_ok());
 
     // Nothing changed on the disk, yet the damaged chunks are read again

@@ -21,18 +21,7 @@ fn corrupt_pack_is_found_by_verify_and_fails_restore() {
         .unwrap()
         .is_ok());
 
-    // Flip bytes in the middle of the largest pack (chunk payloads).
-    let victim = pack_files(&store)
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0x5a;
-    }
-    // Rewrite in place as bit rot would (the object's name stays).
-    std::fs::write(&victim, &bytes).unwrap();
+    let victim = rot_largest_pack(&store, 64);
 
     let report = repo.verify(None, &JobControl::new()).unwrap();
     assert!(!report.is_ok());

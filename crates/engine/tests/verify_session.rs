@@ -91,14 +91,7 @@ fn damage_in_a_shared_chunk_is_reported_on_every_backup() {
     backup(&repo, "a", "srv1", &[&img]);
     backup(&repo, "b", "srv1", &[&img]);
 
-    let victim = pack_files(&store)
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    std::fs::write(&victim, &bytes).unwrap();
+    let victim = rot_largest_pack(&store, 1);
 
     let mut session = repo.verify_session().unwrap();
     let va = verify(&mut session, "a");

@@ -7,14 +7,14 @@ mod common;
 mod guest;
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{make_disk, TestApp};
-use guest::{fake_agent, hammer, Guest};
+use guest::{fake_agent, Guest, Hammer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vpsbackup_catalog::{
@@ -91,6 +91,21 @@ async fn wait_for(path: &Path) {
     }
 }
 
+/// A qcow2 disk (from a raw one made with `seed0`) and a raw disk (from
+/// `seed1`), `mb` MB each, in `dir`.
+fn qcow_and_raw(dir: &Path, seed0: u64, seed1: u64, mb: usize) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    make_disk(&base, seed0, mb);
+    let qcow = dir.join("disk0.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&base)
+        .arg(&qcow));
+    let raw = dir.join("disk1.raw");
+    make_disk(&raw, seed1, mb);
+    (qcow, raw)
+}
+
 /// The guest view of a restored image.
 fn guest_view(image: &Path) -> Vec<u8> {
     let raw = image.with_extension("view");
@@ -107,15 +122,7 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
     let app = TestApp::start_with(|s| s.read_limit_mb_per_s = Some(8)).await;
     let (acc, token) = app.account("acme").await;
     let dir = app.dir.path().to_owned();
-    let base = dir.join("base.raw");
-    make_disk(&base, 1, 6);
-    let qcow = dir.join("disk0.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&base)
-        .arg(&qcow));
-    let raw = dir.join("disk1.raw");
-    make_disk(&raw, 2, 6);
+    let (qcow, raw) = qcow_and_raw(&dir, 1, 2, 6);
     let guest = Guest::start(&dir, &[(&qcow, "qcow2"), (&raw, "raw")]);
 
     // pre_backup lets the test make its reference copy: it announces the
@@ -151,15 +158,7 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
         .await
         .unwrap();
 
-    let gate = Arc::new(Mutex::new(()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let writer = hammer(
-        guest.guests.clone(),
-        gate.clone(),
-        stop.clone(),
-        writes.clone(),
-    );
+    let hammer = Hammer::start(guest.guests.clone());
 
     let (s, b) = app
         .post("/api/v1/backups/", &token, json!({"server_id": 21}))
@@ -169,7 +168,7 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
     wait_for(&dir.join("frozen")).await;
     // The guest is held from the reference copy until the NBD socket of the
     // point in time exists, which QMP starts only after the transaction.
-    let held = gate.lock().unwrap();
+    let held = hammer.gate.lock().unwrap();
     let reference: Vec<Vec<u8>> = guest
         .guests
         .iter()
@@ -184,13 +183,12 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(held);
-    let at_pit = writes.load(Ordering::Relaxed);
+    let at_pit = hammer.count();
     let done = app
         .wait_done(&format!("/api/v1/backups/{}/", id.0), &token)
         .await;
-    let during = writes.load(Ordering::Relaxed) - at_pit;
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    let during = hammer.count() - at_pit;
+    hammer.stop();
     assert_eq!(done["status"], "completed", "{done}");
     assert!(during >= 50, "only {during} guest writes during the backup");
 
@@ -269,15 +267,7 @@ async fn a_running_servers_next_backup_reads_only_what_changed() {
     let app = TestApp::start().await;
     let (acc, token) = app.account("acme").await;
     let dir = app.dir.path().to_owned();
-    let base = dir.join("base.raw");
-    make_disk(&base, 3, 8);
-    let qcow = dir.join("disk0.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&base)
-        .arg(&qcow));
-    let raw = dir.join("disk1.raw");
-    make_disk(&raw, 4, 8);
+    let (qcow, raw) = qcow_and_raw(&dir, 3, 4, 8);
     let guest = Guest::start(&dir, &[(&qcow, "qcow2"), (&raw, "raw")]);
     add_running(
         &app,

@@ -130,37 +130,68 @@ impl Drop for Guest {
     }
 }
 
-/// The guest: random 4..64 KiB writes of random bytes at random 4 KiB-aligned
-/// offsets of its disks until stopped, each one under `gate`.
-pub fn hammer(
-    guests: Vec<PathBuf>,
-    gate: Arc<Mutex<()>>,
+/// The guest hammering its disks from a thread: random 4..64 KiB writes of
+/// random bytes at random 4 KiB-aligned offsets, each one under `gate` (a
+/// test holds it to stop the guest for an instant).
+pub struct Hammer {
+    pub gate: Arc<Mutex<()>>,
+    /// Writes made so far.
+    pub writes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    writes: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let files: Vec<_> = guests
-            .iter()
-            .map(|g| std::fs::OpenOptions::new().write(true).open(g).unwrap())
-            .collect();
-        let sizes: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().len()).collect();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        while !stop.load(Ordering::Relaxed) {
-            let d = (next() % files.len() as u64) as usize;
-            let len = 4096 * (1 + next() % 16);
-            let at = (next() % ((sizes[d] - len) / 4096)) * 4096;
-            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _g = gate.lock().unwrap();
-            files[d].write_all_at(&data, at).unwrap();
-            writes.fetch_add(1, Ordering::Relaxed);
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Hammer {
+    /// Starts the guest's writes; returns once it has made 50.
+    pub fn start(guests: Vec<PathBuf>) -> Hammer {
+        let gate = Arc::new(Mutex::new(()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, w, st) = (gate.clone(), writes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let files: Vec<_> = guests
+                .iter()
+                .map(|g| std::fs::OpenOptions::new().write(true).open(g).unwrap())
+                .collect();
+            let sizes: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().len()).collect();
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            while !st.load(Ordering::Relaxed) {
+                let d = (next() % files.len() as u64) as usize;
+                let len = 4096 * (1 + next() % 16);
+                let at = (next() % ((sizes[d] - len) / 4096)) * 4096;
+                let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let _g = g.lock().unwrap();
+                files[d].write_all_at(&data, at).unwrap();
+                w.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        while writes.load(Ordering::Relaxed) < 50 {
+            std::thread::sleep(Duration::from_millis(5));
         }
-    })
+        Hammer {
+            gate,
+            writes,
+            stop,
+            thread,
+        }
+    }
+
+    /// Writes made so far.
+    pub fn count(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Stops the guest's writes and waits for the thread.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
 }
 
 /// A guest agent for a guest with no OS: answers on a unix socket like

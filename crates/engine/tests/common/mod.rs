@@ -146,3 +146,19 @@ pub fn pack_files(store: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Bit rot: flips `len` bytes in the middle of the store's largest pack (its
+/// chunk payloads), in place, as a failing disk would (the name stays).
+pub fn rot_largest_pack(store: &Path, len: usize) -> PathBuf {
+    let victim = pack_files(store)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + len] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&victim, &bytes).unwrap();
+    victim
+}
