@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod hooks;
+pub mod ops;
 pub mod runner;
 mod running;
 pub mod scheduler;
@@ -38,7 +39,7 @@ use vpsbackup_engine::{EngineError, Repository};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use runner::JobRunner;
-pub use settings::{HookCommands, Settings};
+pub use settings::{HookCommands, MetricsSettings, Settings};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -98,6 +99,18 @@ pub async fn run_with_clock(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
+    run_with_ops(settings, clock, listener, None, shutdown).await
+}
+
+/// [`run_with_clock`], plus the operational endpoints (`/healthz`,
+/// `/readyz`) on `ops_listener` when given (`serve --metrics-listen`).
+pub async fn run_with_ops(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
     let settings = Arc::new(settings);
     let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
@@ -152,11 +165,32 @@ pub async fn run_with_clock(
             jobs.outcomes(),
         )
         .map_err(|e| ServiceError::Http(std::io::Error::other(e)))?;
-        Some(Arc::new(sender).spawn(stop_rx))
+        Some(Arc::new(sender).spawn(stop_rx.clone()))
     } else {
         None
     };
 
+    let ops_state = ops::OpsState::new(
+        schedule_catalog.clone(),
+        repo.clone(),
+        clock.clone(),
+        Some(settings.catalog_path()),
+    );
+    let ops_task = match ops_listener {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "serving /healthz and /readyz");
+            let app = ops::router(ops_state.clone());
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
     let state = AppState {
         catalog: catalog.clone(),
         schedule: schedule_catalog,
@@ -169,7 +203,9 @@ pub async fn run_with_clock(
             .enabled
             .then(|| Arc::new(api::ratelimit::RateLimiter::new(&settings.rate_limit))),
     };
-    let app = NormalizePathLayer::trim_trailing_slash().layer(api::router(state));
+    // The operational endpoints sit beside the API, outside its rate limits.
+    let app = NormalizePathLayer::trim_trailing_slash()
+        .layer(ops::router(ops_state).merge(api::router(state)));
     tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
     // With the peer's address: callers without a valid token are rate
     // limited by it.
@@ -209,6 +245,13 @@ pub async fn run_with_clock(
             .is_err()
         {
             tracing::warn!("a worker did not stop in time");
+        }
+    }
+    if let Some(task) = ops_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the operational listener failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the operational listener did not stop in time"),
         }
     }
     drop(data_dir_lock);

@@ -67,6 +67,19 @@ pub struct Settings {
     /// Delivery of webhook events: the `[webhooks]` table (see
     /// [`crate::webhooks::WebhookSettings`]).
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Health and metrics for the provider's monitoring: the `[metrics]` table.
+    pub metrics: MetricsSettings,
+}
+
+/// Where the operational endpoints (`/healthz`, `/readyz`) answer besides
+/// the API listener.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// A second listener for them alone, e.g. `10.0.0.5:9187` on the
+    /// provider's monitoring network (`serve --metrics-listen`). None: only
+    /// the API listener.
+    pub listen: Option<String>,
 }
 
 /// Token buckets per caller (per API token; per peer IP for requests
@@ -125,6 +138,7 @@ impl Default for Settings {
             schedule: crate::scheduler::ScheduleSettings::default(),
             rate_limit: RateLimitSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
