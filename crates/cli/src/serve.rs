@@ -30,8 +30,10 @@ pub struct ServeArgs {
     /// No rate limits and no RateLimit-* headers.
     #[arg(long)]
     no_rate_limit: bool,
-    /// A second listener for /healthz and /readyz alone (the provider's
-    /// monitoring network), e.g. 127.0.0.1:9187.
+    /// A second listener for /healthz, /readyz and /metrics alone, all open
+    /// (bind it to the provider's monitoring network), e.g. 10.0.0.5:9187.
+    /// /metrics on the API listener needs VPSBACKUP_METRICS_TOKEN (or
+    /// [metrics] token) and then answers only to that bearer token.
     #[arg(long, env = "VPSBACKUP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
     /// First run: create account "demo", a token and server 12345 with a small disk image.
@@ -94,6 +96,10 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.metrics_listen.is_some() {
         settings.metrics.listen = args.metrics_listen;
+    }
+    // From the environment only: a flag would show the token in `ps`.
+    if let Ok(token) = std::env::var("VPSBACKUP_METRICS_TOKEN") {
+        settings.metrics.token = Some(token);
     }
     tracing::debug!(?settings, "settings");
     let rt = tokio::runtime::Runtime::new()?;

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod hooks;
+pub mod metrics;
 pub mod ops;
 pub mod runner;
 mod running;
@@ -170,15 +171,21 @@ pub async fn run_with_ops(
         None
     };
 
+    let http_metrics = metrics::HttpMetrics::default();
     let ops_state = ops::OpsState::new(
         schedule_catalog.clone(),
         repo.clone(),
         clock.clone(),
+        Arc::new(metrics::Metrics::new(
+            jobs.metrics().clone(),
+            http_metrics.clone(),
+        )),
+        settings.metrics.token.clone(),
         Some(settings.catalog_path()),
     );
     let ops_task = match ops_listener {
         Some(l) => {
-            tracing::info!(addr = %l.local_addr()?, "serving /healthz and /readyz");
+            tracing::info!(addr = %l.local_addr()?, "serving /healthz, /readyz and /metrics");
             let app = ops::router(ops_state.clone());
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(async move {
@@ -204,8 +211,12 @@ pub async fn run_with_ops(
             .then(|| Arc::new(api::ratelimit::RateLimiter::new(&settings.rate_limit))),
     };
     // The operational endpoints sit beside the API, outside its rate limits.
-    let app = NormalizePathLayer::trim_trailing_slash()
-        .layer(ops::router(ops_state).merge(api::router(state)));
+    let api = api::router(state).layer(axum::middleware::from_fn_with_state(
+        http_metrics,
+        metrics::track_http,
+    ));
+    let app =
+        NormalizePathLayer::trim_trailing_slash().layer(ops::api_router(ops_state).merge(api));
     tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
     // With the peer's address: callers without a valid token are rate
     // limited by it.

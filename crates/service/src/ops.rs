@@ -1,11 +1,15 @@
 //! Operational endpoints for the provider's monitoring, outside the customer
 //! API: `GET /healthz` (the process answers), `GET /readyz` (the catalog and
-//! the store answer: 200, else 503 with a plain reason).
+//! the store answer: 200, else 503 with a plain reason), `GET /metrics`
+//! (Prometheus text format, see [`crate::metrics`]).
 //!
-//! They take no token, are not rate limited, and are not in the OpenAPI
-//! document: load balancers and orchestrators call them, not customers.
-//! They answer on the API listener and on the separate operational listener
-//! (`serve --metrics-listen`). Their texts name no host path: the detail of a
+//! They are not rate limited and not in the OpenAPI document: load
+//! balancers, orchestrators and Prometheus call them, not customers. On the
+//! separate operational listener (`serve --metrics-listen`, meant for the
+//! provider's monitoring network) all three are open. On the public API
+//! listener `/healthz` and `/readyz` are open (they say nothing about
+//! anyone), and `/metrics` exists only when the operator set a metrics token,
+//! and then answers only to it. Texts name no host path: the detail of a
 //! failed check goes to the log only.
 
 use std::io::Read;
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -23,6 +27,7 @@ use vpsbackup_catalog::ScheduleCatalog;
 use vpsbackup_engine::Repository;
 
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 
 /// How long one readiness check may wait for the catalog or the store
 /// before it counts as unreachable (a stopped database server, a hung mount).
@@ -34,6 +39,9 @@ pub struct OpsState {
     pub schedule: Arc<dyn ScheduleCatalog>,
     pub repo: Repository,
     pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// `/metrics` on the API listener answers only to this bearer token.
+    metrics_token: Option<String>,
     /// The SQLite catalog's file, when the catalog is one: see
     /// [`OpsState::check_catalog`].
     catalog_file: Option<PathBuf>,
@@ -47,12 +55,16 @@ impl OpsState {
         schedule: Arc<dyn ScheduleCatalog>,
         repo: Repository,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        metrics_token: Option<String>,
         catalog_file: Option<PathBuf>,
     ) -> OpsState {
         OpsState {
             schedule,
             repo,
             clock,
+            metrics,
+            metrics_token: metrics_token.filter(|t| !t.is_empty()),
             catalog_file,
             store_check_running: Arc::new(AtomicBool::new(false)),
         }
@@ -149,12 +161,71 @@ impl OpsState {
     }
 }
 
-/// `/healthz` and `/readyz`.
+/// The operational listener: `/healthz`, `/readyz` and `/metrics`, open.
 pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// Beside the customer API: `/healthz` and `/readyz`, and `/metrics` only
+/// when a metrics token is set (provider only).
+pub fn api_router(state: OpsState) -> Router {
+    let r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if state.metrics_token.is_some() {
+        r.route("/metrics", get(metrics_with_token))
+    } else {
+        r
+    }
+    .with_state(state)
+}
+
+/// Encodes the metrics (the catalog and store gauges are read now).
+async fn metrics(State(state): State<OpsState>) -> Response {
+    let text = state
+        .metrics
+        .scrape(&*state.schedule, &state.repo, state.clock.now())
+        .await;
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        text,
+    )
+        .into_response()
+}
+
+/// [`metrics`] for the holder of the metrics token only.
+async fn metrics_with_token(State(state): State<OpsState>, headers: HeaderMap) -> Response {
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = match (given, &state.metrics_token) {
+        // Hashes first: equal lengths for the comparison, whatever was sent.
+        (Some(g), Some(t)) => {
+            bool::from(crate::auth::hash_token(g).ct_eq(&crate::auth::hash_token(t)))
+        }
+        _ => false,
+    };
+    if !ok {
+        let mut resp = plain(
+            StatusCode::UNAUTHORIZED,
+            "The metrics token is required.\n".into(),
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    metrics(State(state)).await
 }
 
 fn plain(status: StatusCode, text: String) -> Response {

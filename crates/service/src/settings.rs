@@ -71,15 +71,29 @@ pub struct Settings {
     pub metrics: MetricsSettings,
 }
 
-/// Where the operational endpoints (`/healthz`, `/readyz`) answer besides
-/// the API listener.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+/// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
+/// answer besides the API listener.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// A second listener for them alone, e.g. `10.0.0.5:9187` on the
-    /// provider's monitoring network (`serve --metrics-listen`). None: only
-    /// the API listener.
+    /// A second listener for them alone, with `/metrics` open, e.g.
+    /// `10.0.0.5:9187` on the provider's monitoring network (`serve
+    /// --metrics-listen`). None: only the API listener.
     pub listen: Option<String>,
+    /// `/metrics` on the public API listener: off unless this is set, and
+    /// then only for `Authorization: Bearer <token>` (env
+    /// `VPSBACKUP_METRICS_TOKEN`). `/healthz` and `/readyz` are always there.
+    pub token: Option<String>,
+}
+
+// The token guards the figures: never log it.
+impl fmt::Debug for MetricsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// Token buckets per caller (per API token; per peer IP for requests
