@@ -374,3 +374,82 @@ fn a_metrics_listen_address_in_use_is_one_clear_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The node line of `vpsbackup status`, split into its columns.
+fn node_line(dir: &Path, node: &str) -> (String, String) {
+    let status = ok(dir, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{node} ")))
+        .unwrap_or_else(|| panic!("no line for node {node}: {status}"))
+        .to_owned();
+    (line, status)
+}
+
+#[test]
+fn status_shows_this_node_and_flags_it_without_a_live_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let token = account(&dir);
+    let disk = tmp.path().join("a.img");
+    incompressible_disk(&disk, 2, 0x9e37_79b9_7f4a_7c15);
+    add_server(&dir, "21", &disk, &[]);
+    std::fs::write(
+        dir.join("config.toml"),
+        "[schedule]\nenabled = false\n[hooks]\npre_backup = \"sleep 3\"\n",
+    )
+    .unwrap();
+    let node = String::from_utf8(Command::new("uname").arg("-n").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Before any serve ran here.
+    let (line, status) = node_line(&dir, &node);
+    assert!(status.contains("NODE  STATE"), "{status}");
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        cols[1..],
+        ["NO", "LIVE", "WORKER", "never", "-", "0", "1"],
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "Node {node} has no live worker: no worker ever ran there."
+        )),
+        "{status}"
+    );
+
+    // serve runs: its two workers are live, and a running backup shows.
+    let serve = Serve::start(&dir, &token);
+    wait_for("the node to be live", || {
+        node_line(&dir, &node).0.split_whitespace().nth(1) == Some("live")
+    });
+    let (code, body) = serve.call("POST", "/backups/", &token, Some("{\"server_id\": 21}"));
+    assert_eq!(code, 201, "{body}");
+    let mut seen = String::new();
+    wait_for("the node to run the backup", || {
+        let (line, status) = node_line(&dir, &node);
+        seen = status;
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols[1] == "live" && cols[3] == "2/2" && cols[4] == "1" && cols[5] == "1"
+    });
+    assert!(!seen.contains("has no live worker"), "{seen}");
+    let id = body["id"].as_i64().unwrap();
+    wait_for("the backup to complete", || {
+        serve.get(&format!("/backups/{id}/"), &token)["status"] == "completed"
+    });
+
+    // A graceful stop is recorded: the node is flagged at once.
+    serve.stop();
+    let (line, status) = node_line(&dir, &node);
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[1..4], ["NO", "LIVE", "WORKER"], "{status}");
+    assert_eq!(cols[5..], ["-", "0", "1"], "{status}");
+    assert!(
+        status.contains(&format!(
+            "Node {node} has no live worker: its serve stopped at "
+        )),
+        "{status}"
+    );
+}

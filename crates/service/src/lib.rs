@@ -17,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod hooks;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod runner;
 mod running;
@@ -145,6 +146,14 @@ pub async fn run_with_ops(
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = jobs.start(stop_rx.clone());
+    // This node's heartbeat in the catalog, for `vpsbackup status`.
+    let node_task = tokio::spawn(node::record_heartbeats(
+        schedule_catalog.clone(),
+        jobs.metrics().clone(),
+        clock.clone(),
+        settings.workers.max(1),
+        stop_rx.clone(),
+    ));
     // Automatic backups, expiry, scheduled GC and verification (issue 4).
     let scheduler = settings.schedule.enabled.then(|| {
         Arc::new(scheduler::Scheduler::new(
@@ -257,6 +266,12 @@ pub async fn run_with_ops(
         {
             tracing::warn!("a worker did not stop in time");
         }
+    }
+    if tokio::time::timeout(Duration::from_secs(5), node_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the node heartbeat did not stop in time");
     }
     if let Some(task) = ops_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
