@@ -1,8 +1,9 @@
 //! The HTTP service: the VPS.org Backups API over the catalog, token auth,
 //! the job runner that drives the engine, and webhook delivery.
 //!
-//! Entry point: [`run`] (or [`run_with_clock`]) with settings, a bound
-//! listener and a shutdown future, so tests bind port 0 and stop it at will.
+//! Entry point: [`run`] (or [`run_with_clock`], or [`run_with_ops`] with a
+//! second listener for health and metrics) with settings, a bound listener
+//! and a shutdown future, so tests bind port 0 and stop it at will.
 //!
 //! Error policy: thiserror types here ([`ServiceError`] for start-up,
 //! [`error::ApiError`] for requests); the binary wraps them with anyhow.
@@ -105,7 +106,9 @@ pub async fn run_with_clock(
 }
 
 /// [`run_with_clock`], plus the operational endpoints (`/healthz`,
-/// `/readyz`) on `ops_listener` when given (`serve --metrics-listen`).
+/// `/readyz`, `/metrics`, all open) on `ops_listener` when given (`serve
+/// --metrics-listen`). The API listener always has `/healthz` and
+/// `/readyz`, and `/metrics` only with `settings.metrics.token`.
 pub async fn run_with_ops(
     settings: Settings,
     clock: Arc<dyn Clock>,
