@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::model::{Backup, BackupId, ServerId, WorkStatus};
+use crate::model::{Backup, BackupId, JobKind, JobState, ServerId, WorkStatus};
 use crate::Result;
 
 /// What the scheduler needs to know about one server to plan its next
@@ -50,6 +50,26 @@ pub struct JobCounts {
     /// Queued jobs whose `run_after` has come.
     pub queued_due: u64,
     pub running: u64,
+}
+
+/// The job queue by kind and state, for metrics: every process reads the
+/// same catalog-wide figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queued jobs (due or waiting for a retry) and running ones, per kind;
+    /// kinds and states with no job are absent.
+    pub jobs: Vec<QueueCount>,
+    /// Since when the longest-waiting due queued job could have run (its
+    /// `run_after`); `None` when no queued job is due.
+    pub oldest_due_since: Option<OffsetDateTime>,
+}
+
+/// How many jobs of one kind are in one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCount {
+    pub kind: JobKind,
+    pub state: JobState,
+    pub jobs: u64,
 }
 
 /// When a periodic task last ran and what it reported.
@@ -114,6 +134,9 @@ pub trait ScheduleCatalog: Send + Sync {
 
     /// Backup jobs queued (due) and running, host-wide.
     async fn job_counts(&self, now: OffsetDateTime) -> Result<JobCounts>;
+
+    /// Queued and running jobs per kind, and the oldest due queued job.
+    async fn queue_stats(&self, now: OffsetDateTime) -> Result<QueueStats>;
 
     /// The last run of a periodic task, `None` if it never ran.
     async fn task_run(&self, name: &str) -> Result<Option<TaskRun>>;

@@ -401,3 +401,68 @@ async fn a_damaged_backup_is_due_again_after_a_newer_backup_of_its_server() {
         .unwrap();
     assert!(!due(&cat).await.contains(&a.id));
 }
+
+#[tokio::test]
+async fn queue_stats_count_by_kind_and_state_and_age_the_oldest_due_job() {
+    let (_d, cat) = setup().await;
+    let now = t0() + Duration::hours(3);
+    assert_eq!(cat.queue_stats(now).await.unwrap(), QueueStats::default());
+    let manual = |server| NewBackup {
+        server_id: ServerId(server),
+        scope: Scope::All,
+        backup_type: BackupType::Manual,
+        description: String::new(),
+        expires_at: None,
+        scheduled_for: None,
+        run_after: None,
+    };
+    let first = now - Duration::minutes(10);
+    cat.create_backup(manual(1), first).await.unwrap();
+    cat.create_backup(manual(2), now - Duration::minutes(4))
+        .await
+        .unwrap();
+    // A retry waiting for its time is queued but not due: it does not age the queue.
+    cat.create_backup(
+        NewBackup {
+            run_after: Some(now + Duration::hours(1)),
+            ..automatic(1, t0(), now)
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    let count = |s: &QueueStats, kind, state| {
+        s.jobs
+            .iter()
+            .find(|c| c.kind == kind && c.state == state)
+            .map_or(0, |c| c.jobs)
+    };
+    let stats = cat.queue_stats(now).await.unwrap();
+    assert_eq!(count(&stats, JobKind::Backup, JobState::Queued), 3);
+    assert_eq!(count(&stats, JobKind::Backup, JobState::Running), 0);
+    assert_eq!(stats.oldest_due_since, Some(first));
+
+    // The oldest runs (server 1's), the next due one is now the oldest waiting.
+    let job = cat.claim_job("w", now).await.unwrap().unwrap();
+    assert_eq!(job.server_id, ServerId(1));
+    let stats = cat.queue_stats(now).await.unwrap();
+    assert_eq!(count(&stats, JobKind::Backup, JobState::Queued), 2);
+    assert_eq!(count(&stats, JobKind::Backup, JobState::Running), 1);
+    assert_eq!(stats.oldest_due_since, Some(now - Duration::minutes(4)));
+    // Finished jobs leave the figures.
+    assert!(cat
+        .finish_job(
+            job.id,
+            "w",
+            JobOutcome::BackupCompleted {
+                size_mb: 1,
+                stored_bytes: 1
+            },
+            now
+        )
+        .await
+        .unwrap());
+    let stats = cat.queue_stats(now).await.unwrap();
+    assert_eq!(count(&stats, JobKind::Backup, JobState::Running), 0);
+    assert_eq!(count(&stats, JobKind::Restore, JobState::Queued), 0);
+}

@@ -30,6 +30,12 @@ pub struct ServeArgs {
     /// No rate limits and no RateLimit-* headers.
     #[arg(long)]
     no_rate_limit: bool,
+    /// A second listener for /healthz, /readyz and /metrics alone, all open
+    /// (bind it to the provider's monitoring network), e.g. 10.0.0.5:9187.
+    /// /metrics on the API listener needs VPSBACKUP_METRICS_TOKEN (or
+    /// [metrics] token) and then answers only to that bearer token.
+    #[arg(long, env = "VPSBACKUP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// First run: create account "demo", a token and server 12345 with a small disk image.
     #[arg(long)]
     demo: bool,
@@ -88,6 +94,13 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
     if args.no_rate_limit {
         settings.rate_limit.enabled = false;
     }
+    if args.metrics_listen.is_some() {
+        settings.metrics.listen = args.metrics_listen;
+    }
+    // From the environment only: a flag would show the token in `ps`.
+    if let Ok(token) = std::env::var("VPSBACKUP_METRICS_TOKEN") {
+        settings.metrics.token = Some(token);
+    }
     tracing::debug!(?settings, "settings");
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -97,10 +110,25 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let addr = listener.local_addr()?;
+        let ops_listener = match &settings.metrics.listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a} (--metrics-listen)"))?,
+            ),
+            None => None,
+        };
         if args.demo {
             demo(&settings, addr).await?;
         }
-        vpsbackup_service::run(settings, listener, shutdown).await?;
+        vpsbackup_service::run_with_ops(
+            settings,
+            std::sync::Arc::new(SystemClock),
+            listener,
+            ops_listener,
+            shutdown,
+        )
+        .await?;
         Ok(())
     })
 }

@@ -1,8 +1,9 @@
 //! The HTTP service: the VPS.org Backups API over the catalog, token auth,
 //! the job runner that drives the engine, and webhook delivery.
 //!
-//! Entry point: [`run`] (or [`run_with_clock`]) with settings, a bound
-//! listener and a shutdown future, so tests bind port 0 and stop it at will.
+//! Entry point: [`run`] (or [`run_with_clock`], or [`run_with_ops`] with a
+//! second listener for health and metrics) with settings, a bound listener
+//! and a shutdown future, so tests bind port 0 and stop it at will.
 //!
 //! Error policy: thiserror types here ([`ServiceError`] for start-up,
 //! [`error::ApiError`] for requests); the binary wraps them with anyhow.
@@ -16,6 +17,9 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod hooks;
+pub mod metrics;
+pub mod node;
+pub mod ops;
 pub mod runner;
 mod running;
 pub mod scheduler;
@@ -38,7 +42,7 @@ use vpsbackup_engine::{EngineError, Repository};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use runner::JobRunner;
-pub use settings::{HookCommands, Settings};
+pub use settings::{HookCommands, MetricsSettings, Settings};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -98,6 +102,20 @@ pub async fn run_with_clock(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
+    run_with_ops(settings, clock, listener, None, shutdown).await
+}
+
+/// [`run_with_clock`], plus the operational endpoints (`/healthz`,
+/// `/readyz`, `/metrics`, all open) on `ops_listener` when given (`serve
+/// --metrics-listen`). The API listener always has `/healthz` and
+/// `/readyz`, and `/metrics` only with `settings.metrics.token`.
+pub async fn run_with_ops(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
     let settings = Arc::new(settings);
     let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
@@ -131,6 +149,14 @@ pub async fn run_with_clock(
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = jobs.start(stop_rx.clone());
+    // This node's heartbeat in the catalog, for `vpsbackup status`.
+    let node_task = tokio::spawn(node::record_heartbeats(
+        schedule_catalog.clone(),
+        jobs.metrics().clone(),
+        clock.clone(),
+        settings.workers.max(1),
+        stop_rx.clone(),
+    ));
     // Automatic backups, expiry, scheduled GC and verification (issue 4).
     let scheduler = settings.schedule.enabled.then(|| {
         Arc::new(scheduler::Scheduler::new(
@@ -152,11 +178,38 @@ pub async fn run_with_clock(
             jobs.outcomes(),
         )
         .map_err(|e| ServiceError::Http(std::io::Error::other(e)))?;
-        Some(Arc::new(sender).spawn(stop_rx))
+        Some(Arc::new(sender).spawn(stop_rx.clone()))
     } else {
         None
     };
 
+    let http_metrics = metrics::HttpMetrics::default();
+    let ops_state = ops::OpsState::new(
+        schedule_catalog.clone(),
+        repo.clone(),
+        clock.clone(),
+        Arc::new(metrics::Metrics::new(
+            jobs.metrics().clone(),
+            http_metrics.clone(),
+        )),
+        settings.metrics.token.clone(),
+        Some(settings.catalog_path()),
+    );
+    let ops_task = match ops_listener {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "serving /healthz, /readyz and /metrics");
+            let app = ops::router(ops_state.clone());
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
     let state = AppState {
         catalog: catalog.clone(),
         schedule: schedule_catalog,
@@ -169,7 +222,13 @@ pub async fn run_with_clock(
             .enabled
             .then(|| Arc::new(api::ratelimit::RateLimiter::new(&settings.rate_limit))),
     };
-    let app = NormalizePathLayer::trim_trailing_slash().layer(api::router(state));
+    // The operational endpoints sit beside the API, outside its rate limits.
+    let api = api::router(state).layer(axum::middleware::from_fn_with_state(
+        http_metrics,
+        metrics::track_http,
+    ));
+    let app =
+        NormalizePathLayer::trim_trailing_slash().layer(ops::api_router(ops_state).merge(api));
     tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
     // With the peer's address: callers without a valid token are rate
     // limited by it.
@@ -209,6 +268,19 @@ pub async fn run_with_clock(
             .is_err()
         {
             tracing::warn!("a worker did not stop in time");
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(5), node_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the node heartbeat did not stop in time");
+    }
+    if let Some(task) = ops_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the operational listener failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the operational listener did not stop in time"),
         }
     }
     drop(data_dir_lock);

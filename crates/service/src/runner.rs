@@ -32,6 +32,7 @@ use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobCon
 
 use crate::clock::Clock;
 use crate::hooks::{run_hook, HookVars};
+use crate::metrics::JobMetrics;
 use crate::settings::Settings;
 
 const MIB: u64 = 1024 * 1024;
@@ -49,6 +50,7 @@ pub struct JobRunner {
     outcomes: Arc<Notify>,
     running: Mutex<HashMap<JobId, Arc<JobControl>>>,
     stopping: AtomicBool,
+    metrics: JobMetrics,
 }
 
 impl JobRunner {
@@ -78,7 +80,13 @@ impl JobRunner {
             outcomes: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            metrics: JobMetrics::default(),
         }
+    }
+
+    /// What the workers record for `/metrics` and `vpsbackup status`.
+    pub fn metrics(&self) -> &JobMetrics {
+        &self.metrics
     }
 
     /// Signalled (one stored permit) each time a job's outcome is recorded,
@@ -140,7 +148,11 @@ impl JobRunner {
             // Register interest before looking, so a wake between the empty
             // claim and the wait is not lost.
             let notified = self.notify.notified();
-            match self.catalog.claim_job(&name, self.clock.now()).await {
+            let claimed = self.catalog.claim_job(&name, self.clock.now()).await;
+            if claimed.is_ok() {
+                self.metrics.beat(n, self.clock.now());
+            }
+            match claimed {
                 Ok(Some(job)) => {
                     let span = tracing::info_span!(
                         "job",
@@ -150,7 +162,10 @@ impl JobRunner {
                         backup = job.backup_id.0,
                         attempt = job.attempts
                     );
-                    self.run_job(&name, job).instrument(span).await;
+                    let (kind, began) = (job.kind, std::time::Instant::now());
+                    self.metrics.started(kind);
+                    let outcome = self.run_job(&name, n, job).instrument(span).await;
+                    self.metrics.ended(kind, outcome, began.elapsed());
                     continue;
                 }
                 Ok(None) => {}
@@ -164,7 +179,10 @@ impl JobRunner {
         }
     }
 
-    async fn run_job(self: &Arc<Self>, worker: &str, job: Job) {
+    /// Runs a claimed job to its end; returns how it ended, for metrics:
+    /// completed, failed, cancelled, requeued, or unrecorded (the catalog
+    /// refused the outcome).
+    async fn run_job(self: &Arc<Self>, worker: &str, n: usize, job: Job) -> &'static str {
         let control = Arc::new(JobControl::new());
         self.lock_running().insert(job.id, control.clone());
         tracing::info!("job started");
@@ -177,6 +195,7 @@ impl JobRunner {
             worker.to_owned(),
             control.clone(),
             done.clone(),
+            (self.metrics.clone(), n),
         ));
 
         let outcome = match self.catalog.server(job.server_id, Scope::All).await {
@@ -208,7 +227,7 @@ impl JobRunner {
                 Ok(_) => tracing::info!("job handed back to the queue for the next start"),
                 Err(e) => tracing::error!(error = %e, "could not hand the job back"),
             }
-            return;
+            return "requeued";
         }
         let outcome = match outcome {
             Ok(o) => o,
@@ -232,8 +251,10 @@ impl JobRunner {
                 self.outcomes.notify_one();
                 if failed {
                     tracing::warn!(?outcome, "job failed");
+                    "failed"
                 } else {
                     tracing::info!(?outcome, "job finished");
+                    "completed"
                 }
             }
             Ok(false) => {
@@ -243,8 +264,12 @@ impl JobRunner {
                 if job.kind == JobKind::Backup {
                     self.delete_engine_backup(&job).await;
                 }
+                "cancelled"
             }
-            Err(e) => tracing::error!(error = %e, "could not record the job's outcome"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not record the job's outcome");
+                "unrecorded"
+            }
         }
     }
 
@@ -447,6 +472,8 @@ impl JobRunner {
                     )
                 })?;
                 let (summary, read) = res?;
+                self.metrics
+                    .backup_bytes(read.bytes_read, summary.stored_bytes);
                 if let Err(e) = self.catalog.record_backup_read(job.backup_id, &read).await {
                     tracing::warn!(error = %e, "cannot record how the backup read its disks");
                 }
@@ -635,6 +662,7 @@ async fn progress_loop(
     worker: String,
     control: Arc<JobControl>,
     done: Arc<Notify>,
+    (metrics, n): (JobMetrics, usize),
 ) {
     let mut last = None;
     loop {
@@ -646,6 +674,7 @@ async fn progress_loop(
         // Write every tick even when unchanged: it is the heartbeat.
         match catalog.job_progress(job, &worker, pct, clock.now()).await {
             Ok(true) => {
+                metrics.beat(n, clock.now());
                 if last != Some(pct) {
                     tracing::debug!(progress = pct, "progress");
                     last = Some(pct);

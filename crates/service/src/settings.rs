@@ -73,6 +73,33 @@ pub struct Settings {
     /// Delivery of webhook events: the `[webhooks]` table (see
     /// [`crate::webhooks::WebhookSettings`]).
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Health and metrics for the provider's monitoring: the `[metrics]` table.
+    pub metrics: MetricsSettings,
+}
+
+/// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
+/// answer besides the API listener.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// A second listener for them alone, with `/metrics` open, e.g.
+    /// `10.0.0.5:9187` on the provider's monitoring network (`serve
+    /// --metrics-listen`). None: only the API listener.
+    pub listen: Option<String>,
+    /// `/metrics` on the public API listener: off unless this is set, and
+    /// then only for `Authorization: Bearer <token>` (env
+    /// `VPSBACKUP_METRICS_TOKEN`). `/healthz` and `/readyz` are always there.
+    pub token: Option<String>,
+}
+
+// The token guards the figures: never log it.
+impl fmt::Debug for MetricsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// Token buckets per caller (per API token; per peer IP for requests
@@ -132,6 +159,7 @@ impl Default for Settings {
             schedule: crate::scheduler::ScheduleSettings::default(),
             rate_limit: RateLimitSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

@@ -160,6 +160,43 @@ impl ScheduleCatalog for SqliteCatalog {
         })
     }
 
+    async fn queue_stats(&self, now: OffsetDateTime) -> Result<QueueStats> {
+        // Served by the jobs_queue index (state, run_after, id).
+        let rows = sqlx::query(
+            "SELECT kind, state, COUNT(*) AS n, \
+               MIN(CASE WHEN state = 'queued' AND run_after <= ? THEN run_after END) AS due_since \
+             FROM jobs WHERE state IN ('queued', 'running') GROUP BY kind, state",
+        )
+        .bind(secs(now))
+        .fetch_all(&self.read)
+        .await?;
+        let mut stats = QueueStats::default();
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            let state: String = r.try_get("state")?;
+            let kind = match kind.as_str() {
+                "backup" => JobKind::Backup,
+                "restore" => JobKind::Restore,
+                _ => continue,
+            };
+            let Some(state) = JobState::parse(&state) else {
+                continue;
+            };
+            stats.jobs.push(QueueCount {
+                kind,
+                state,
+                jobs: r.try_get::<i64, _>("n")? as u64,
+            });
+            if let Some(t) = r.try_get::<Option<i64>, _>("due_since")? {
+                let t = ts(t);
+                if stats.oldest_due_since.is_none_or(|o| t < o) {
+                    stats.oldest_due_since = Some(t);
+                }
+            }
+        }
+        Ok(stats)
+    }
+
     async fn task_run(&self, name: &str) -> Result<Option<TaskRun>> {
         sqlx::query("SELECT name, last_run, summary FROM scheduler_tasks WHERE name = ?")
             .bind(name)

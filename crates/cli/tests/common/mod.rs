@@ -98,6 +98,11 @@ impl Serve {
 
     /// `serve` run through `prefix` (e.g. `setpriv` to drop root).
     pub fn start_under(prefix: &[&str], dir: &Path, token: &str) -> Serve {
+        Self::start_with(prefix, dir, token, &[])
+    }
+
+    /// `serve` with further flags of its own (`extra`).
+    pub fn start_with(prefix: &[&str], dir: &Path, token: &str, extra: &[&str]) -> Serve {
         // A free port: bound, read, released (serve binds it right after).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -120,6 +125,7 @@ impl Serve {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -164,6 +170,17 @@ impl Serve {
         body
     }
 
+    /// SIGTERM (a graceful stop), then waits for the process to exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.child.wait().unwrap();
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -183,6 +200,15 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A port free now (bound, read, released), for a listener started next.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Whether two files hold the same bytes (`cmp`).

@@ -1,5 +1,7 @@
 //! `vpsbackup status`: servers with their last and next backup and what is
-//! kept, plus the store's size and dedup ratio from the engine.
+//! kept, the store's size and dedup ratio from the engine, and the nodes
+//! whose workers run the jobs (today: this machine), flagged when none of
+//! their workers is live.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,6 +16,7 @@ use vpsbackup_engine::{Repository, StoreHealth};
 use super::settings::ScheduleSettings;
 use super::{window, SchedulerError, GC_TASK, VERIFY_TASK};
 use crate::clock::rfc3339;
+use crate::node::NodeRecord;
 
 /// One server's line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,11 +40,27 @@ pub struct ServerLine {
     pub damaged: u32,
 }
 
+/// One node's line: a machine whose workers run its servers' jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLine {
+    pub node: String,
+    /// Its last record (None: its workers never ran).
+    pub record: Option<NodeRecord>,
+    /// Whether a worker of it had a heartbeat lately (see [`NodeRecord::live_at`]).
+    pub live: bool,
+    /// Jobs running on it.
+    pub jobs_running: u64,
+    /// Servers whose disks it holds.
+    pub servers: usize,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusReport {
     pub now: OffsetDateTime,
     pub servers: Vec<ServerLine>,
+    /// Today one: this machine, which holds every server.
+    pub nodes: Vec<NodeLine>,
     /// Bytes of packs in the store.
     pub stored_bytes: u64,
     /// Disk data of every backup in the store, before dedup and compression.
@@ -146,9 +165,25 @@ pub async fn status_report(
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
     let mut lines: Vec<ServerLine> = per_server.into_values().collect();
     lines.sort_by_key(|l| l.server_id);
+    // One node until agents exist: this machine runs every job and holds
+    // every server's disks.
+    let node = crate::metrics::node_name();
+    let record = schedule
+        .task_run(&format!("{}{node}", crate::node::TASK_PREFIX))
+        .await?
+        .as_ref()
+        .and_then(NodeRecord::from_task);
+    let nodes = vec![NodeLine {
+        live: record.as_ref().is_some_and(|r| r.live_at(now)),
+        record,
+        node,
+        jobs_running: schedule.job_counts(now).await?.running,
+        servers: lines.len(),
+    }];
     Ok(StatusReport {
         now,
         servers: lines,
+        nodes,
         stored_bytes: stats.stored_bytes,
         logical_bytes: stats.logical_data_bytes,
         store_backups: stats.backups,
@@ -220,26 +255,7 @@ impl fmt::Display for StatusReport {
                 ]
             })
             .collect();
-        let mut widths = header.map(str::len);
-        for r in &rows {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
-            let mut out = String::new();
-            for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-                if i > 0 {
-                    out.push_str("  ");
-                }
-                out.push_str(&format!("{c:<w$}"));
-            }
-            writeln!(f, "{}", out.trim_end())
-        };
-        line(f, &header.map(str::to_owned))?;
-        for r in &rows {
-            line(f, r)?;
-        }
+        table(f, &header, &rows)?;
         writeln!(f)?;
         writeln!(
             f,
@@ -275,6 +291,90 @@ impl fmt::Display for StatusReport {
                 "Damaged: {e} GC will not run until that backup is deleted."
             )?;
         }
+        writeln!(f)?;
+        self.fmt_nodes(f)
+    }
+}
+
+impl StatusReport {
+    /// The nodes table, then a line for each node with no live worker.
+    fn fmt_nodes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header = [
+            "NODE",
+            "STATE",
+            "LAST HEARTBEAT",
+            "LIVE WORKERS",
+            "JOBS RUNNING",
+            "SERVERS",
+        ];
+        let rows: Vec<[String; 6]> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                [
+                    n.node.clone(),
+                    if n.live { "live" } else { "NO LIVE WORKER" }.to_owned(),
+                    n.record
+                        .as_ref()
+                        .map_or_else(|| "never".into(), |r| rfc3339(r.last_heartbeat)),
+                    match n.record.as_ref().and_then(|r| r.workers) {
+                        Some((total, live)) if n.live => format!("{live}/{total}"),
+                        Some((total, _)) => format!("0/{total}"),
+                        None => "-".into(),
+                    },
+                    n.jobs_running.to_string(),
+                    n.servers.to_string(),
+                ]
+            })
+            .collect();
+        table(f, &header, &rows)?;
+        for n in self.nodes.iter().filter(|n| !n.live) {
+            let why = match &n.record {
+                None => "no worker ever ran there".to_owned(),
+                Some(r) if r.workers.is_none() => {
+                    format!("its serve stopped at {}", rfc3339(r.last_heartbeat))
+                }
+                Some(r) => format!(
+                    "no worker heartbeat since {} ({}s ago)",
+                    rfc3339(r.last_heartbeat),
+                    (self.now - r.last_heartbeat).whole_seconds()
+                ),
+            };
+            writeln!(
+                f,
+                "Node {} has no live worker: {why}. Its servers' backups and restores wait until `vpsbackup serve` runs there.",
+                n.node
+            )?;
+        }
         Ok(())
     }
+}
+
+/// Left-aligned columns two spaces apart, headed by `header`.
+fn table<const N: usize>(
+    f: &mut fmt::Formatter<'_>,
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> fmt::Result {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(&format!("{c:<w$}"));
+        }
+        writeln!(f, "{}", out.trim_end())
+    };
+    line(f, &header.map(str::to_owned))?;
+    for r in rows {
+        line(f, r)?;
+    }
+    Ok(())
 }
