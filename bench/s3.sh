@@ -8,8 +8,9 @@
 # IMAGE defaults to base.raw made by bench/make-images.sh in
 # ${BENCH_IMAGES:-/work/bench-images} (4 GiB, ~2.2 GB of data; Ceph's
 # memstore OSD holds 2 GiB, so pass a smaller image for Ceph on a small
-# machine). RUNS defaults to 3. Builds the release binary, starts both
-# servers (.ci/s3/test-servers.sh) and stops them at the end.
+# machine). RUNS defaults to 3. Builds the release binary (or uses
+# $VPSBACKUP_BIN), starts both servers (.ci/s3/test-servers.sh) and stops
+# them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 images=${BENCH_IMAGES:-/work/bench-images}
@@ -18,14 +19,17 @@ runs=${2:-3}
 if [[ ! -f $img ]]; then
   bash bench/make-images.sh "$images" >&2
 fi
-cargo build --release --locked -p vpsbackup --bin vpsbackup >&2
-bin=$PWD/target/release/vpsbackup
+bin=${VPSBACKUP_BIN:-}
+if [[ -z $bin ]]; then
+  cargo build --release --locked -p vpsbackup --bin vpsbackup >&2
+  bin=$PWD/target/release/vpsbackup
+fi
 work=$(mktemp -d)
 trap '.ci/s3/test-servers.sh stop "$work/srv" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 eval "$(.ci/s3/test-servers.sh start "$work/srv" garage ceph)"
 
 # backup then restore of $img into store $2 ($1 names the row); prints
-# "seconds_backup seconds_restore puts gets".
+# "seconds_backup seconds_restore backup_PUTs restore_GETs".
 one() {
   local name=$1 store=$2; shift 2
   local b r
@@ -36,7 +40,7 @@ one() {
   r=$(env "$@" "$bin" store restore "$store" b1 --to "$work/out.raw" --json)
   cmp "$img" "$work/out.raw" || { echo "$name: restore differs" >&2; exit 1; }
   rm -f "$work/out.raw"
-  python3 -c 'import json,sys; b=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); q=b.get("requests",{}); print(b["seconds"], r["seconds"], q.get("put",0), q.get("get",0))' "$b" "$r"
+  python3 -c 'import json,sys; b=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); q=b.get("requests",{}); g=r.get("requests",{}); print(b["seconds"], r["seconds"], q.get("put",0), g.get("get",0))' "$b" "$r"
 }
 
 declare -A rows
@@ -60,7 +64,7 @@ def med(text):
     return [statistics.median(c) for c in zip(*rows)], len(rows)
 (lb, lr, _, _), n = med(sys.argv[2])
 print(f"image {img}, median of {n} runs, load {open('/proc/loadavg').read().split()[0]}")
-print(f"{'store':<8} {'backup s':>9} {'x local':>8} {'restore s':>10} {'x local':>8} {'PUTs':>6} {'GETs':>6}")
+print(f"{'store':<8} {'backup s':>9} {'x local':>8} {'restore s':>10} {'x local':>8} {'PUTs':>6} {'GETs':>6}  (PUTs of the backup, GETs of the restore)")
 print(f"{'local':<8} {lb:>9.2f} {1:>8.2f} {lr:>10.2f} {1:>8.2f} {'-':>6} {'-':>6}")
 for name, text in (("garage", sys.argv[3]), ("ceph", sys.argv[4])):
     (b, r, p, g), _ = med(text)

@@ -302,6 +302,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
         } => {
             let repo = open_existing(&dir)?;
             let start = Instant::now();
+            let before = repo.storage().request_counts();
             let job = JobControl::new();
             let r = match disk {
                 Some(d) => {
@@ -313,13 +314,16 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
                 None => repo.restore(&backup, &to, &job)?,
             };
             let secs = start.elapsed().as_secs_f64();
+            let requests = requests_since(&repo, before);
             if json {
-                println!(
-                    "{}",
-                    json!({"op": "restore", "backup_id": backup, "seconds": secs,
+                let mut v = json!({"op": "restore", "backup_id": backup, "seconds": secs,
                            "bytes_written": r.bytes_written, "chunks_written": r.chunks_written,
-                           "chunks_skipped": r.chunks_skipped, "peak_rss_bytes": peak_rss()})
-                );
+                           "chunks_skipped": r.chunks_skipped, "peak_rss_bytes": peak_rss()});
+                if let Some(r) = requests {
+                    v["requests"] =
+                        json!({"put": r.put, "get": r.get, "list": r.list, "delete": r.delete});
+                }
+                println!("{v}");
             } else {
                 println!(
                     "restored {backup} in {secs:.2} s: {:.1} MiB written, {} chunks written, {} unchanged",

@@ -65,7 +65,7 @@ fn bare_store_commands_round_trip_on_garage() {
     );
     let puts = b1["requests"]["put"].as_u64().unwrap();
     assert!(
-        puts >= 2 && puts < 20,
+        (2..20).contains(&puts),
         "PUTs are per pack, not per chunk: {b1}"
     );
     let b2 = ok_json(
@@ -158,12 +158,12 @@ fn bare_store_commands_round_trip_on_garage() {
     );
 }
 
-/// Starts `store gc` on `url`, holding the lock 3 s once taken.
+/// Starts a GC command that holds the lock 5 s once taken, so racers overlap.
 fn racing_gc(env: &[(String, String)], args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("VPSBACKUP_TEST_GC_HOLD_MS", "3000")
+        .env("VPSBACKUP_TEST_GC_HOLD_MS", "5000")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -648,3 +648,40 @@ fn out_of_range(key: &str, offset: u64, len: u64, size: u64) -> StorageError {
         size,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StoreLocation;
+
+    #[test]
+    fn store_urls_parse_and_bad_ones_say_why() {
+        // The only test in this crate that reads these variables.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKID");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "s3cr3t");
+        let c =
+            S3Config::from_url("s3://my-bucket/a/b/", Some("http://h:1/"), Some("garage")).unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("my-bucket", "a/b"));
+        assert_eq!(c.endpoint.as_deref(), Some("http://h:1"));
+        assert_eq!(c.region, "garage");
+        assert_eq!(c.url(), "s3://my-bucket/a/b");
+        assert!(!format!("{c:?}").contains("s3cr3t") && !format!("{c:?}").contains("AKID"));
+        let bare = S3Config::from_url("s3://bkt", None, None).unwrap();
+        assert_eq!(bare.prefix, "");
+        for (url, why) in [
+            ("s3://ab/x", "bucket name"),
+            ("s3://Upper/x", "bucket name"),
+            ("s3://bkt/a//b", "prefix"),
+            ("s3://bkt/a/../b", "prefix"),
+        ] {
+            let e = S3Config::from_url(url, None, None).unwrap_err().to_string();
+            assert!(e.contains(why), "{url}: {e}");
+        }
+        assert!(matches!(
+            StoreLocation::parse("/var/lib/store", None, None).unwrap(),
+            StoreLocation::Local(_)
+        ));
+        let e = StoreLocation::parse("gs://bkt", None, None).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+}
