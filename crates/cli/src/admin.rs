@@ -20,6 +20,18 @@ use vpsbackup_service::{Clock, Settings, SystemClock};
 pub struct Global {
     pub data_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// `--store` / `VPSBACKUP_STORE`, `--s3-endpoint`, `--s3-region`: over the file.
+    pub store: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+}
+
+/// The store's address for messages (never credentials).
+pub fn store_name(settings: &Settings) -> String {
+    match settings.store_location() {
+        Ok(l) => l.to_string(),
+        Err(_) => settings.store.clone().unwrap_or_default(),
+    }
 }
 
 /// Defaults, then the TOML file, then env/flags (`--data-dir` wins over the file).
@@ -32,6 +44,15 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     };
     if global.data_dir.is_some() || global.config.is_none() {
         settings.data_dir = dir;
+    }
+    if global.store.is_some() {
+        settings.store = global.store.clone();
+    }
+    if global.s3_endpoint.is_some() {
+        settings.s3_endpoint = global.s3_endpoint.clone();
+    }
+    if global.s3_region.is_some() {
+        settings.s3_region = global.s3_region.clone();
     }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;
@@ -850,9 +871,9 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
         ServerCommand::Remove { id, purge } => {
             let removed = cat.remove_server(ServerId(id), purge).await?;
             if !removed.is_empty() {
-                let store = settings.store_path();
-                let repo = vpsbackup_engine::Repository::open_local(&store)
-                    .with_context(|| format!("open the store {}", store.display()))?;
+                let repo = settings
+                    .open_store()
+                    .with_context(|| format!("open the store {}", store_name(&settings)))?;
                 for b in &removed {
                     repo.delete_backup(&b.engine_backup_id)
                         .with_context(|| format!("delete the data of backup {}", b.id))?;

@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use vpsbackup_catalog::labels::{imported_backup, StoredBackup};
 use vpsbackup_catalog::{BackupId, Catalog, ImportOutcome};
-use vpsbackup_engine::Repository;
 
 use crate::admin::{load_settings, Global};
 
@@ -29,14 +28,14 @@ pub async fn run(global: Global, cmd: CatalogCommand) -> anyhow::Result<()> {
 async fn import_store(global: &Global) -> anyhow::Result<()> {
     let settings = load_settings(global)?;
     let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
-    let store = settings.store_path();
+    let for_store = settings.clone();
     let (repo, ids) = tokio::task::spawn_blocking(move || {
-        let repo = Repository::open_local(&store)?;
+        let repo = for_store.open_store()?;
         let ids = repo.backup_ids()?;
         anyhow::Ok((repo, ids))
     })
     .await?
-    .with_context(|| format!("read the store {}", settings.store_path().display()))?;
+    .with_context(|| format!("read the store {}", crate::admin::store_name(&settings)))?;
 
     let (mut imported, mut present, mut skipped, mut unlabelled) = (0, 0, 0, 0);
     let mut highest = 0i64;

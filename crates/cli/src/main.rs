@@ -35,6 +35,16 @@ struct Cli {
     /// Config file (TOML); default <data-dir>/config.toml when it exists.
     #[arg(long, global = true, env = "VPSBACKUP_CONFIG")]
     config: Option<PathBuf>,
+    /// The backup store: a directory or s3://BUCKET/PREFIX (keys from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); default <data-dir>/store.
+    #[arg(long, global = true, env = "VPSBACKUP_STORE")]
+    store: Option<String>,
+    /// The S3 server, http(s)://host:port (for an s3:// store; default AWS).
+    #[arg(long, global = true, env = "VPSBACKUP_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The S3 signing region (Garage: its s3_region; default AWS_REGION or us-east-1).
+    #[arg(long, global = true, env = "VPSBACKUP_S3_REGION")]
+    s3_region: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,9 +93,12 @@ fn main() -> anyhow::Result<()> {
     let global = admin::Global {
         data_dir: cli.data_dir,
         config: cli.config,
+        store: cli.store,
+        s3_endpoint: cli.s3_endpoint,
+        s3_region: cli.s3_region,
     };
     match cli.command {
-        Command::Store(cmd) => store::run(cmd),
+        Command::Store(cmd) => store::run(cmd, &global),
         Command::Serve(args) => serve::run(global, args),
         Command::Account(cmd) => admin::block_on(admin::account(global, cmd)),
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),

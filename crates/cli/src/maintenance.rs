@@ -15,7 +15,7 @@ use vpsbackup_service::scheduler::status::status_report;
 use vpsbackup_service::scheduler::Scheduler;
 use vpsbackup_service::{Clock, Settings, SystemClock};
 
-use crate::admin::{load_settings, Global};
+use crate::admin::{load_settings, store_name, Global};
 
 /// `vpsbackup verify` flags.
 #[derive(Args)]
@@ -35,10 +35,10 @@ struct Opened {
 async fn open(global: &Global) -> anyhow::Result<Opened> {
     let settings = load_settings(global)?;
     let sqlite = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
-    let store = settings.store_path();
-    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+    let for_store = settings.clone();
+    let repo = tokio::task::spawn_blocking(move || for_store.open_store())
         .await?
-        .with_context(|| format!("open the store {}", settings.store_path().display()))?;
+        .with_context(|| format!("open the store {}", store_name(&settings)))?;
     Ok(Opened {
         catalog: Arc::new(sqlite.clone()),
         schedule: Arc::new(sqlite),

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use vpsbackup_catalog::{BackupId, Catalog, Scope, WorkStatus};
-use vpsbackup_engine::{DiskImage, JobControl, Repository, RestoreOptions};
+use vpsbackup_engine::{DiskImage, JobControl, RestoreOptions};
 
 use crate::admin::{load_settings, Global};
 
@@ -56,7 +56,7 @@ pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
             b.verify_error.as_deref().unwrap_or("found by verify")
         );
     }
-    let store = settings.store_path();
+    let for_store = settings.clone();
     // The target's format from what it is and its name, never from the
     // bytes in it (an image's first bytes may be a guest's).
     let targets: Vec<DiskImage> = args
@@ -69,7 +69,7 @@ pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
     };
     let engine_id = b.engine_backup_id.clone();
     let summary = tokio::task::spawn_blocking(move || {
-        let repo = Repository::open_local(&store)?;
+        let repo = for_store.open_store()?;
         repo.restore_with(&engine_id, &targets, opts, &JobControl::new())
     })
     .await?

@@ -1,16 +1,20 @@
-//! `vpsbackup store ...`: work on a bare store directory with no catalog
-//! (disaster recovery, scripts, the benchmark): list, show, back up,
-//! restore, verify, delete and collect. Every command exits non-zero with a
-//! message on failure; `--json` prints one machine-readable line instead of
-//! the human summary.
+//! `vpsbackup store ...`: work on a bare store with no catalog (disaster
+//! recovery, scripts, the benchmark): list, show, back up, restore, verify,
+//! delete and collect. The store is a directory or `s3://BUCKET/PREFIX`
+//! (with the global `--s3-endpoint` / `--s3-region`). Every command exits
+//! non-zero with a message on failure; `--json` prints one machine-readable
+//! line instead of the human summary.
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, LocalStorage, Repository};
+use vpsbackup_engine::{
+    BackupRequest, DiskImage, GcExclusion, JobControl, LocalStorage, Repository, RequestCounts,
+    StoreLocation,
+};
 
 #[derive(Subcommand)]
 pub enum StoreCommand {
@@ -79,6 +83,11 @@ pub enum StoreCommand {
         /// Keep objects younger than this many seconds.
         #[arg(long)]
         grace: Option<u64>,
+        /// Run even where the store's server ignores conditional writes
+        /// (Garage), so its GC lock cannot keep a second GC out: you vouch
+        /// that nothing else collects this store meanwhile.
+        #[arg(long)]
+        exclusive: bool,
         #[arg(long)]
         json: bool,
     },
@@ -96,21 +105,51 @@ pub enum StoreCommand {
     },
 }
 
+/// The global `--s3-endpoint` and `--s3-region`, set once by [`run`].
+static S3_FLAGS: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
+
 /// Opens an existing store; only `backup` may create one.
 fn open_existing(dir: &Path) -> anyhow::Result<Repository> {
-    if !dir.join("config").is_file() {
-        bail!(
-            "{} is not a vpsbackup store (no config object)",
-            dir.display()
-        );
+    let location = location(dir)?;
+    if let StoreLocation::Local(dir) = &location {
+        if !dir.join("config").is_file() {
+            bail!(
+                "{} is not a vpsbackup store (no config object)",
+                dir.display()
+            );
+        }
+        return open(dir);
     }
-    open(dir)
+    let storage = location
+        .open()
+        .with_context(|| format!("open store {location}"))?;
+    if storage.head("config")?.is_none() {
+        bail!("{location} is not a vpsbackup store (no config object)");
+    }
+    Repository::open(storage).with_context(|| format!("open store {location}"))
+}
+
+fn location(dir: &Path) -> anyhow::Result<StoreLocation> {
+    let (endpoint, region) = S3_FLAGS.get().cloned().unwrap_or_default();
+    Ok(StoreLocation::parse(
+        &dir.to_string_lossy(),
+        endpoint.as_deref(),
+        region.as_deref(),
+    )?)
 }
 
 fn open(dir: &Path) -> anyhow::Result<Repository> {
+    if let loc @ StoreLocation::S3(_) = location(dir)? {
+        return Repository::open_location(&loc).with_context(|| format!("open store {loc}"));
+    }
     let storage =
         LocalStorage::new(dir).with_context(|| format!("open store {}", dir.display()))?;
     Repository::open(Arc::new(storage)).with_context(|| format!("open store {}", dir.display()))
+}
+
+/// Requests the store's backend sent since `before` (object stores only).
+fn requests_since(repo: &Repository, before: Option<RequestCounts>) -> Option<RequestCounts> {
+    Some(repo.storage().request_counts()?.since(&before?))
 }
 
 fn ms(t: std::time::SystemTime) -> u64 {
@@ -136,7 +175,8 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
+pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<()> {
+    let _ = S3_FLAGS.set((global.s3_endpoint.clone(), global.s3_region.clone()));
     match cmd {
         StoreCommand::Ls { dir, json } => {
             let repo = open_existing(&dir)?;
@@ -224,16 +264,20 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                 read_limit,
             };
             let start = Instant::now();
+            let before = repo.storage().request_counts();
             let s = repo.backup(&req, &JobControl::new())?;
             let secs = start.elapsed().as_secs_f64();
+            let requests = requests_since(&repo, before);
             if json {
-                println!(
-                    "{}",
-                    json!({"op": "backup", "backup_id": s.backup_id, "seconds": secs,
+                let mut v = json!({"op": "backup", "backup_id": s.backup_id, "seconds": secs,
                            "logical_bytes": s.logical_bytes, "data_bytes": s.data_bytes,
                            "stored_bytes": s.stored_bytes, "chunks_total": s.chunks_total,
-                           "chunks_new": s.chunks_new, "peak_rss_bytes": peak_rss()})
-                );
+                           "chunks_new": s.chunks_new, "peak_rss_bytes": peak_rss()});
+                if let Some(r) = requests {
+                    v["requests"] =
+                        json!({"put": r.put, "get": r.get, "list": r.list, "delete": r.delete});
+                }
+                println!("{v}");
             } else {
                 println!(
                     "backup {}: {:.1} MiB of data from {:.1} MiB of disk in {secs:.2} s; {} of {} chunks new, store grew {:.1} MiB",
@@ -244,6 +288,9 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                     s.chunks_total,
                     mib(s.stored_bytes)
                 );
+                if let Some(r) = requests {
+                    println!("store requests: {r}");
+                }
             }
         }
         StoreCommand::Restore {
@@ -255,6 +302,7 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
         } => {
             let repo = open_existing(&dir)?;
             let start = Instant::now();
+            let before = repo.storage().request_counts();
             let job = JobControl::new();
             let r = match disk {
                 Some(d) => {
@@ -266,13 +314,16 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                 None => repo.restore(&backup, &to, &job)?,
             };
             let secs = start.elapsed().as_secs_f64();
+            let requests = requests_since(&repo, before);
             if json {
-                println!(
-                    "{}",
-                    json!({"op": "restore", "backup_id": backup, "seconds": secs,
+                let mut v = json!({"op": "restore", "backup_id": backup, "seconds": secs,
                            "bytes_written": r.bytes_written, "chunks_written": r.chunks_written,
-                           "chunks_skipped": r.chunks_skipped, "peak_rss_bytes": peak_rss()})
-                );
+                           "chunks_skipped": r.chunks_skipped, "peak_rss_bytes": peak_rss()});
+                if let Some(r) = requests {
+                    v["requests"] =
+                        json!({"put": r.put, "get": r.get, "list": r.list, "delete": r.delete});
+                }
+                println!("{v}");
             } else {
                 println!(
                     "restored {backup} in {secs:.2} s: {:.1} MiB written, {} chunks written, {} unchanged",
@@ -342,13 +393,21 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
             repo.delete_backup(&backup)?;
             println!("deleted {backup}; run gc to reclaim its space");
         }
-        StoreCommand::Gc { dir, grace, json } => {
+        StoreCommand::Gc {
+            dir,
+            grace,
+            exclusive,
+            json,
+        } => {
             let mut repo = open_existing(&dir)?;
+            let mut o = repo.options().clone();
             if let Some(g) = grace {
-                let mut o = repo.options().clone();
                 o.gc_grace = Duration::from_secs(g);
-                repo = repo.with_options(o);
             }
+            if exclusive {
+                o.gc_exclusion = GcExclusion::Operator;
+            }
+            repo = repo.with_options(o);
             let start = Instant::now();
             let r = repo.gc()?;
             let secs = start.elapsed().as_secs_f64();
@@ -412,6 +471,7 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                     s.packs,
                     s.objects
                 );
+                println!("store: {}", repo.describe());
             }
         }
     }

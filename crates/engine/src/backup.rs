@@ -587,26 +587,60 @@ impl Pipeline<'_> {
         Ok(w.out)
     }
 
-    /// Stores packs, then the index objects naming them.
+    /// Stores packs, then the index objects naming them: an index object
+    /// names only packs already stored. Backends whose requests wait on a
+    /// network (S3) get several packs in flight at once
+    /// ([`Storage::io_concurrency`]); a local store keeps one.
     fn upload(
         &self,
         packs: Receiver<(PackId, Vec<u8>, Vec<PackEntry>)>,
     ) -> Result<(), EngineError> {
         let storage: &dyn Storage = &*self.inner.storage;
-        let mut index = IndexFile::default();
-        for (id, bytes, entries) in packs {
-            if let Err(e) = storage.put_if_absent(&id.key(), &bytes) {
-                return self.fail(e.into());
-            }
-            let _ = self.spare_packs.0.try_send(bytes);
-            index.packs.push((id, entries));
-            if index.packs.len() >= PACKS_PER_INDEX {
-                if let Err(e) = write_index(storage, &index) {
-                    return self.fail(e);
+        let index = Mutex::new(IndexFile::default());
+        let stream = |packs: Receiver<(PackId, Vec<u8>, Vec<PackEntry>)>| {
+            for (id, bytes, entries) in packs {
+                if self.abort.load(Ordering::Relaxed) {
+                    return Ok(());
                 }
-                index.packs.clear();
+                if let Err(e) = storage.put_if_absent(&id.key(), &bytes) {
+                    return self.fail(e.into());
+                }
+                let _ = self.spare_packs.0.try_send(bytes);
+                let full = {
+                    let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
+                    index.packs.push((id, entries));
+                    (index.packs.len() >= PACKS_PER_INDEX).then(|| std::mem::take(&mut *index))
+                };
+                if let Some(full) = full {
+                    if let Err(e) = write_index(storage, &full) {
+                        return self.fail(e);
+                    }
+                }
             }
+            Ok(())
+        };
+        let streams = storage.io_concurrency().max(1);
+        let results: Vec<Result<(), EngineError>> = std::thread::scope(|s| {
+            let stream = &stream;
+            let hs: Vec<_> = (0..streams)
+                .map(|_| {
+                    let packs = packs.clone();
+                    s.spawn(move || stream(packs))
+                })
+                .collect();
+            drop(packs);
+            hs.into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(EngineError::Internal("an upload thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
         }
+        let index = index.into_inner().unwrap_or_else(|e| e.into_inner());
         if !index.packs.is_empty() && !self.abort.load(Ordering::Relaxed) {
             if let Err(e) = write_index(storage, &index) {
                 return self.fail(e);

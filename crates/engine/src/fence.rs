@@ -203,6 +203,41 @@ impl Drop for WriterGuard {
 
 const GC_LOCK: &str = "locks/gc";
 
+/// Keeps a second GC out where the lock object cannot: on a store whose
+/// put-if-absent is not atomic (an S3 server ignoring `If-None-Match`), by
+/// [`crate::GcExclusion`]. The returned file holds the host lock until dropped.
+pub(crate) fn claim_gc_turn(inner: &RepoInner) -> Result<Option<std::fs::File>, EngineError> {
+    if inner.storage.put_if_absent_is_atomic() {
+        return Ok(None);
+    }
+    match &inner.options.gc_exclusion {
+        crate::GcExclusion::StoreLock => Err(EngineError::InvalidRequest(
+            "this store's server ignores conditional writes (If-None-Match), so its GC lock cannot keep a second garbage collection out; run GC through `vpsbackup gc` or serve, or, when nothing else collects this store, `vpsbackup store gc --exclusive`".into(),
+        )),
+        crate::GcExclusion::Operator => Ok(None),
+        crate::GcExclusion::HostLock(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .map_err(|e| {
+                    EngineError::Internal(format!("open the GC lock file {}: {e}", path.display()))
+                })?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => Ok(Some(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) => Err(EngineError::InvalidRequest(
+                    "another garbage collection is running on this store; try again when it has finished".into(),
+                )),
+                Err(e) => Err(EngineError::Internal(format!(
+                    "lock the GC lock file {}: {e}",
+                    path.display()
+                ))),
+            }
+        }
+    }
+}
+
 /// Whether a marker's process still runs: not gone from this host, and
 /// refreshed within `writer_stale_after`.
 fn is_live(inner: &RepoInner, m: &WriterMarker) -> bool {

@@ -45,7 +45,16 @@ const CONDEMN_MARGIN_MS: u64 = 10_000;
 pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let storage = &*inner.storage;
     let opts = &inner.options;
+    let _turn = crate::fence::claim_gc_turn(inner)?;
     let _lock = crate::fence::WriterGuard::lock_gc(inner)?;
+    // Test hook: processes racing for the lock (tests/s3_gc_lock.rs) must
+    // overlap, whatever the machine's speed. Unset in production.
+    if let Some(ms) = std::env::var("VPSBACKUP_TEST_GC_HOLD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let mut report = GcReport::default();
     let t0 = now_ms();
     storage.remove_stale_temp(opts.gc_grace.max(opts.writer_stale_after))?;

@@ -41,7 +41,10 @@ pub use incremental::ChangedSince;
 pub use job::JobControl;
 pub use rebuild::RebuildReport;
 pub use restore::RestoreOptions;
-pub use storage::{LocalStorage, ObjectMeta, Storage, StorageError};
+pub use storage::{
+    LocalStorage, ObjectMeta, RequestCounts, S3Config, S3Storage, Storage, StorageError,
+    StoreLocation,
+};
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
 pub use vpsbackup_disk::point_in_time::{Checkpoint, PointInTime, TakeOptions};
 pub use vpsbackup_disk::qmp;
@@ -78,6 +81,25 @@ pub struct EngineOptions {
     pub workers: usize,
     /// GC rewrites a pack whose live bytes are below this fraction.
     pub repack_below: f64,
+    /// How GC keeps a second GC out on a store whose server ignores
+    /// conditional writes (where the store's own lock object cannot).
+    pub gc_exclusion: GcExclusion,
+}
+
+/// What keeps two GCs of one store apart when `locks/gc` cannot: on an
+/// S3 server that ignores `If-None-Match` (Garage) two GCs would both
+/// "win" the lock object. Stores with atomic put-if-absent (local
+/// directories, Ceph radosgw) use the lock object whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GcExclusion {
+    /// Only the store's lock object: GC refuses to run where it is not atomic.
+    #[default]
+    StoreLock,
+    /// An exclusive `flock` on this local file, which every GC of the store
+    /// takes (serve and the admin commands of one data dir share it).
+    HostLock(PathBuf),
+    /// The operator vouches that no other GC runs (`store gc --exclusive`).
+    Operator,
 }
 
 impl Default for EngineOptions {
@@ -92,6 +114,7 @@ impl Default for EngineOptions {
                 .unwrap_or(2)
                 .clamp(1, 8),
             repack_below: 0.5,
+            gc_exclusion: GcExclusion::StoreLock,
         }
     }
 }
@@ -322,6 +345,12 @@ impl Repository {
         Self::open(Arc::new(LocalStorage::new(dir)?))
     }
 
+    /// Opens the store at `location` (a directory or an S3 bucket and
+    /// prefix), creating it if empty.
+    pub fn open_location(location: &StoreLocation) -> Result<Repository, EngineError> {
+        Self::open(location.open()?)
+    }
+
     /// Opens a store on any backend, creating its config if there is none.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Repository, EngineError> {
         Self::open_with(storage, EngineOptions::default(), DEFAULT_CHUNK_SIZE)
@@ -390,6 +419,21 @@ impl Repository {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
+    }
+
+    /// Where the store is and how GC is kept exclusive on it, for `status`.
+    pub fn describe(&self) -> String {
+        let s = &self.inner.storage;
+        let gc = if s.put_if_absent_is_atomic() {
+            "GC lock: the store's lock object (atomic put-if-absent)"
+        } else {
+            match &self.inner.options.gc_exclusion {
+                GcExclusion::StoreLock => "GC lock: none possible on this server (conditional writes ignored); GC refused unless --exclusive",
+                GcExclusion::HostLock(_) => "GC lock: a lock file in the data dir (the server ignores conditional writes)",
+                GcExclusion::Operator => "GC lock: the operator's word (--exclusive; the server ignores conditional writes)",
+            }
+        };
+        format!("{}; {gc}", s.describe())
     }
 
     /// Backs up every disk of one server into a new backup named `req.backup_id`.

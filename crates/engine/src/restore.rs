@@ -268,7 +268,14 @@ impl DiskRestore<'_> {
     /// decompression and hashing. Run buffers circulate through a fixed
     /// pool, which bounds memory and avoids faulting in fresh pages.
     fn run(&self) -> Result<(), EngineError> {
-        let workers = self.inner.options.workers.max(1);
+        // A network store's reads wait on round trips: more workers than
+        // cores keep enough ranged GETs in flight to hide them.
+        let workers = self
+            .inner
+            .options
+            .workers
+            .max(self.inner.storage.io_concurrency())
+            .max(1);
         let (tx, rx) = bounded::<(u64, Vec<ChunkId>)>(workers * 2);
         let (full_tx, full_rx) = bounded::<Run>(POOL);
         let (free_tx, free_rx) = bounded::<AlignedBuf>(POOL + workers);

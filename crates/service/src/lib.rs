@@ -119,8 +119,8 @@ pub async fn run_with_ops(
     let settings = Arc::new(settings);
     let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
-    let store = settings.store_path();
-    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+    let for_store = settings.clone();
+    let repo = tokio::task::spawn_blocking(move || for_store.open_store())
         .await
         .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
     let schedule_catalog: Arc<dyn vpsbackup_catalog::ScheduleCatalog> = Arc::new(catalog.clone());

@@ -446,7 +446,8 @@ impl JobRunner {
                     // the catalog update leaves one behind; start clean.
                     repo.delete_backup(&engine_id)
                         .map_err(|e| engine_failure(JobKind::Backup, e))?;
-                    match running {
+                    let before = repo.storage().request_counts();
+                    let res = match running {
                         None => repo
                             .backup_labelled(&req, &labels, &control)
                             .map(|s| {
@@ -462,7 +463,14 @@ impl JobRunner {
                         Some(running) => {
                             crate::running::backup(&repo, &req, &labels, running, &control)
                         }
+                    };
+                    // Object stores bill per request: the job log says how
+                    // many this backup took (store-wide while it ran, so
+                    // jobs running beside it are counted in too).
+                    if let (Some(b), Some(now)) = (before, repo.storage().request_counts()) {
+                        tracing::info!(requests = %now.since(&b), "store requests during the backup");
                     }
+                    res
                 })
                 .await
                 .map_err(|e| {

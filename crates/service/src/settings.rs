@@ -75,6 +75,16 @@ pub struct Settings {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// Health and metrics for the provider's monitoring: the `[metrics]` table.
     pub metrics: MetricsSettings,
+    /// Where the backup store is: a directory, or `s3://BUCKET/PREFIX`
+    /// (keys from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). None:
+    /// `<data_dir>/store`. Also `VPSBACKUP_STORE` and `--store`.
+    pub store: Option<String>,
+    /// The S3 server's `http(s)://host:port` (None: AWS). Also
+    /// `VPSBACKUP_S3_ENDPOINT` and `--s3-endpoint`.
+    pub s3_endpoint: Option<String>,
+    /// The S3 signing region (Garage: its `s3_region`); default
+    /// `AWS_REGION`, else us-east-1. Also `VPSBACKUP_S3_REGION` and `--s3-region`.
+    pub s3_region: Option<String>,
 }
 
 /// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
@@ -160,6 +170,9 @@ impl Default for Settings {
             rate_limit: RateLimitSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
             metrics: MetricsSettings::default(),
+            store: None,
+            s3_endpoint: None,
+            s3_region: None,
         }
     }
 }
@@ -203,9 +216,39 @@ impl Settings {
         self.data_dir.join("catalog.db")
     }
 
-    /// The engine's store directory.
+    /// The engine's store directory when the store is local and not moved
+    /// elsewhere by `store`.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("store")
+    }
+
+    /// Where the store is: `store` when set, else `<data_dir>/store`.
+    pub fn store_location(
+        &self,
+    ) -> Result<vpsbackup_engine::StoreLocation, vpsbackup_engine::StorageError> {
+        match &self.store {
+            Some(spec) => vpsbackup_engine::StoreLocation::parse(
+                spec,
+                self.s3_endpoint.as_deref(),
+                self.s3_region.as_deref(),
+            ),
+            None => Ok(vpsbackup_engine::StoreLocation::Local(self.store_path())),
+        }
+    }
+
+    /// Opens the store with GC kept exclusive through the data dir's
+    /// `gc.lock` where the store's server cannot (every GC of this data
+    /// dir, serve's and the admin commands', takes it). Blocking: S3 is
+    /// contacted here.
+    pub fn open_store(
+        &self,
+    ) -> Result<vpsbackup_engine::Repository, vpsbackup_engine::EngineError> {
+        let repo = vpsbackup_engine::Repository::open_location(&self.store_location()?)?;
+        let options = vpsbackup_engine::EngineOptions {
+            gc_exclusion: vpsbackup_engine::GcExclusion::HostLock(self.data_dir.join("gc.lock")),
+            ..repo.options().clone()
+        };
+        Ok(repo.with_options(options))
     }
 }
 

@@ -335,6 +335,10 @@ impl Storage for LocalStorage {
         self.clean_temp_files(age)
     }
 
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
     fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {

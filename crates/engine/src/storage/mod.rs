@@ -7,11 +7,63 @@
 //! Keys are `/`-separated relative paths of `[A-Za-z0-9._-]` components.
 
 mod local;
+mod s3;
 pub mod suite;
 
 pub use local::LocalStorage;
+pub use s3::{S3Config, S3Storage, DEFAULT_ATTEMPTS as DEFAULT_S3_ATTEMPTS};
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
+
+/// Where a store lives: a local directory or an S3 bucket and prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Local(PathBuf),
+    S3(S3Config),
+}
+
+impl StoreLocation {
+    /// `s3://BUCKET/PREFIX` (with the endpoint and region given, keys from
+    /// the environment), else a directory path.
+    pub fn parse(
+        spec: &str,
+        s3_endpoint: Option<&str>,
+        s3_region: Option<&str>,
+    ) -> Result<StoreLocation, StorageError> {
+        if spec.starts_with("s3://") {
+            return Ok(StoreLocation::S3(S3Config::from_url(
+                spec,
+                s3_endpoint,
+                s3_region,
+            )?));
+        }
+        if let Some((scheme, _)) = spec.split_once("://") {
+            return Err(StorageError::Config(format!(
+                "store addresses with {scheme}:// are not supported: give a directory or s3://BUCKET/PREFIX"
+            )));
+        }
+        Ok(StoreLocation::Local(PathBuf::from(spec)))
+    }
+
+    /// Opens the backend (an S3 store is contacted and probed here).
+    pub fn open(&self) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(match self {
+            StoreLocation::Local(dir) => Arc::new(LocalStorage::new(dir)?),
+            StoreLocation::S3(cfg) => Arc::new(S3Storage::open(cfg.clone())?),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Local(dir) => write!(f, "{}", dir.display()),
+            StoreLocation::S3(cfg) => write!(f, "{}", cfg.url()),
+        }
+    }
+}
 
 /// One stored object as a listing sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +80,10 @@ pub enum StorageError {
     NotFound(String),
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
+    /// The store's address or settings cannot be used (a bad `s3://` URL,
+    /// missing credentials); a sentence for the operator.
+    #[error("{0}")]
+    Config(String),
     #[error("range {offset}+{len} is past the end of object {key} ({size} bytes)")]
     OutOfRange {
         key: String,
@@ -82,6 +138,59 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn remove_stale_temp(&self, age: std::time::Duration) -> Result<u64, StorageError> {
         let _ = age;
         Ok(0)
+    }
+    /// Whether [`Storage::put_if_absent`] is atomic against concurrent
+    /// writers of the same key (exactly one wins). An S3 server that
+    /// ignores `If-None-Match` makes it a look-then-write: fine for keys
+    /// only one writer uses, not for a lock (see `Repository::gc_exclusive`).
+    fn put_if_absent_is_atomic(&self) -> bool {
+        true
+    }
+    /// Where the store is, for `status` and messages (no credentials).
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+    /// Requests worth having in flight at once: a backend whose requests
+    /// wait on a network (S3) hides that latency with concurrency; a local
+    /// disk gains nothing from more than one writer.
+    fn io_concurrency(&self) -> usize {
+        1
+    }
+    /// Requests sent so far, for backends that pay per request (None: not counted).
+    fn request_counts(&self) -> Option<RequestCounts> {
+        None
+    }
+}
+
+/// Requests an object-store backend has sent (every retry counts).
+/// HEADs count as GETs, as cloud price lists do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub put: u64,
+    pub get: u64,
+    pub list: u64,
+    pub delete: u64,
+}
+
+impl RequestCounts {
+    /// What was sent between `earlier` and `self`.
+    pub fn since(&self, earlier: &RequestCounts) -> RequestCounts {
+        RequestCounts {
+            put: self.put.saturating_sub(earlier.put),
+            get: self.get.saturating_sub(earlier.get),
+            list: self.list.saturating_sub(earlier.list),
+            delete: self.delete.saturating_sub(earlier.delete),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} PUT, {} GET, {} LIST, {} DELETE requests",
+            self.put, self.get, self.list, self.delete
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! One conformance suite for every [`Storage`] backend: each backend's tests
 //! call [`check_backend`] on an empty instance (the local filesystem now,
-//! S3-compatible stores later). It panics with a message on the first
-//! contract violation.
+//! S3-compatible stores on Garage and Ceph). It panics with a message on
+//! the first contract violation.
 
 use super::{Storage, StorageError};
 
@@ -12,8 +12,29 @@ pub fn check_backend(s: &dyn Storage) {
     list_filters_by_prefix(s);
     put_replaces_and_delete_is_idempotent(s);
     invalid_keys_are_refused(s);
-    concurrent_put_if_absent_has_one_winner(s);
+    if s.put_if_absent_is_atomic() {
+        concurrent_put_if_absent_has_one_winner(s);
+    }
     large_objects_round_trip(s);
+    listing_returns_every_page(s);
+}
+
+/// More keys than one S3 LIST page holds (1000).
+fn listing_returns_every_page(s: &dyn Storage) {
+    let n = 1100u32;
+    std::thread::scope(|scope| {
+        for t in 0..8u32 {
+            scope.spawn(move || {
+                for i in (t..n).step_by(8) {
+                    assert!(s.put_if_absent(&format!("t7/k{i:05}"), b"x").unwrap());
+                }
+            });
+        }
+    });
+    let mut keys: Vec<String> = s.list("t7/").unwrap().into_iter().map(|m| m.key).collect();
+    keys.sort();
+    let want: Vec<String> = (0..n).map(|i| format!("t7/k{i:05}")).collect();
+    assert_eq!(keys, want, "every key of a listing longer than a page");
 }
 
 fn large_objects_round_trip(s: &dyn Storage) {

@@ -3,6 +3,9 @@
 //! byte-for-byte comparison with `cmp`.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;

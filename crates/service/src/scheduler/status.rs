@@ -71,6 +71,9 @@ pub struct StatusReport {
     /// Damage the store knows of (quarantined copies, damaged index
     /// objects and manifests).
     pub health: StoreHealth,
+    /// Where the store is and how its GC is kept exclusive
+    /// ([`Repository::describe`]): S3 conditional writes honoured or not.
+    pub store_location: String,
 }
 
 impl StatusReport {
@@ -156,6 +159,7 @@ pub async fn status_report(
             line.damaged += 1;
         }
     }
+    let store_location = repo.describe();
     let repo = repo.clone();
     let (stats, health) =
         tokio::task::spawn_blocking(move || -> Result<_, vpsbackup_engine::EngineError> {
@@ -190,6 +194,7 @@ pub async fn status_report(
         last_gc: schedule.task_run(GC_TASK).await?,
         last_verify: schedule.task_run(VERIFY_TASK).await?,
         health,
+        store_location,
     })
 }
 
@@ -265,6 +270,7 @@ impl fmt::Display for StatusReport {
             self.store_backups,
             self.dedup_ratio()
         )?;
+        writeln!(f, "Store location: {}", self.store_location)?;
         let task = |t: &Option<TaskRun>| match t {
             Some(t) => format!("{} ({})", rfc3339(t.last_run), t.summary),
             None => "never".to_owned(),
