@@ -26,3 +26,27 @@ pub enum CatalogError {
     #[error("catalog migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
+
+/// Turns a database error into the catalog's words, for both backends:
+/// uniqueness becomes a conflict with `duplicate` as its text, other
+/// constraints become invalid input, anything else stays a database error
+/// (a 500 upstream).
+pub(crate) fn map_db_error(e: sqlx::Error, duplicate: &str) -> CatalogError {
+    if let sqlx::Error::Database(db) = &e {
+        use sqlx::error::ErrorKind;
+        match db.kind() {
+            ErrorKind::UniqueViolation => return CatalogError::Conflict(duplicate.to_owned()),
+            ErrorKind::ForeignKeyViolation => {
+                return CatalogError::Invalid("It refers to something that does not exist.".into())
+            }
+            ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
+                return CatalogError::Invalid(format!(
+                    "A value is out of range ({}).",
+                    db.message()
+                ))
+            }
+            _ => {}
+        }
+    }
+    CatalogError::Database(e)
+}

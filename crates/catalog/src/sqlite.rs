@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
+use crate::error::map_db_error;
 use crate::model::*;
 use crate::webhook::*;
 use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse};
@@ -58,29 +59,6 @@ fn opt_ts(secs: Option<i64>) -> Option<OffsetDateTime> {
 
 fn secs(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
-}
-
-/// Turns a database error into the catalog's words: uniqueness becomes a
-/// conflict with `duplicate` as its text, other constraints become invalid
-/// input, anything else stays a database error (a 500 upstream).
-fn map_db_error(e: sqlx::Error, duplicate: &str) -> CatalogError {
-    if let sqlx::Error::Database(db) = &e {
-        use sqlx::error::ErrorKind;
-        match db.kind() {
-            ErrorKind::UniqueViolation => return CatalogError::Conflict(duplicate.to_owned()),
-            ErrorKind::ForeignKeyViolation => {
-                return CatalogError::Invalid("It refers to something that does not exist.".into())
-            }
-            ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
-                return CatalogError::Invalid(format!(
-                    "A value is out of range ({}).",
-                    db.message()
-                ))
-            }
-            _ => {}
-        }
-    }
-    CatalogError::Database(e)
 }
 
 const BACKUP_SELECT: &str = "SELECT b.id, b.server_id, s.name AS server_name, b.account_id, \
