@@ -22,6 +22,9 @@ pub enum CatalogError {
     /// The database itself failed; not the caller's fault.
     #[error("catalog database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database server did not answer.
+    #[error("catalog database unreachable: {0}")]
+    Unreachable(String),
     /// Applying the schema migrations failed.
     #[error("catalog migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

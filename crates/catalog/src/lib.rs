@@ -18,7 +18,9 @@
 mod error;
 mod idempotency;
 pub mod labels;
+pub mod migrate;
 mod model;
+mod open;
 mod postgres;
 mod schedule;
 mod sqlite;
@@ -27,6 +29,7 @@ mod webhook;
 pub use error::CatalogError;
 pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
 pub use model::*;
+pub use open::{redact, AnyCatalog, CatalogUrl};
 pub use postgres::PgCatalog;
 pub use schedule::*;
 pub use sqlite::SqliteCatalog;

@@ -21,8 +21,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 
 use crate::error::map_db_error;
@@ -39,6 +39,8 @@ mod schedule;
 // The webhook outbox.
 mod webhooks;
 
+pub(crate) use import::move_sequence_past;
+
 /// The catalog in a PostgreSQL database.
 #[derive(Clone, Debug)]
 pub struct PgCatalog {
@@ -48,6 +50,9 @@ pub struct PgCatalog {
 /// Connections per process unless the URL or caller says otherwise: the API's
 /// reads and the workers' writes share them.
 const DEFAULT_CONNECTIONS: u32 = 16;
+
+/// How long opening the catalog waits for the server's first answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many times a claim that lost a race for a server's running slot is
 /// retried before the worker is told there is nothing to do (it polls again).
@@ -301,6 +306,18 @@ impl PgCatalog {
     /// Like [`PgCatalog::open`] with at most `connections` pooled connections.
     pub async fn open_with_connections(url: &str, connections: u32) -> Result<PgCatalog> {
         let options = PgConnectOptions::from_str(url)?;
+        // One plain connection first, so an unreachable server or a wrong
+        // password is reported as itself within seconds, not as the pool's
+        // timeout after half a minute of retries.
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| {
+                CatalogError::Unreachable(format!(
+                    "no answer from the PostgreSQL server within {} seconds",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })??;
+        first.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(connections.max(2))
             .min_connections(1)
@@ -314,6 +331,10 @@ impl PgCatalog {
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     async fn begin(&self) -> Result<PgTx> {

@@ -315,6 +315,11 @@ impl SqliteCatalog {
         self.write.close().await;
     }
 
+    /// The read-only pool (`catalog migrate` reads the whole catalog from it).
+    pub(crate) fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
     }

@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
-    Catalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate,
-    Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate, SqliteCatalog, TokenId, TokenOwner,
+    AnyCatalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest,
+    PlanUpdate, Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate, TokenId, TokenOwner,
     TokenRef, DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
 };
 use vpsbackup_service::auth::{generate_token, hash_token, TOKEN_PREFIX};
@@ -20,6 +20,8 @@ use vpsbackup_service::{Clock, Settings, SystemClock};
 pub struct Global {
     pub data_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// `--database-url`: the catalog, when not the data dir's SQLite file.
+    pub database_url: Option<String>,
 }
 
 /// Defaults, then the TOML file, then env/flags (`--data-dir` wins over the file).
@@ -32,6 +34,9 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     };
     if global.data_dir.is_some() || global.config.is_none() {
         settings.data_dir = dir;
+    }
+    if let Some(url) = &global.database_url {
+        settings.database_url = Some(vpsbackup_service::DatabaseUrl(url.clone()));
     }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;
@@ -46,9 +51,9 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> an
         .block_on(f)
 }
 
-async fn open(global: &Global) -> anyhow::Result<SqliteCatalog> {
+async fn open(global: &Global) -> anyhow::Result<AnyCatalog> {
     let settings = load_settings(global)?;
-    Ok(vpsbackup_service::open_catalog(&settings.data_dir, 1).await?)
+    Ok(vpsbackup_service::connect_catalog(&settings, 1).await?)
 }
 
 fn now() -> OffsetDateTime {
@@ -622,7 +627,7 @@ pub enum ServerCommand {
 
 pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
     let settings = load_settings(&global)?;
-    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let cat = vpsbackup_service::connect_catalog(&settings, 1).await?;
     match cmd {
         ServerCommand::Add {
             id,

@@ -35,6 +35,15 @@ struct Cli {
     /// Config file (TOML); default <data-dir>/config.toml when it exists.
     #[arg(long, global = true, env = "VPSBACKUP_CONFIG")]
     config: Option<PathBuf>,
+    /// The catalog: sqlite://PATH or postgres://USER:PASS@HOST/DB
+    /// [default: sqlite://<data-dir>/catalog.db].
+    #[arg(
+        long,
+        global = true,
+        env = "VPSBACKUP_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +92,7 @@ fn main() -> anyhow::Result<()> {
     let global = admin::Global {
         data_dir: cli.data_dir,
         config: cli.config,
+        database_url: cli.database_url,
     };
     match cli.command {
         Command::Store(cmd) => store::run(cmd),

@@ -40,8 +40,8 @@ macro_rules! catalog_tests {
 
 /// Both catalog traits, so one handle answers the API's and the
 /// scheduler's calls.
-pub trait AnyCatalog: Catalog + ScheduleCatalog {}
-impl<T: Catalog + ScheduleCatalog> AnyCatalog for T {}
+pub trait CatalogAndSchedule: Catalog + ScheduleCatalog {}
+impl<T: Catalog + ScheduleCatalog> CatalogAndSchedule for T {}
 
 /// A catalog of one backend, fresh for one test, with raw SQL for putting
 /// it in states the API cannot reach quickly.
@@ -64,7 +64,7 @@ enum Keep {
 }
 
 impl Deref for TestCatalog {
-    type Target = dyn AnyCatalog;
+    type Target = dyn CatalogAndSchedule;
     fn deref(&self) -> &Self::Target {
         match &self.backend {
             Backend::Sqlite(c) => &**c,
