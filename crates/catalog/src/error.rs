@@ -22,7 +22,34 @@ pub enum CatalogError {
     /// The database itself failed; not the caller's fault.
     #[error("catalog database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database server did not answer.
+    #[error("catalog database unreachable: {0}")]
+    Unreachable(String),
     /// Applying the schema migrations failed.
     #[error("catalog migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Turns a database error into the catalog's words, for both backends:
+/// uniqueness becomes a conflict with `duplicate` as its text, other
+/// constraints become invalid input, anything else stays a database error
+/// (a 500 upstream).
+pub(crate) fn map_db_error(e: sqlx::Error, duplicate: &str) -> CatalogError {
+    if let sqlx::Error::Database(db) = &e {
+        use sqlx::error::ErrorKind;
+        match db.kind() {
+            ErrorKind::UniqueViolation => return CatalogError::Conflict(duplicate.to_owned()),
+            ErrorKind::ForeignKeyViolation => {
+                return CatalogError::Invalid("It refers to something that does not exist.".into())
+            }
+            ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
+                return CatalogError::Invalid(format!(
+                    "A value is out of range ({}).",
+                    db.message()
+                ))
+            }
+            _ => {}
+        }
+    }
+    CatalogError::Database(e)
 }

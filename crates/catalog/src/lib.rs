@@ -2,21 +2,26 @@
 //! the persistent job queue, and the outbox of webhook events.
 //!
 //! [`Catalog`] is the one interface the service and the command line use; it
-//! is object safe (`Arc<dyn Catalog>`) so a PostgreSQL implementation can sit
-//! beside [`SqliteCatalog`], each with its own `migrations/` directory.
+//! is object safe (`Arc<dyn Catalog>`). Two implementations sit behind it,
+//! each with its own `migrations/` directory: [`SqliteCatalog`] (one file,
+//! one box) and [`PgCatalog`] (one PostgreSQL database shared by several
+//! processes, the same rules held with row locks and constraints).
 //!
 //! Every method that writes takes `now` from the caller instead of reading the
 //! system clock, so the scheduler can drive the catalog with simulated time.
 //!
 //! Error policy: every method returns [`CatalogError`]. Database constraint
 //! violations are mapped to [`CatalogError::Conflict`] / [`CatalogError::Invalid`]
-//! in one place (`sqlite::map_db_error`), so callers can turn them into 409/400
-//! without looking at SQL error codes.
+//! in one place (`error::map_db_error`, shared by both backends), so callers
+//! can turn them into 409/400 without looking at SQL error codes.
 
 mod error;
 mod idempotency;
 pub mod labels;
+pub mod migrate;
 mod model;
+mod open;
+mod postgres;
 mod schedule;
 mod sqlite;
 mod webhook;
@@ -24,6 +29,8 @@ mod webhook;
 pub use error::CatalogError;
 pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
 pub use model::*;
+pub use open::{redact, AnyCatalog, CatalogUrl};
+pub use postgres::PgCatalog;
 pub use schedule::*;
 pub use sqlite::SqliteCatalog;
 pub use webhook::*;

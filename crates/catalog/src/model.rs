@@ -496,6 +496,24 @@ pub struct BackupRead {
     pub consistency: Consistency,
 }
 
+/// A backup's [`BackupRead`] from its columns (none before it completed).
+pub(crate) fn backup_read(
+    incremental: bool,
+    bytes_read: Option<i64>,
+    full_reason: Option<String>,
+    consistency: Option<String>,
+) -> Option<BackupRead> {
+    Some(BackupRead {
+        incremental,
+        bytes_read: bytes_read? as u64,
+        full_reason,
+        consistency: consistency
+            .as_deref()
+            .and_then(Consistency::parse)
+            .unwrap_or(Consistency::Offline),
+    })
+}
+
 /// How consistent a backup's point in time is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {

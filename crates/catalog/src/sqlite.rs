@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
+use crate::error::map_db_error;
 use crate::model::*;
 use crate::webhook::*;
 use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse};
@@ -60,29 +61,6 @@ fn secs(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
-/// Turns a database error into the catalog's words: uniqueness becomes a
-/// conflict with `duplicate` as its text, other constraints become invalid
-/// input, anything else stays a database error (a 500 upstream).
-fn map_db_error(e: sqlx::Error, duplicate: &str) -> CatalogError {
-    if let sqlx::Error::Database(db) = &e {
-        use sqlx::error::ErrorKind;
-        match db.kind() {
-            ErrorKind::UniqueViolation => return CatalogError::Conflict(duplicate.to_owned()),
-            ErrorKind::ForeignKeyViolation => {
-                return CatalogError::Invalid("It refers to something that does not exist.".into())
-            }
-            ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
-                return CatalogError::Invalid(format!(
-                    "A value is out of range ({}).",
-                    db.message()
-                ))
-            }
-            _ => {}
-        }
-    }
-    CatalogError::Database(e)
-}
-
 const BACKUP_SELECT: &str = "SELECT b.id, b.server_id, s.name AS server_name, b.account_id, \
      b.backup_type, b.status, b.description, b.created_at, b.expires_at, b.completed_at, \
      b.size_mb, b.stored_bytes, b.progress, b.error, b.engine_backup_id, b.scheduled_for, \
@@ -118,29 +96,11 @@ fn backup_from_row(r: &SqliteRow) -> Result<Backup> {
         damaged: r.try_get::<i64, _>("damaged")? != 0,
         verify_error: r.try_get("verify_error")?,
         read: backup_read(
-            r.try_get("incremental")?,
+            r.try_get::<i64, _>("incremental")? != 0,
             r.try_get("bytes_read")?,
             r.try_get("full_reason")?,
             r.try_get("consistency")?,
         ),
-    })
-}
-
-/// A backup's [`BackupRead`] from its columns (none before it completed).
-fn backup_read(
-    incremental: i64,
-    bytes_read: Option<i64>,
-    full_reason: Option<String>,
-    consistency: Option<String>,
-) -> Option<BackupRead> {
-    Some(BackupRead {
-        incremental: incremental != 0,
-        bytes_read: bytes_read? as u64,
-        full_reason,
-        consistency: consistency
-            .as_deref()
-            .and_then(Consistency::parse)
-            .unwrap_or(Consistency::Offline),
     })
 }
 
@@ -361,6 +321,11 @@ impl SqliteCatalog {
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+    }
+
+    /// The read-only pool (`catalog migrate` reads the whole catalog from it).
+    pub(crate) fn read_pool(&self) -> &SqlitePool {
+        &self.read
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {

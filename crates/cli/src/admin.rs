@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 use vpsbackup_catalog::{
-    Catalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest, PlanUpdate,
-    Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate, SqliteCatalog, TokenId, TokenOwner,
+    AnyCatalog, HookUpdate, Hooks, ImageFormat, NewPlan, NewServer, NewToken, PageRequest,
+    PlanUpdate, Scope, ServerDisk, ServerId, ServerRuntime, ServerUpdate, TokenId, TokenOwner,
     TokenRef, DEFAULT_WINDOW_MINUTES, DEFAULT_WINDOW_START_MINUTE,
 };
 use vpsbackup_service::auth::{generate_token, hash_token, TOKEN_PREFIX};
@@ -24,6 +24,8 @@ pub struct Global {
     pub store: Option<String>,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
+    /// `--database-url`: the catalog, when not the data dir's SQLite file.
+    pub database_url: Option<String>,
 }
 
 /// The store's address for messages (never credentials).
@@ -54,6 +56,9 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     if global.s3_region.is_some() {
         settings.s3_region = global.s3_region.clone();
     }
+    if let Some(url) = &global.database_url {
+        settings.database_url = Some(vpsbackup_service::DatabaseUrl(url.clone()));
+    }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;
     }
@@ -67,9 +72,9 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> an
         .block_on(f)
 }
 
-async fn open(global: &Global) -> anyhow::Result<SqliteCatalog> {
+async fn open(global: &Global) -> anyhow::Result<AnyCatalog> {
     let settings = load_settings(global)?;
-    Ok(vpsbackup_service::open_catalog(&settings.data_dir, 1).await?)
+    Ok(vpsbackup_service::connect_catalog(&settings, 1).await?)
 }
 
 fn now() -> OffsetDateTime {
@@ -671,7 +676,7 @@ pub enum ServerCommand {
 
 pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
     let settings = load_settings(&global)?;
-    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let cat = vpsbackup_service::connect_catalog(&settings, 1).await?;
     match cmd {
         ServerCommand::Add {
             id,

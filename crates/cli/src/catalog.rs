@@ -4,11 +4,15 @@
 //! Backups of servers the catalog does not know, foreign backups (made with
 //! `vpsbackup store backup`) and damaged manifests are reported and skipped;
 //! running it twice changes nothing the second time.
+//!
+//! `vpsbackup catalog migrate --from sqlite://... --to postgres://...`
+//! moves a single box's catalog to a PostgreSQL database (issue 10): every
+//! row with its id, into an empty target only.
 
 use anyhow::Context;
 use clap::Subcommand;
 use vpsbackup_catalog::labels::{imported_backup, StoredBackup};
-use vpsbackup_catalog::{BackupId, Catalog, ImportOutcome};
+use vpsbackup_catalog::{BackupId, CatalogUrl, ImportOutcome, PgCatalog, SqliteCatalog};
 
 use crate::admin::{load_settings, Global};
 
@@ -17,17 +21,28 @@ pub enum CatalogCommand {
     /// Rebuild the catalog's backups from the store's manifests (servers
     /// matched by id; add the servers first). Safe to run twice.
     ImportStore,
+    /// Copy a SQLite catalog into a new, empty PostgreSQL database, ids
+    /// intact (stop `serve` first). Refuses a target that is not empty.
+    Migrate {
+        /// The catalog to copy: sqlite://PATH [default: sqlite://<data-dir>/catalog.db].
+        #[arg(long)]
+        from: Option<String>,
+        /// The empty catalog to fill: postgres://USER:PASS@HOST/DB.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 pub async fn run(global: Global, cmd: CatalogCommand) -> anyhow::Result<()> {
     match cmd {
         CatalogCommand::ImportStore => import_store(&global).await,
+        CatalogCommand::Migrate { from, to } => migrate(&global, from.as_deref(), &to).await,
     }
 }
 
 async fn import_store(global: &Global) -> anyhow::Result<()> {
     let settings = load_settings(global)?;
-    let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let catalog = vpsbackup_service::connect_catalog(&settings, 1).await?;
     let for_store = settings.clone();
     let (repo, ids) = tokio::task::spawn_blocking(move || {
         let repo = for_store.open_store()?;
@@ -112,5 +127,36 @@ async fn import_store(global: &Global) -> anyhow::Result<()> {
              when no longer needed)."
         );
     }
+    Ok(())
+}
+
+async fn migrate(global: &Global, from: Option<&str>, to: &str) -> anyhow::Result<()> {
+    let settings = load_settings(global)?;
+    let from = match from {
+        Some(url) => CatalogUrl::parse(url)?,
+        None => CatalogUrl::in_data_dir(&settings.data_dir),
+    };
+    let CatalogUrl::Sqlite(path) = &from else {
+        anyhow::bail!("--from must name a SQLite catalog (sqlite://PATH), not {from}.");
+    };
+    let target = CatalogUrl::parse(to)?;
+    let CatalogUrl::Postgres(to_url) = &target else {
+        anyhow::bail!(
+            "--to must name a PostgreSQL database (postgres://USER:PASS@HOST/DB), not {target}."
+        );
+    };
+    if !path.is_file() {
+        anyhow::bail!("There is no SQLite catalog at {}.", path.display());
+    }
+    let source = SqliteCatalog::open_with_readers(path, 1).await?;
+    let dest = PgCatalog::open_with_connections(to_url, 2).await?;
+    let report = vpsbackup_catalog::migrate::sqlite_to_postgres(&source, &dest).await;
+    source.close().await;
+    dest.close().await;
+    let report = report?;
+    for (table, n) in &report.tables {
+        println!("{table}: {n} rows");
+    }
+    println!("Copied the catalog {from} to {target}. Start every process with --database-url (or VPSBACKUP_DATABASE_URL) set to it.");
     Ok(())
 }

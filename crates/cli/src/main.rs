@@ -45,6 +45,15 @@ struct Cli {
     /// The S3 signing region (Garage: its s3_region; default AWS_REGION or us-east-1).
     #[arg(long, global = true, env = "VPSBACKUP_S3_REGION")]
     s3_region: Option<String>,
+    /// The catalog: sqlite://PATH or postgres://USER:PASS@HOST/DB
+    /// [default: sqlite://<data-dir>/catalog.db].
+    #[arg(
+        long,
+        global = true,
+        env = "VPSBACKUP_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         store: cli.store,
         s3_endpoint: cli.s3_endpoint,
         s3_region: cli.s3_region,
+        database_url: cli.database_url,
     };
     match cli.command {
         Command::Store(cmd) => store::run(cmd, &global),

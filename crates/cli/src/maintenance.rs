@@ -34,14 +34,14 @@ struct Opened {
 
 async fn open(global: &Global) -> anyhow::Result<Opened> {
     let settings = load_settings(global)?;
-    let sqlite = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let opened = vpsbackup_service::connect_catalog(&settings, 1).await?;
     let for_store = settings.clone();
     let repo = tokio::task::spawn_blocking(move || for_store.open_store())
         .await?
         .with_context(|| format!("open the store {}", store_name(&settings)))?;
     Ok(Opened {
-        catalog: Arc::new(sqlite.clone()),
-        schedule: Arc::new(sqlite),
+        catalog: opened.catalog(),
+        schedule: opened.schedule(),
         settings,
         repo,
     })
@@ -121,7 +121,7 @@ pub struct FailuresArgs {
 /// Failed jobs, newest first: what the customer was told, then the detail.
 pub async fn failures(global: Global, args: FailuresArgs) -> anyhow::Result<()> {
     let settings = load_settings(&global)?;
-    let cat = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let cat = vpsbackup_service::connect_catalog(&settings, 1).await?;
     let jobs = cat.failed_jobs(args.limit).await?;
     if jobs.is_empty() {
         println!("No failed backups or restores.");

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use vpsbackup_catalog::{BackupId, Catalog, Scope, WorkStatus};
+use vpsbackup_catalog::{BackupId, Scope, WorkStatus};
 use vpsbackup_engine::{DiskImage, JobControl, RestoreOptions};
 
 use crate::admin::{load_settings, Global};
@@ -36,7 +36,7 @@ pub struct RestoreArgs {
 
 pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
     let settings = load_settings(&global)?;
-    let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
+    let catalog = vpsbackup_service::connect_catalog(&settings, 1).await?;
     let b = catalog
         .backup(BackupId(args.backup), Scope::All)
         .await?

@@ -134,8 +134,8 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(settings: &Settings, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
-    let outcome = ensure_demo(&catalog, &settings.data_dir, SystemClock.now()).await?;
+    let catalog = vpsbackup_service::connect_catalog(settings, 1).await?;
+    let outcome = ensure_demo(&*catalog, &settings.data_dir, SystemClock.now()).await?;
     catalog.close().await;
     let dir = settings.data_dir.display();
     match outcome {

@@ -92,9 +92,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::Conflict(m) | CatalogError::Busy(m) => ApiError::Conflict(m),
             CatalogError::Invalid(m) => ApiError::BadRequest(m),
             e @ CatalogError::ManualLimit { .. } => ApiError::BadRequest(e.to_string()),
-            e @ (CatalogError::Database(_) | CatalogError::Migrate(_)) => {
-                ApiError::Internal(e.to_string())
-            }
+            e @ (CatalogError::Database(_)
+            | CatalogError::Migrate(_)
+            | CatalogError::Unreachable(_)) => ApiError::Internal(e.to_string()),
         }
     }
 }

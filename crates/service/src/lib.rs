@@ -37,12 +37,12 @@ use axum::ServiceExt;
 use tokio::net::TcpListener;
 use tower::Layer;
 use tower_http::normalize_path::NormalizePathLayer;
-use vpsbackup_catalog::{Catalog, CatalogError, SqliteCatalog};
+use vpsbackup_catalog::{AnyCatalog, Catalog, CatalogError, CatalogUrl, SqliteCatalog};
 use vpsbackup_engine::{EngineError, Repository};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use runner::JobRunner;
-pub use settings::{HookCommands, MetricsSettings, Settings};
+pub use settings::{DatabaseUrl, HookCommands, MetricsSettings, Settings};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -77,7 +77,9 @@ pub enum ServiceError {
     Http(#[from] std::io::Error),
 }
 
-/// Opens the catalog of a data dir (creating the directory and database).
+/// Opens the SQLite catalog of a data dir (creating the directory and
+/// database), whatever the settings say: for tests and tools that work on
+/// a data dir. Commands use [`connect_catalog`].
 pub async fn open_catalog(data_dir: &Path, readers: u32) -> Result<SqliteCatalog, ServiceError> {
     std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
         path: data_dir.to_owned(),
@@ -85,6 +87,28 @@ pub async fn open_catalog(data_dir: &Path, readers: u32) -> Result<SqliteCatalog
     })?;
     Ok(SqliteCatalog::open_with_readers(&data_dir.join("catalog.db"), readers).await?)
 }
+
+/// Opens the catalog the settings name (`database_url`, else the data
+/// dir's SQLite file, creating the directory), with `connections` for
+/// reads: the one way `serve` and every command open it.
+pub async fn connect_catalog(
+    settings: &Settings,
+    connections: u32,
+) -> Result<AnyCatalog, ServiceError> {
+    let url = settings.catalog_url()?;
+    if let CatalogUrl::Sqlite(path) = &url {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|source| ServiceError::DataDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    Ok(AnyCatalog::open(&url, connections).await?)
+}
+
+/// How long a running job on a shared catalog must have sent no heartbeat
+/// (sent about once a second) before a starting service takes it over.
+const SHARED_CATALOG_STALE_AFTER: time::Duration = time::Duration::minutes(10);
 
 /// Serves the API on `listener` until `shutdown` completes, with the system clock.
 pub async fn run(
@@ -117,21 +141,30 @@ pub async fn run_with_ops(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let settings = Arc::new(settings);
-    let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
+    std::fs::create_dir_all(&settings.data_dir).map_err(|source| ServiceError::DataDir {
+        path: settings.data_dir.clone(),
+        source,
+    })?;
+    let opened = connect_catalog(&settings, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
     let for_store = settings.clone();
     let repo = tokio::task::spawn_blocking(move || for_store.open_store())
         .await
         .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
-    let schedule_catalog: Arc<dyn vpsbackup_catalog::ScheduleCatalog> = Arc::new(catalog.clone());
-    let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+    let schedule_catalog = opened.schedule();
+    let catalog: Arc<dyn Catalog> = opened.catalog();
 
-    // No other serve holds this data dir, so every job still marked running
-    // belongs to a process that died: re-run it or fail it, now.
+    // No other serve holds this data dir, so on a catalog of its own every
+    // job still marked running belongs to a process that died: re-run it or
+    // fail it, now. A shared (PostgreSQL) catalog's running jobs may be
+    // other processes' live ones: only those silent for long are taken.
     let now = clock.now();
-    let recovered = catalog
-        .recover_stale_jobs(now + time::Duration::seconds(1), now)
-        .await?;
+    let stale_before = if opened.is_shared() {
+        now - SHARED_CATALOG_STALE_AFTER
+    } else {
+        now + time::Duration::seconds(1)
+    };
+    let recovered = catalog.recover_stale_jobs(stale_before, now).await?;
     for job in &recovered {
         tracing::warn!(
             job = job.job.0,
@@ -193,7 +226,11 @@ pub async fn run_with_ops(
             http_metrics.clone(),
         )),
         settings.metrics.token.clone(),
-        Some(settings.catalog_path()),
+        // The SQLite file /readyz opens afresh; none on PostgreSQL.
+        match settings.catalog_url() {
+            Ok(vpsbackup_catalog::CatalogUrl::Sqlite(path)) => Some(path),
+            _ => None,
+        },
     );
     let ops_task = match ops_listener {
         Some(l) => {

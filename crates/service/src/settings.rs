@@ -43,6 +43,10 @@ impl fmt::Debug for HookCommands {
 pub struct Settings {
     /// Where the catalog (`catalog.db`) and the store (`store/`) live.
     pub data_dir: PathBuf,
+    /// The catalog: `sqlite://PATH` or `postgres://USER:PASS@HOST/DB`
+    /// (none: `sqlite://<data_dir>/catalog.db`). Env `VPSBACKUP_DATABASE_URL`,
+    /// flag `--database-url`. Shown redacted in logs.
+    pub database_url: Option<DatabaseUrl>,
     /// Address to listen on.
     pub listen: String,
     /// Jobs (backups and restores) run at once, host-wide. At most one per server.
@@ -112,6 +116,29 @@ impl fmt::Debug for MetricsSettings {
     }
 }
 
+/// A database URL as given; its password never reaches a log.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&vpsbackup_catalog::redact(&self.0))
+    }
+}
+
+impl Settings {
+    /// The catalog's location: `database_url`, else the data dir's file.
+    pub fn catalog_url(
+        &self,
+    ) -> Result<vpsbackup_catalog::CatalogUrl, vpsbackup_catalog::CatalogError> {
+        match &self.database_url {
+            Some(url) => vpsbackup_catalog::CatalogUrl::parse(&url.0),
+            None => Ok(vpsbackup_catalog::CatalogUrl::in_data_dir(&self.data_dir)),
+        }
+    }
+}
+
 /// Token buckets per caller (per API token; per peer IP for requests
 /// without a valid token), one for reads and one for writes. A bucket holds
 /// `*_burst` requests and refills at `*_per_second`; an empty bucket
@@ -158,6 +185,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             data_dir: PathBuf::from("./vpsbackup-data"),
+            database_url: None,
             listen: "127.0.0.1:8080".into(),
             workers: 2,
             max_body_bytes: 64 * 1024,

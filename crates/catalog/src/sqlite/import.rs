@@ -3,7 +3,8 @@
 //! in one transaction that first checks the id is free and the server
 //! exists, so a second run changes nothing.
 
-use super::{map_db_error, secs, SqliteCatalog};
+use super::{secs, SqliteCatalog};
+use crate::error::map_db_error;
 use crate::model::{BackupId, ImportOutcome, ImportedBackup};
 use crate::Result;
 

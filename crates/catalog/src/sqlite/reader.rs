@@ -279,6 +279,11 @@ fn backup_from(r: &Row<'_>) -> rusqlite::Result<Backup> {
         verified_at: super::opt_ts(r.get(16)?),
         damaged: r.get::<_, i64>(17)? != 0,
         verify_error: r.get(18)?,
-        read: super::backup_read(r.get(19)?, r.get(20)?, r.get(21)?, r.get(22)?),
+        read: crate::model::backup_read(
+            r.get::<_, i64>(19)? != 0,
+            r.get(20)?,
+            r.get(21)?,
+            r.get(22)?,
+        ),
     })
 }

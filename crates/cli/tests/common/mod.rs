@@ -221,3 +221,57 @@ pub fn same(a: &Path, b: &Path) -> bool {
         .unwrap()
         .success()
 }
+
+/// The PostgreSQL server the tests make databases on: a role that may
+/// create databases (`.ci/postgres.sh` sets it up). Never skipped.
+pub fn pg_admin_url() -> String {
+    std::env::var("VPSBACKUP_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://vpsbackup:vpsbackup@127.0.0.1/vpsbackup".into())
+}
+
+/// An empty PostgreSQL database for one test (made and dropped with
+/// `psql`), so tests run in parallel apart.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub fn create() -> PgDatabase {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "vpsbackup_cli_test_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        psql(&format!("CREATE DATABASE {name}"));
+        let admin = pg_admin_url();
+        let base = admin.rsplit_once('/').expect("a database URL").0;
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .arg(pg_admin_url())
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .output()
+        .expect("psql is needed by the PostgreSQL tests");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
