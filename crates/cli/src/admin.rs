@@ -20,6 +20,8 @@ use vpsbackup_service::{Clock, Settings, SystemClock};
 pub struct Global {
     pub data_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// `--key-file`: unlocks an encrypted store (wins over config.toml).
+    pub key_file: Option<PathBuf>,
 }
 
 /// Defaults, then the TOML file, then env/flags (`--data-dir` wins over the file).
@@ -32,6 +34,9 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     };
     if global.data_dir.is_some() || global.config.is_none() {
         settings.data_dir = dir;
+    }
+    if let Some(k) = &global.key_file {
+        settings.store_key_file = Some(k.clone());
     }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;
@@ -817,8 +822,9 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             let removed = cat.remove_server(ServerId(id), purge).await?;
             if !removed.is_empty() {
                 let store = settings.store_path();
-                let repo = vpsbackup_engine::Repository::open_local(&store)
-                    .with_context(|| format!("open the store {}", store.display()))?;
+                let repo =
+                    vpsbackup_engine::Repository::open_local_keyed(&store, &settings.store_key())
+                        .with_context(|| format!("open the store {}", store.display()))?;
                 for b in &removed {
                     repo.delete_backup(&b.engine_backup_id)
                         .with_context(|| format!("delete the data of backup {}", b.id))?;

@@ -30,8 +30,9 @@ async fn import_store(global: &Global) -> anyhow::Result<()> {
     let settings = load_settings(global)?;
     let catalog = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
     let store = settings.store_path();
+    let key = settings.store_key();
     let (repo, ids) = tokio::task::spawn_blocking(move || {
-        let repo = Repository::open_local(&store)?;
+        let repo = Repository::open_local_keyed(&store, &key)?;
         let ids = repo.backup_ids()?;
         anyhow::Ok((repo, ids))
     })

@@ -35,6 +35,11 @@ struct Cli {
     /// Config file (TOML); default <data-dir>/config.toml when it exists.
     #[arg(long, global = true, env = "VPSBACKUP_CONFIG")]
     config: Option<PathBuf>,
+    /// Key file of an encrypted store (overrides `store_key_file` in
+    /// config.toml); without one, the passphrase in VPSBACKUP_PASSPHRASE.
+    /// `store init` creates it when it does not exist.
+    #[arg(long, global = true, env = "VPSBACKUP_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,9 +88,10 @@ fn main() -> anyhow::Result<()> {
     let global = admin::Global {
         data_dir: cli.data_dir,
         config: cli.config,
+        key_file: cli.key_file,
     };
     match cli.command {
-        Command::Store(cmd) => store::run(cmd),
+        Command::Store(cmd) => store::run(cmd, global.key_file),
         Command::Serve(args) => serve::run(global, args),
         Command::Account(cmd) => admin::block_on(admin::account(global, cmd)),
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),

@@ -36,7 +36,8 @@ async fn open(global: &Global) -> anyhow::Result<Opened> {
     let settings = load_settings(global)?;
     let sqlite = vpsbackup_service::open_catalog(&settings.data_dir, 1).await?;
     let store = settings.store_path();
-    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+    let key = settings.store_key();
+    let repo = tokio::task::spawn_blocking(move || Repository::open_local_keyed(&store, &key))
         .await?
         .with_context(|| format!("open the store {}", settings.store_path().display()))?;
     Ok(Opened {

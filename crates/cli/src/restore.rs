@@ -57,6 +57,7 @@ pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     let store = settings.store_path();
+    let key = settings.store_key();
     // The target's format from what it is and its name, never from the
     // bytes in it (an image's first bytes may be a guest's).
     let targets: Vec<DiskImage> = args
@@ -69,7 +70,7 @@ pub async fn run(global: Global, args: RestoreArgs) -> anyhow::Result<()> {
     };
     let engine_id = b.engine_backup_id.clone();
     let summary = tokio::task::spawn_blocking(move || {
-        let repo = Repository::open_local(&store)?;
+        let repo = Repository::open_local_keyed(&store, &key)?;
         repo.restore_with(&engine_id, &targets, opts, &JobControl::new())
     })
     .await?

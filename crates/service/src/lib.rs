@@ -102,7 +102,8 @@ pub async fn run_with_clock(
     let catalog = open_catalog(&settings.data_dir, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
     let store = settings.store_path();
-    let repo = tokio::task::spawn_blocking(move || Repository::open_local(&store))
+    let key = settings.store_key();
+    let repo = tokio::task::spawn_blocking(move || Repository::open_local_keyed(&store, &key))
         .await
         .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
     let schedule_catalog: Arc<dyn vpsbackup_catalog::ScheduleCatalog> = Arc::new(catalog.clone());

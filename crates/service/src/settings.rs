@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use vpsbackup_engine::StoreKey;
 
 /// Commands run around jobs. Placeholders: `{server_id}`, `{name}`,
 /// `{hostname}`, `{backup_id}`, `{disks}` (space separated), each
@@ -67,6 +68,11 @@ pub struct Settings {
     /// Delivery of webhook events: the `[webhooks]` table (see
     /// [`crate::webhooks::WebhookSettings`]).
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Key file of an encrypted store (`vpsbackup store init --key-file`).
+    /// Without one, an encrypted store is opened with the passphrase in the
+    /// VPSBACKUP_PASSPHRASE environment variable (never in this file). A
+    /// new, empty store is created encrypted when either is set.
+    pub store_key_file: Option<PathBuf>,
 }
 
 /// Token buckets per caller (per API token; per peer IP for requests
@@ -125,6 +131,7 @@ impl Default for Settings {
             schedule: crate::scheduler::ScheduleSettings::default(),
             rate_limit: RateLimitSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
+            store_key_file: None,
         }
     }
 }
@@ -171,6 +178,23 @@ impl Settings {
     /// The engine's store directory.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("store")
+    }
+
+    /// What unlocks the store: `store_key_file`, else the passphrase in
+    /// VPSBACKUP_PASSPHRASE, else nothing (an unencrypted store).
+    pub fn store_key(&self) -> StoreKey {
+        match &self.store_key_file {
+            Some(path) => StoreKey::KeyFile(path.clone()),
+            None => passphrase_from_env(),
+        }
+    }
+}
+
+/// The passphrase in VPSBACKUP_PASSPHRASE, if set and not empty.
+pub fn passphrase_from_env() -> StoreKey {
+    match std::env::var("VPSBACKUP_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => StoreKey::Passphrase(p),
+        _ => StoreKey::None,
     }
 }
 
