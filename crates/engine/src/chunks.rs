@@ -150,17 +150,16 @@ pub(crate) fn decode_with(
 }
 
 /// Decodes a payload into `out` (exactly the chunk's length) and checks
-/// its hash there, so the bytes need no further copy; `scratch` holds the
-/// decrypted payload in an encrypted store.
+/// its hash there, so the bytes need no further copy. In an encrypted store
+/// the payload is decrypted where it lies (no copy either).
 pub(crate) fn decode_into(
     crypt: &Crypt,
     dec: &mut zstd::bulk::Decompressor<'_>,
     loc: &Location,
-    payload: &[u8],
+    payload: &mut [u8],
     out: &mut [u8],
-    scratch: &mut Vec<u8>,
 ) -> Result<(), ChunkFault> {
-    let payload = crypt.open_chunk(loc, payload, scratch)?;
+    let payload = crypt.open_chunk_in_place(loc, payload)?;
     let bad = |what: String| ChunkFault::Corrupt(format!("{what} in pack {}", loc.pack.key()));
     if out.len() != loc.entry.raw_len as usize {
         return Err(bad(format!(

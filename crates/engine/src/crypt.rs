@@ -82,6 +82,13 @@ fn chunk_ad(id: &ChunkId, raw_len: u32, flags: u32) -> [u8; 48] {
     ad
 }
 
+fn tampered_chunk(loc: &Location) -> ChunkFault {
+    ChunkFault::Tampered(format!(
+        "its bytes in pack {} fail authentication: they were modified, swapped or truncated",
+        loc.pack.key()
+    ))
+}
+
 fn object_ad(domain: &[u8; 8], key: &str) -> Vec<u8> {
     let mut ad = Vec::with_capacity(12 + key.len());
     ad.extend_from_slice(domain);
@@ -183,12 +190,7 @@ impl Crypt {
         let Some(k) = &self.0 else {
             return Ok(payload);
         };
-        let tampered = || {
-            ChunkFault::Tampered(format!(
-                "its bytes in pack {} fail authentication: they were modified, swapped or truncated",
-                loc.pack.key()
-            ))
-        };
+        let tampered = || tampered_chunk(loc);
         if payload.len() < SEAL_OVERHEAD {
             return Err(tampered());
         }
@@ -206,6 +208,33 @@ impl Crypt {
             )
             .map_err(|_| tampered())?;
         Ok(&scratch[..])
+    }
+
+    /// [`Crypt::open_chunk`] decrypting in `payload` itself (left as it
+    /// was when authentication fails); returns the plain payload within it.
+    pub(crate) fn open_chunk_in_place<'a>(
+        &self,
+        loc: &Location,
+        payload: &'a mut [u8],
+    ) -> Result<&'a [u8], ChunkFault> {
+        let Some(k) = &self.0 else {
+            return Ok(payload);
+        };
+        if payload.len() < SEAL_OVERHEAD {
+            return Err(tampered_chunk(loc));
+        }
+        let (nonce, rest) = payload.split_at_mut(NONCE_LEN);
+        let (body, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        let e = &loc.entry;
+        k.aead
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &chunk_ad(&e.id, e.raw_len, e.flags),
+                body,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| tampered_chunk(loc))?;
+        Ok(body)
     }
 
     /// Seals `plain` bound to `domain` and `key` (the object's name).

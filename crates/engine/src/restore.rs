@@ -379,8 +379,6 @@ struct Worker<'a, 'r> {
     dec: zstd::bulk::Decompressor<'static>,
     run: Run,
     payload: Vec<u8>,
-    /// A decrypted payload (encrypted stores).
-    scratch: Vec<u8>,
     target: Vec<u8>,
     full: Sender<Run>,
     free: Receiver<AlignedBuf>,
@@ -401,7 +399,6 @@ impl<'a, 'r> Worker<'a, 'r> {
                 .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?,
             run: Run { buf, len: 0, at: 0 },
             payload: Vec::new(),
-            scratch: Vec::new(),
             target: vec![0u8; d.manifest.header.chunk_size as usize],
             full,
             free,
@@ -459,12 +456,10 @@ impl<'a, 'r> Worker<'a, 'r> {
                     let stored = loc.entry.stored_len as usize;
                     self.make_room(off, len)?;
                     let slot = &mut self.run.buf[self.run.len..self.run.len + len];
-                    let p = &self.payload[at..at + stored];
+                    let p = &mut self.payload[at..at + stored];
                     // A bad copy: the slow path below tries every copy.
-                    let (crypt, scratch) = (&d.inner.crypt, &mut self.scratch);
-                    if crate::chunks::decode_into(crypt, &mut self.dec, loc, p, slot, scratch)
-                        .is_err()
-                    {
+                    let crypt = &d.inner.crypt;
+                    if crate::chunks::decode_into(crypt, &mut self.dec, loc, p, slot).is_err() {
                         break;
                     }
                     self.run.len += len;
