@@ -47,6 +47,10 @@ struct Cli {
     /// Keep the work dir for inspection.
     #[arg(long)]
     keep: bool,
+    /// Also run every step on an encrypted store (a key file; tool
+    /// `ours-enc`) in the same run, and print its cost against ours.
+    #[arg(long)]
+    with_encryption: bool,
 }
 
 /// One engine step, run in a child process so its memory is measured alone.
@@ -78,11 +82,16 @@ enum EngineOp {
         id: String,
         server: String,
         disks: Vec<PathBuf>,
+        /// The store's key file: an empty store is created encrypted.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     Restore {
         store: PathBuf,
         id: String,
         targets: Vec<PathBuf>,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -123,16 +132,18 @@ fn main() -> anyhow::Result<()> {
 
 /// The child side: one backup or restore through the engine, summary as JSON.
 fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
-    use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, Repository};
+    use vpsbackup_engine::{BackupRequest, DiskImage, JobControl, Repository, StoreKey};
     let job = JobControl::new();
+    let key = |k: Option<PathBuf>| k.map_or(StoreKey::None, StoreKey::KeyFile);
     let out = match op {
         EngineOp::Backup {
             store,
             id,
             server,
             disks,
+            key_file,
         } => {
-            let repo = Repository::open_local(&store)?;
+            let repo = Repository::open_local_keyed(&store, &key(key_file))?;
             let s = repo.backup(
                 &BackupRequest {
                     backup_id: id,
@@ -150,8 +161,13 @@ fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
                 "chunks_new": s.chunks_new,
             })
         }
-        EngineOp::Restore { store, id, targets } => {
-            let repo = Repository::open_local(&store)?;
+        EngineOp::Restore {
+            store,
+            id,
+            targets,
+            key_file,
+        } => {
+            let repo = Repository::open_local_keyed(&store, &key(key_file))?;
             let s = repo.restore(&id, &targets, &job)?;
             json!({
                 "bytes_written": s.bytes_written,
@@ -189,6 +205,7 @@ struct Bench {
     qcow2_data: u64,
     work: tempfile::TempDir,
     peers: Vec<&'static str>,
+    with_encryption: bool,
     exe: PathBuf,
 }
 
@@ -237,6 +254,7 @@ impl Bench {
             base_qcow2,
             work,
             peers,
+            with_encryption: cli.with_encryption,
             exe: std::env::current_exe().context("locate own binary")?,
         })
         .map(|b| {
@@ -257,7 +275,12 @@ impl Bench {
     fn run_once(&self, run: usize) -> anyhow::Result<Vec<StepResult>> {
         let dir = self.work.path().join(format!("run{run}"));
         std::fs::create_dir_all(&dir)?;
-        let mut results = self.run_ours(&dir)?;
+        let mut results = self.run_ours(&dir, None)?;
+        if self.with_encryption {
+            let key = dir.join("store.key");
+            vpsbackup_engine::generate_key_file(&key).context("write the key file")?;
+            results.extend(self.run_ours(&dir.join("enc"), Some(&key))?);
+        }
         for &name in &self.peers {
             results.extend(self.run_peer(name, &dir)?);
         }
@@ -271,7 +294,15 @@ impl Bench {
         cmd
     }
 
-    fn run_ours(&self, dir: &Path) -> anyhow::Result<Vec<StepResult>> {
+    /// Every step on a fresh store in `dir`; with `key`, an encrypted
+    /// store (tool `ours-enc`).
+    fn run_ours(&self, dir: &Path, key: Option<&Path>) -> anyhow::Result<Vec<StepResult>> {
+        let tool = if key.is_some() { "ours-enc" } else { "ours" };
+        let with_key = |cmd: &mut Command| {
+            if let Some(k) = key {
+                cmd.arg("--key-file").arg(k);
+            }
+        };
         let store = dir.join("store");
         std::fs::create_dir_all(&store)?;
         let mut out = Vec::new();
@@ -291,6 +322,7 @@ impl Bench {
             let before = dir_usage(&store)?.0;
             let mut cmd = self.engine("backup");
             cmd.arg(&store).arg(id).arg(server).arg(image);
+            with_key(&mut cmd);
             let m = run_measured(&mut cmd, &dir.join(format!("backup-{id}.log")))?;
             let growth = dir_usage(&store)?.0.saturating_sub(before);
             let summary: serde_json::Value =
@@ -299,18 +331,18 @@ impl Bench {
                 "{} of {} chunks new",
                 summary["chunks_new"], summary["chunks_total"]
             );
-            out.push(result(step, "ours", &m, data, Some(growth), note));
-            eprintln!("  ours: {step}: {:.2} s", m.wall.as_secs_f64());
+            out.push(result(step, tool, &m, data, Some(growth), note));
+            eprintln!("  {tool}: {step}: {:.2} s", m.wall.as_secs_f64());
         }
 
         let (store_bytes, store_files) = dir_usage(&store)?;
         let new_raw = dir.join("restore-new.raw");
-        let m = self.restore(&store, &new_raw, dir)?;
+        let m = self.restore(&store, &new_raw, dir, key)?;
         let sparse = allocated_bytes(&new_raw)?;
         self.check_restored(&new_raw)?;
         out.push(result(
             STEP_RESTORE_NEW,
-            "ours",
+            tool,
             &m,
             self.base_data,
             None,
@@ -326,12 +358,12 @@ impl Bench {
         copy_sparse(&self.day2_raw, &inplace)?;
         // The copy's writeback belongs to the setup, not to the restore.
         std::fs::File::open(&inplace)?.sync_all()?;
-        let m = self.restore(&store, &inplace, dir)?;
+        let m = self.restore(&store, &inplace, dir, key)?;
         self.check_restored(&inplace)?;
         let summary: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
         out.push(result(
             STEP_RESTORE_INPLACE,
-            "ours",
+            tool,
             &m,
             self.base_data,
             None,
@@ -343,11 +375,11 @@ impl Bench {
         std::fs::remove_file(&inplace)?;
 
         let qcow = dir.join("restore-new.qcow2");
-        let m = self.restore(&store, &qcow, dir)?;
+        let m = self.restore(&store, &qcow, dir, key)?;
         self.check_restored(&qcow)?;
         out.push(result(
             STEP_RESTORE_QCOW2,
-            "ours",
+            tool,
             &m,
             self.base_data,
             None,
@@ -371,17 +403,27 @@ impl Bench {
         Ok(out)
     }
 
-    fn restore(&self, store: &Path, target: &Path, dir: &Path) -> anyhow::Result<Measured> {
+    fn restore(
+        &self,
+        store: &Path,
+        target: &Path,
+        dir: &Path,
+        key: Option<&Path>,
+    ) -> anyhow::Result<Measured> {
         warm_tree(store)?;
         let mut cmd = self.engine("restore");
         cmd.arg(store).arg("base").arg(target);
+        if let Some(k) = key {
+            cmd.arg("--key-file").arg(k);
+        }
         let log = dir.join(format!(
             "restore-{}.log",
             target.file_name().unwrap_or_default().to_string_lossy()
         ));
         let m = run_measured(&mut cmd, &log)?;
         eprintln!(
-            "  ours: restore -> {}: {:.2} s",
+            "  {}: restore -> {}: {:.2} s",
+            if key.is_some() { "ours-enc" } else { "ours" },
             target.display(),
             m.wall.as_secs_f64()
         );
@@ -523,8 +565,9 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
     let mut groups: BTreeMap<(usize, usize), Vec<&StepResult>> = BTreeMap::new();
     let tool_rank = |t: &str| match t {
         "ours" => 0,
-        "restic" => 1,
-        _ => 2,
+        "ours-enc" => 1,
+        "restic" => 2,
+        _ => 3,
     };
     for r in all {
         let step = STEPS.iter().position(|s| *s == r.step).unwrap_or(99);
@@ -595,7 +638,27 @@ fn print_report(all: &[StepResult], runs: usize, bench: &Bench) {
     }
 
     let find = |step: &str, tool: &str| rows.iter().find(|r| r.step == step && r.tool == tool);
-    if rows.iter().any(|r| r.tool != "ours") {
+    if rows.iter().any(|r| r.tool == "ours-enc") {
+        println!();
+        println!("encryption cost (ours-enc / ours, medians; target: under +10%):");
+        for step in [STEP_FULL, STEP_DAY2, STEP_RESTORE_NEW] {
+            if let (Some(o), Some(e)) = (find(step, "ours"), find(step, "ours-enc")) {
+                let wall = e.wall / o.wall - 1.0;
+                let cpu = e.cpu / o.cpu - 1.0;
+                println!(
+                    "  {} {step:<38} wall {:.2} s vs {:.2} s ({:+.1}%), cpu {:.2} s vs {:.2} s ({:+.1}%)",
+                    if wall < 0.10 { "ok  " } else { "MISS" },
+                    e.wall,
+                    o.wall,
+                    wall * 100.0,
+                    e.cpu,
+                    o.cpu,
+                    cpu * 100.0
+                );
+            }
+        }
+    }
+    if rows.iter().any(|r| r.tool == "restic" || r.tool == "borg") {
         println!();
         println!("speed ratios (their wall time / ours; higher is better for us):");
         for step in STEPS {

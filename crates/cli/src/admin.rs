@@ -26,6 +26,8 @@ pub struct Global {
     pub s3_region: Option<String>,
     /// `--database-url`: the catalog, when not the data dir's SQLite file.
     pub database_url: Option<String>,
+    /// `--key-file`: unlocks an encrypted store (wins over config.toml).
+    pub key_file: Option<PathBuf>,
 }
 
 /// The store's address for messages (never credentials).
@@ -58,6 +60,9 @@ pub fn load_settings(global: &Global) -> anyhow::Result<Settings> {
     }
     if let Some(url) = &global.database_url {
         settings.database_url = Some(vpsbackup_service::DatabaseUrl(url.clone()));
+    }
+    if let Some(k) = &global.key_file {
+        settings.store_key_file = Some(k.clone());
     }
     if let Ok(v) = std::env::var("VPSBACKUP_HOOK_TIMEOUT_SECS") {
         settings.hook_timeout_secs = v.parse().context("VPSBACKUP_HOOK_TIMEOUT_SECS")?;

@@ -54,6 +54,11 @@ struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// Key file of an encrypted store (overrides `store_key_file` in
+    /// config.toml); without one, the passphrase in VPSBACKUP_PASSPHRASE.
+    /// `store init` creates it when it does not exist.
+    #[arg(long, global = true, env = "VPSBACKUP_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         s3_endpoint: cli.s3_endpoint,
         s3_region: cli.s3_region,
         database_url: cli.database_url,
+        key_file: cli.key_file,
     };
     match cli.command {
         Command::Store(cmd) => store::run(cmd, &global),

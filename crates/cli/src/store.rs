@@ -12,12 +12,28 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use vpsbackup_engine::{
-    BackupRequest, DiskImage, GcExclusion, JobControl, LocalStorage, Repository, RequestCounts,
-    StoreLocation,
+    BackupRequest, DiskImage, EngineOptions, GcExclusion, JobControl, LocalStorage, Repository,
+    RequestCounts, StoreKey, StoreLocation,
 };
 
 #[derive(Subcommand)]
 pub enum StoreCommand {
+    /// Create a new store in an empty (or absent) directory: encrypted by
+    /// default, with the key file --key-file (written when it does not
+    /// exist: keep a copy apart from the store) or the passphrase in
+    /// VPSBACKUP_PASSPHRASE.
+    Init {
+        dir: PathBuf,
+        /// Create an unencrypted store instead.
+        #[arg(long)]
+        no_encryption: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An encrypted store's keys: each one opens the store; add a new one
+    /// and remove the old to rotate without rewriting data.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// List the backups a store holds.
     Ls {
         dir: PathBuf,
@@ -105,11 +121,37 @@ pub enum StoreCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// List the store's keys.
+    List {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a key (opening the store with --key-file or VPSBACKUP_PASSPHRASE):
+    /// a key file (written when it does not exist) or the passphrase in
+    /// VPSBACKUP_NEW_PASSPHRASE.
+    Add {
+        dir: PathBuf,
+        /// The new key file.
+        #[arg(long, conflicts_with = "new_passphrase")]
+        new_key_file: Option<PathBuf>,
+        /// The new key is the passphrase in VPSBACKUP_NEW_PASSPHRASE.
+        #[arg(long)]
+        new_passphrase: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key by its id (refused for the last one).
+    Remove { dir: PathBuf, id: String },
+}
+
 /// The global `--s3-endpoint` and `--s3-region`, set once by [`run`].
 static S3_FLAGS: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
 
 /// Opens an existing store; only `backup` may create one.
-fn open_existing(dir: &Path) -> anyhow::Result<Repository> {
+fn open_existing(dir: &Path, key: &StoreKey) -> anyhow::Result<Repository> {
     let location = location(dir)?;
     if let StoreLocation::Local(dir) = &location {
         if !dir.join("config").is_file() {
@@ -118,7 +160,7 @@ fn open_existing(dir: &Path) -> anyhow::Result<Repository> {
                 dir.display()
             );
         }
-        return open(dir);
+        return open(dir, key);
     }
     let storage = location
         .open()
@@ -126,7 +168,13 @@ fn open_existing(dir: &Path) -> anyhow::Result<Repository> {
     if storage.head("config")?.is_none() {
         bail!("{location} is not a vpsbackup store (no config object)");
     }
-    Repository::open(storage).with_context(|| format!("open store {location}"))
+    Repository::open_keyed(
+        storage,
+        EngineOptions::default(),
+        vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        key,
+    )
+    .with_context(|| format!("open store {location}"))
 }
 
 fn location(dir: &Path) -> anyhow::Result<StoreLocation> {
@@ -138,13 +186,169 @@ fn location(dir: &Path) -> anyhow::Result<StoreLocation> {
     )?)
 }
 
-fn open(dir: &Path) -> anyhow::Result<Repository> {
+/// Opens a store; an empty one is created, encrypted when a key is given.
+fn open(dir: &Path, key: &StoreKey) -> anyhow::Result<Repository> {
     if let loc @ StoreLocation::S3(_) = location(dir)? {
-        return Repository::open_location(&loc).with_context(|| format!("open store {loc}"));
+        return Repository::open_location_keyed(&loc, key)
+            .with_context(|| format!("open store {loc}"));
     }
     let storage =
         LocalStorage::new(dir).with_context(|| format!("open store {}", dir.display()))?;
-    Repository::open(Arc::new(storage)).with_context(|| format!("open store {}", dir.display()))
+    Repository::open_keyed(
+        Arc::new(storage),
+        EngineOptions::default(),
+        vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        key,
+    )
+    .with_context(|| format!("open store {}", dir.display()))
+}
+
+/// The key `--key-file` names, else the passphrase in VPSBACKUP_PASSPHRASE.
+fn key_from(key_file: Option<PathBuf>) -> StoreKey {
+    match key_file {
+        Some(p) => StoreKey::KeyFile(p),
+        None => vpsbackup_service::settings::passphrase_from_env(),
+    }
+}
+
+/// A key file to make a key from: written first when it does not exist.
+fn ensure_key_file(path: &Path) -> anyhow::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    vpsbackup_engine::generate_key_file(path)
+        .with_context(|| format!("write the key file {}", path.display()))?;
+    Ok(true)
+}
+
+fn init(
+    dir: &Path,
+    no_encryption: bool,
+    key_file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = key_from(key_file);
+    if no_encryption && !key.is_none() {
+        bail!("--no-encryption takes no key: leave out --key-file and VPSBACKUP_PASSPHRASE");
+    }
+    let mut wrote_key_file = false;
+    match &key {
+        StoreKey::None if !no_encryption => bail!(
+            "an encrypted store needs a key: give --key-file PATH (written when it does not exist) or set VPSBACKUP_PASSPHRASE; or create an unencrypted store with --no-encryption"
+        ),
+        StoreKey::KeyFile(p) => wrote_key_file = ensure_key_file(p)?,
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let storage =
+        LocalStorage::new(dir).with_context(|| format!("open store {}", dir.display()))?;
+    let repo = Repository::init(
+        Arc::new(storage),
+        EngineOptions::default(),
+        vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        &key,
+    )
+    .with_context(|| format!("create a store in {}", dir.display()))?;
+    let keys = repo.list_keys()?;
+    if json {
+        println!(
+            "{}",
+            json!({"op": "init", "store_id": repo.config().store_id, "encrypted": repo.is_encrypted(),
+                   "key_ids": keys.iter().map(|k| &k.id).collect::<Vec<_>>()})
+        );
+    } else if repo.is_encrypted() {
+        println!(
+            "created encrypted store {} in {} (key {}, {})",
+            repo.config().store_id,
+            dir.display(),
+            keys[0].id,
+            keys[0].kind
+        );
+        if let (true, StoreKey::KeyFile(p)) = (wrote_key_file, &key) {
+            println!(
+                "wrote the key file {}: keep a copy apart from the store; without a key the data cannot be read",
+                p.display()
+            );
+        }
+    } else {
+        println!(
+            "created unencrypted store {} in {}",
+            repo.config().store_id,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn key_command(cmd: KeyCommand, key: &StoreKey) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::List { dir, json } => {
+            let repo = open_existing(&dir, key)?;
+            let keys = repo.list_keys()?;
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|k| json!({"id": k.id, "kind": k.kind, "created_at_ms": k.created_at_ms,
+                                    "argon2": k.argon2.map(|(m, t, p)| json!({"memory_kib": m, "passes": t, "lanes": p}))}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"encrypted": repo.is_encrypted(), "keys": list})
+                );
+            } else if !repo.is_encrypted() {
+                println!("the store is not encrypted; it has no keys");
+            } else {
+                println!(
+                    "{:<18} {:<11} {:<14} PARAMETERS",
+                    "KEY", "KIND", "CREATED(ms)"
+                );
+                for k in keys {
+                    let params = k
+                        .argon2
+                        .map(|(m, t, p)| format!("argon2id m={m}KiB t={t} p={p}"))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<18} {:<11} {:<14} {params}",
+                        k.id, k.kind, k.created_at_ms
+                    );
+                }
+            }
+        }
+        KeyCommand::Add {
+            dir,
+            new_key_file,
+            new_passphrase,
+            json,
+        } => {
+            let new = match (new_key_file, new_passphrase) {
+                (Some(p), false) => StoreKey::KeyFile(p),
+                (None, true) => match std::env::var("VPSBACKUP_NEW_PASSPHRASE") {
+                    Ok(p) if !p.is_empty() => StoreKey::Passphrase(p),
+                    _ => bail!("--new-passphrase reads the new passphrase from VPSBACKUP_NEW_PASSPHRASE, which is not set"),
+                },
+                _ => bail!("give the new key: --new-key-file PATH or --new-passphrase"),
+            };
+            let repo = open_existing(&dir, key)?;
+            if !repo.is_encrypted() {
+                bail!("the store is not encrypted, so it has no keys to add to");
+            }
+            if let StoreKey::KeyFile(p) = &new {
+                ensure_key_file(p)?;
+            }
+            let k = repo.add_key(&new)?;
+            if json {
+                println!("{}", json!({"op": "key-add", "id": k.id, "kind": k.kind}));
+            } else {
+                println!("added key {} ({})", k.id, k.kind);
+            }
+        }
+        KeyCommand::Remove { dir, id } => {
+            let repo = open_existing(&dir, key)?;
+            repo.remove_key(&id)?;
+            println!("removed key {id}");
+        }
+    }
+    Ok(())
 }
 
 /// Requests the store's backend sent since `before` (object stores only).
@@ -177,9 +381,20 @@ fn mib(b: u64) -> f64 {
 
 pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<()> {
     let _ = S3_FLAGS.set((global.s3_endpoint.clone(), global.s3_region.clone()));
+    let key = &match &cmd {
+        // Init makes its key itself (and may write the key file).
+        StoreCommand::Init { .. } => StoreKey::None,
+        _ => key_from(global.key_file.clone()),
+    };
     match cmd {
+        StoreCommand::Init {
+            dir,
+            no_encryption,
+            json,
+        } => init(&dir, no_encryption, global.key_file.clone(), json)?,
+        StoreCommand::Key(cmd) => key_command(cmd, key)?,
         StoreCommand::Ls { dir, json } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let backups = repo.list_backups()?;
             // Damaged manifests are left out of the list: name them.
             for id in repo.backup_ids()? {
@@ -215,7 +430,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             }
         }
         StoreCommand::Show { dir, backup, json } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let b = repo.backup_info(&backup)?;
             let disks: Vec<_> = b
                 .disks
@@ -255,7 +470,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
                     }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let repo = open(&dir)?;
+            let repo = open(&dir, key)?;
             let req = BackupRequest {
                 backup_id: id,
                 server_id,
@@ -300,7 +515,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             to,
             json,
         } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let start = Instant::now();
             let before = repo.storage().request_counts();
             let job = JobControl::new();
@@ -334,7 +549,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             }
         }
         StoreCommand::Verify { dir, backup, json } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let start = Instant::now();
             let report = repo.verify(backup.as_deref(), &JobControl::new())?;
             let secs = start.elapsed().as_secs_f64();
@@ -344,6 +559,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
                     .iter()
                     .map(|b| json!({"backup_id": b.backup_id, "ok": b.is_ok(),
                                     "missing_chunks": b.missing_chunks, "corrupt_chunks": b.corrupt_chunks,
+                                    "tampered_chunks": b.tampered_chunks,
                                     "manifest_error": b.manifest_error}))
                     .collect();
                 println!(
@@ -371,7 +587,11 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
                             println!("  missing {c}");
                         }
                         for c in &b.corrupt_chunks {
-                            println!("  corrupt {c}");
+                            if b.tampered_chunks.contains(c) {
+                                println!("  tampered {c} (fails authentication)");
+                            } else {
+                                println!("  corrupt {c}");
+                            }
                         }
                     }
                 }
@@ -388,7 +608,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             }
         }
         StoreCommand::Delete { dir, backup } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             repo.backup_info(&backup)?;
             repo.delete_backup(&backup)?;
             println!("deleted {backup}; run gc to reclaim its space");
@@ -399,7 +619,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             exclusive,
             json,
         } => {
-            let mut repo = open_existing(&dir)?;
+            let mut repo = open_existing(&dir, key)?;
             let mut o = repo.options().clone();
             if let Some(g) = grace {
                 o.gc_grace = Duration::from_secs(g);
@@ -431,7 +651,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             }
         }
         StoreCommand::RebuildIndex { dir, json } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let r = repo.rebuild_index()?;
             if json {
                 println!(
@@ -453,7 +673,7 @@ pub fn run(cmd: StoreCommand, global: &crate::admin::Global) -> anyhow::Result<(
             }
         }
         StoreCommand::Stats { dir, json } => {
-            let repo = open_existing(&dir)?;
+            let repo = open_existing(&dir, key)?;
             let s = repo.stats()?;
             if json {
                 println!(

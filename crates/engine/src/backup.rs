@@ -15,6 +15,7 @@
 //! The pool size bounds how far the reader may run ahead of the writer.
 
 use crate::chunks::compress_into;
+use crate::crypt::SEAL_OVERHEAD;
 use crate::fence::WriterGuard;
 use crate::format::{
     encode_chunk_list, now_ms, random_hex, ChunkId, IndexFile, Manifest, ManifestDisk,
@@ -451,6 +452,7 @@ impl Pipeline<'_> {
         let mut compressor = zstd::bulk::Compressor::new(self.inner.options.zstd_level)
             .map_err(|e| EngineError::Internal(format!("zstd: {e}")))?;
         let mut scratch = Vec::new();
+        let crypt = &self.inner.crypt;
         for item in work {
             let out = match item {
                 Work::Zero { seq, disk, len } => Done {
@@ -485,7 +487,7 @@ impl Pipeline<'_> {
                     let mut payload = self.spare_payloads.1.try_recv().unwrap_or_default();
                     payload.clear();
                     // Room for the worst case up front: no regrowth while compressing.
-                    payload.reserve(len);
+                    payload.reserve(len + len.div_ceil(self.chunk_size) * SEAL_OVERHEAD);
                     for (k, raw) in buf[..len].chunks(self.chunk_size).enumerate() {
                         if let Some(Some(id)) = reuse.get(k) {
                             chunks.push(ChunkOut::reused(*id));
@@ -495,13 +497,14 @@ impl Pipeline<'_> {
                             chunks.push(ChunkOut::Zero);
                             continue;
                         }
-                        let id = ChunkId::of(raw);
+                        let id = crypt.chunk_id(raw);
                         if self.index.has_for_dedup(&id) || !self.claim(id) {
                             chunks.push(ChunkOut::Known(id));
                             continue;
                         }
-                        let start = payload.len();
+                        let start = crypt.begin_chunk(&mut payload);
                         let flags = compress_into(&mut compressor, &mut scratch, raw, &mut payload);
+                        crypt.end_chunk(&mut payload, start, &id, raw.len() as u32, flags);
                         chunks.push(ChunkOut::New {
                             id,
                             start,
@@ -786,11 +789,14 @@ impl PackWriter<'_, '_> {
             ChunkId::ZERO
         } else {
             let raw = encode_chunk_list(&self.current);
-            let id = ChunkId::of(&raw);
+            let crypt = &self.p.inner.crypt;
+            let id = crypt.chunk_id(&raw);
             if !self.p.index.has_for_dedup(&id) && self.p.claim(id) {
                 let mut payload = Vec::new();
+                let start = crypt.begin_chunk(&mut payload);
                 let flags =
                     compress_into(&mut self.compressor, &mut Vec::new(), &raw, &mut payload);
+                crypt.end_chunk(&mut payload, start, &id, raw.len() as u32, flags);
                 self.out.stored_bytes += payload.len() as u64;
                 self.pack.add(id, &payload, raw.len() as u32, flags);
             }
@@ -807,9 +813,10 @@ impl PackWriter<'_, '_> {
             Err(_) => PackBuilder::new(self.p.inner.options.pack_target + BLOCK),
         };
         let pack = std::mem::replace(&mut self.pack, next);
-        let (bytes, entries) = pack.finish();
+        let id = PackId::random();
+        let (bytes, entries) = pack.finish_as(&self.p.inner.crypt, Some(id));
         self.packs
-            .send((PackId::random(), bytes, entries))
+            .send((id, bytes, entries))
             .map_err(|_| EngineError::Internal("the pack uploader stopped".into()))
     }
 }

@@ -3,6 +3,7 @@
 //! reader (restore, verify, GC's repack) goes through here, so no path
 //! hands out bytes that were not verified.
 
+use crate::crypt::Crypt;
 use crate::format::{ChunkId, FLAG_ZSTD};
 use crate::index::{ChunkIndex, Location};
 use crate::storage::{Storage, StorageError};
@@ -14,6 +15,34 @@ pub(crate) enum ChunkFault {
     Missing,
     /// Stored, but the bytes do not decode to the chunk's hash.
     Corrupt(String),
+    /// In an encrypted store: the stored bytes fail authentication (they
+    /// were modified, swapped for others, or truncated).
+    Tampered(String),
+}
+
+impl ChunkFault {
+    /// The error for chunk `id` (of `backup`, when known) with this fault.
+    pub(crate) fn into_error(self, id: &ChunkId, backup: Option<&str>) -> crate::EngineError {
+        let backup = backup.map(str::to_owned);
+        match self {
+            ChunkFault::Missing => crate::EngineError::MissingChunk {
+                chunk: id.to_hex(),
+                backup,
+            },
+            ChunkFault::Corrupt(detail) => crate::EngineError::Corrupt {
+                chunk: id.to_hex(),
+                backup,
+                detail,
+            },
+            ChunkFault::Tampered(detail) => crate::EngineError::Tampered {
+                object: match backup {
+                    Some(b) => format!("chunk {id} of backup {b}"),
+                    None => format!("chunk {id}"),
+                },
+                detail,
+            },
+        }
+    }
 }
 
 /// Fetches, decompresses and verifies chunk `id`; tries every known copy
@@ -21,6 +50,7 @@ pub(crate) enum ChunkFault {
 /// fail) to `bad`, for the caller to quarantine. The outer error is a
 /// storage failure (retryable); the inner is the chunk's fault.
 pub(crate) fn fetch_noting(
+    crypt: &Crypt,
     storage: &dyn Storage,
     index: &ChunkIndex,
     id: &ChunkId,
@@ -28,7 +58,7 @@ pub(crate) fn fetch_noting(
 ) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
     let mut fault = ChunkFault::Missing;
     for loc in index.locations(id) {
-        match fetch_at(storage, &loc)? {
+        match fetch_at(crypt, storage, &loc)? {
             Ok(data) => return Ok(Ok(data)),
             Err(ChunkFault::Missing) => bad.push((loc, ChunkFault::Missing)),
             Err(f) => {
@@ -42,6 +72,7 @@ pub(crate) fn fetch_noting(
 
 /// Reads the stored (possibly compressed) payload of one location.
 pub(crate) fn fetch_payload(
+    crypt: &Crypt,
     storage: &dyn Storage,
     loc: &Location,
 ) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
@@ -52,36 +83,48 @@ pub(crate) fn fetch_payload(
     ) {
         Ok(p) => Ok(Ok(p)),
         Err(StorageError::NotFound(_)) => Ok(Err(ChunkFault::Missing)),
-        Err(StorageError::OutOfRange { .. }) => Ok(Err(ChunkFault::Corrupt(format!(
-            "pack {} is truncated",
-            loc.pack.key()
-        )))),
+        Err(StorageError::OutOfRange { .. }) => Ok(Err(truncated(crypt, loc))),
         Err(e) => Err(e),
     }
 }
 
+/// A chunk past the end of its pack: in an encrypted store, where nothing
+/// changes without the key, that is tampering too.
+pub(crate) fn truncated(crypt: &Crypt, loc: &Location) -> ChunkFault {
+    let what = format!("pack {} is truncated", loc.pack.key());
+    if crypt.is_sealed() {
+        ChunkFault::Tampered(what)
+    } else {
+        ChunkFault::Corrupt(what)
+    }
+}
+
 fn fetch_at(
+    crypt: &Crypt,
     storage: &dyn Storage,
     loc: &Location,
 ) -> Result<Result<Vec<u8>, ChunkFault>, StorageError> {
-    let payload = match fetch_payload(storage, loc)? {
+    let payload = match fetch_payload(crypt, storage, loc)? {
         Ok(p) => p,
         Err(f) => return Ok(Err(f)),
     };
-    Ok(decode(loc, &payload))
+    Ok(decode(crypt, loc, &payload))
 }
 
-/// Decompresses a payload and checks its hash.
-pub(crate) fn decode(loc: &Location, payload: &[u8]) -> Result<Vec<u8>, ChunkFault> {
-    decode_with(None, loc, payload)
+/// Opens (encrypted stores), decompresses a payload and checks its hash.
+pub(crate) fn decode(crypt: &Crypt, loc: &Location, payload: &[u8]) -> Result<Vec<u8>, ChunkFault> {
+    decode_with(crypt, None, loc, payload)
 }
 
 /// [`decode`] with a reusable decompression context (saves its setup per chunk).
 pub(crate) fn decode_with(
+    crypt: &Crypt,
     dec: Option<&mut zstd::bulk::Decompressor<'_>>,
     loc: &Location,
     payload: &[u8],
 ) -> Result<Vec<u8>, ChunkFault> {
+    let mut scratch = Vec::new();
+    let payload = crypt.open_chunk(loc, payload, &mut scratch)?;
     let raw = if loc.entry.flags & FLAG_ZSTD != 0 {
         let cap = loc.entry.raw_len as usize;
         match dec {
@@ -97,7 +140,7 @@ pub(crate) fn decode_with(
     } else {
         payload.to_vec()
     };
-    if raw.len() != loc.entry.raw_len as usize || ChunkId::of(&raw) != loc.entry.id {
+    if raw.len() != loc.entry.raw_len as usize || crypt.chunk_id(&raw) != loc.entry.id {
         return Err(ChunkFault::Corrupt(format!(
             "its bytes in pack {} do not match its hash",
             loc.pack.key()
@@ -107,13 +150,16 @@ pub(crate) fn decode_with(
 }
 
 /// Decodes a payload into `out` (exactly the chunk's length) and checks
-/// its hash there, so the bytes need no further copy.
+/// its hash there, so the bytes need no further copy. In an encrypted store
+/// the payload is decrypted where it lies (no copy either).
 pub(crate) fn decode_into(
+    crypt: &Crypt,
     dec: &mut zstd::bulk::Decompressor<'_>,
     loc: &Location,
-    payload: &[u8],
+    payload: &mut [u8],
     out: &mut [u8],
 ) -> Result<(), ChunkFault> {
+    let payload = crypt.open_chunk_in_place(loc, payload)?;
     let bad = |what: String| ChunkFault::Corrupt(format!("{what} in pack {}", loc.pack.key()));
     if out.len() != loc.entry.raw_len as usize {
         return Err(bad(format!(
@@ -134,7 +180,7 @@ pub(crate) fn decode_into(
     } else {
         return Err(bad("its stored length is wrong".into()));
     }
-    if ChunkId::of(out) != loc.entry.id {
+    if crypt.chunk_id(out) != loc.entry.id {
         return Err(bad("its bytes do not match its hash".into()));
     }
     Ok(())

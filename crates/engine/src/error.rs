@@ -34,6 +34,15 @@ pub enum EngineError {
     /// A stored object (config, manifest, index, pack trailer) that fails its magic or checksum.
     #[error("Stored object {object} is damaged: {detail}.")]
     BadObject { object: String, detail: String },
+    /// An encrypted store's object or chunk that fails authentication: it
+    /// was modified, swapped for another, or truncated (or damaged in a way
+    /// no one can tell from that).
+    #[error("Stored object {object} was tampered with: {detail}.")]
+    Tampered { object: String, detail: String },
+    /// An encrypted store opened without a key, or with a key that is not
+    /// one of its keys; the text says which.
+    #[error("{0}")]
+    Key(String),
     #[error("Disk access failed: {0}")]
     Disk(#[from] DiskError),
     /// The store's filesystem is full. What the job wrote so far is
@@ -52,6 +61,10 @@ impl From<StorageError> for EngineError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::NoSpace { .. } => EngineError::StoreFull,
+            StorageError::Tampered { key, detail } => EngineError::Tampered {
+                object: key,
+                detail,
+            },
             e => EngineError::Storage(e),
         }
     }

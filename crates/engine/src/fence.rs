@@ -70,14 +70,15 @@ impl WriterGuard {
             if let Some(g) = Self::register_at(inner, "gc", GC_LOCK.to_owned())? {
                 return Ok(g);
             }
-            let obj = match inner.storage.get(GC_LOCK) {
-                Ok(o) => o,
+            let live = match inner.storage.get(GC_LOCK) {
+                Ok(obj) => decode_json::<WriterMarker>(WRITER_MAGIC, GC_LOCK, &obj)
+                    .map(|m| is_live(inner, &m))
+                    .unwrap_or(false),
                 Err(StorageError::NotFound(_)) => continue,
+                // A lock no one with the key wrote holds nothing.
+                Err(StorageError::Tampered { .. }) => false,
                 Err(e) => return Err(e.into()),
             };
-            let live = decode_json::<WriterMarker>(WRITER_MAGIC, GC_LOCK, &obj)
-                .map(|m| is_live(inner, &m))
-                .unwrap_or(false);
             if live {
                 return Err(EngineError::InvalidRequest(
                     "another garbage collection is running on this store; try again when it has finished".into(),
@@ -253,12 +254,14 @@ pub(crate) fn live_writers(inner: &RepoInner) -> Result<Vec<u64>, EngineError> {
     let stale_ms = inner.options.writer_stale_after.as_millis() as u64;
     let mut starts = Vec::new();
     for meta in inner.storage.list("writers/")? {
-        let obj = match inner.storage.get(&meta.key) {
-            Ok(o) => o,
+        let marker = match inner.storage.get(&meta.key) {
+            Ok(o) => decode_json::<WriterMarker>(WRITER_MAGIC, &meta.key, &o),
             Err(StorageError::NotFound(_)) => continue,
+            // Judged like a damaged marker, below.
+            Err(e @ StorageError::Tampered { .. }) => Err(e.into()),
             Err(e) => return Err(e.into()),
         };
-        let stale = match decode_json::<WriterMarker>(WRITER_MAGIC, &meta.key, &obj) {
+        let stale = match marker {
             Ok(m) => {
                 if is_live(inner, &m) {
                     starts.push(m.started_at_ms);

@@ -186,11 +186,25 @@ impl PackBuilder {
     }
 
     /// Appends the trailer and footer; returns the pack bytes and its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
+    pub fn finish(self) -> (Vec<u8>, Vec<PackEntry>) {
+        self.finish_as(&crate::crypt::Crypt::plain(), None)
+    }
+
+    /// [`PackBuilder::finish`] for pack `id` of a store sealed by `crypt`:
+    /// an encrypted store's pack has version 2 and a sealed trailer.
+    pub(crate) fn finish_as(
+        mut self,
+        crypt: &crate::crypt::Crypt,
+        id: Option<PackId>,
+    ) -> (Vec<u8>, Vec<PackEntry>) {
         let trailer_offset = self.buf.len() as u64;
         let mut trailer = Vec::with_capacity(self.entries.len() * PACK_ENTRY_LEN);
         for e in &self.entries {
             e.encode(&mut trailer);
+        }
+        if let Some(id) = id.filter(|_| crypt.is_sealed()) {
+            self.buf[8..12].copy_from_slice(&crypt.pack_version().to_le_bytes());
+            trailer = crypt.seal_bytes(PACK_END_MAGIC, &id.key(), &trailer);
         }
         let crc = crc32fast::hash(&trailer);
         self.buf.extend_from_slice(&trailer);
@@ -218,10 +232,25 @@ pub fn decode_pack_trailer(
     count: u32,
     crc: u32,
 ) -> Result<Vec<PackEntry>, EngineError> {
-    if trailer.len() != count as usize * PACK_ENTRY_LEN || crc32fast::hash(trailer) != crc {
+    if crc32fast::hash(trailer) != crc {
         return Err(EngineError::bad_object(
             name,
             "pack trailer checksum mismatch",
+        ));
+    }
+    decode_pack_entries(name, trailer, count)
+}
+
+/// Parses a trailer's entries (opened, in an encrypted store).
+pub(crate) fn decode_pack_entries(
+    name: &str,
+    trailer: &[u8],
+    count: u32,
+) -> Result<Vec<PackEntry>, EngineError> {
+    if trailer.len() != count as usize * PACK_ENTRY_LEN {
+        return Err(EngineError::bad_object(
+            name,
+            "pack trailer length does not match its count",
         ));
     }
     Ok(trailer
@@ -261,9 +290,15 @@ pub fn decode_pack(name: &str, pack: &[u8]) -> Result<Vec<PackEntry>, EngineErro
 
 /// Wraps `payload` in the envelope: magic, version, length, payload, crc32.
 pub fn seal(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    seal_versioned(magic, FORMAT_VERSION, payload)
+}
+
+/// [`seal`] with another format version (2: written by encrypted stores,
+/// so builds that predate encryption refuse them).
+pub fn seal_versioned(magic: &[u8; 8], version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 20);
     out.extend_from_slice(magic);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out);
@@ -273,11 +308,21 @@ pub fn seal(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
 
 /// Checks and strips the envelope; returns the payload.
 pub fn open_seal<'a>(magic: &[u8; 8], name: &str, obj: &'a [u8]) -> Result<&'a [u8], EngineError> {
+    open_seal_versioned(magic, name, obj, &[FORMAT_VERSION]).map(|(_, p)| p)
+}
+
+/// [`open_seal`] accepting any of `versions`; returns the version too.
+pub fn open_seal_versioned<'a>(
+    magic: &[u8; 8],
+    name: &str,
+    obj: &'a [u8],
+    versions: &[u32],
+) -> Result<(u32, &'a [u8]), EngineError> {
     if obj.len() < 20 || &obj[..8] != magic {
         return Err(EngineError::bad_object(name, "magic is wrong"));
     }
     let version = u32_at(obj, 8);
-    if version != FORMAT_VERSION {
+    if !versions.contains(&version) {
         return Err(EngineError::bad_object(
             name,
             format!("format version {version} is not supported by this build"),
@@ -291,7 +336,7 @@ pub fn open_seal<'a>(magic: &[u8; 8], name: &str, obj: &'a [u8]) -> Result<&'a [
     if crc32fast::hash(&obj[..16 + len]) != crc {
         return Err(EngineError::bad_object(name, "checksum mismatch"));
     }
-    Ok(&obj[16..16 + len])
+    Ok((version, &obj[16..16 + len]))
 }
 
 /// The store's `config` object.
@@ -302,6 +347,39 @@ pub struct StoreConfig {
     /// Chunk ids per chunk-list chunk (the manifest's second level).
     pub list_fanout: u32,
     pub created_at_ms: u64,
+    /// Set in encrypted stores (whose config is format version 2, so builds
+    /// that predate encryption refuse them); absent in unencrypted ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
+}
+
+impl StoreConfig {
+    /// The bytes an encrypted store's config MAC covers: every parameter.
+    pub(crate) fn mac_input(&self) -> Vec<u8> {
+        let enc = self.encryption.as_ref();
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n{}",
+            self.store_id,
+            self.chunk_size,
+            self.list_fanout,
+            self.created_at_ms,
+            enc.map_or("", |e| e.cipher.as_str()),
+            enc.map_or("", |e| e.chunk_ids.as_str()),
+        )
+        .into_bytes()
+    }
+}
+
+/// How an encrypted store seals (see `crate::crypt`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// `xchacha20poly1305`.
+    pub cipher: String,
+    /// `blake3-keyed`.
+    pub chunk_ids: String,
+    /// BLAKE3 keyed MAC (key derived from the data key) over the config's
+    /// parameters, hex: a config edited by someone without the key fails.
+    pub config_mac: String,
 }
 
 /// One disk in a manifest header.

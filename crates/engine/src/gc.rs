@@ -349,7 +349,8 @@ fn mark(
                 continue;
             }
             live.insert(*list_id);
-            let mut found = chunks::fetch_noting(&*inner.storage, index, list_id, bad)?;
+            let mut found =
+                chunks::fetch_noting(&inner.crypt, &*inner.storage, index, list_id, bad)?;
             if found == Err(ChunkFault::Missing) {
                 // A backup that finished after the index was loaded: its index
                 // object was written before its manifest, so a fresh load has it.
@@ -357,29 +358,11 @@ fn mark(
                     fresh = Some(ChunkIndex::load(&*inner.storage, &HashSet::new())?);
                 }
                 let fresh = fresh.as_ref().expect("loaded above");
-                found = chunks::fetch_noting(&*inner.storage, fresh, list_id, bad)?;
+                found = chunks::fetch_noting(&inner.crypt, &*inner.storage, fresh, list_id, bad)?;
             }
             let raw = match found {
                 Ok(raw) => raw,
-                Err(ChunkFault::Missing) => {
-                    return Err(gc_stopped(
-                        id,
-                        EngineError::MissingChunk {
-                            chunk: list_id.to_hex(),
-                            backup: Some(id.to_owned()),
-                        },
-                    ))
-                }
-                Err(ChunkFault::Corrupt(detail)) => {
-                    return Err(gc_stopped(
-                        id,
-                        EngineError::Corrupt {
-                            chunk: list_id.to_hex(),
-                            backup: Some(id.to_owned()),
-                            detail,
-                        },
-                    ))
-                }
+                Err(f) => return Err(gc_stopped(id, f.into_error(list_id, Some(id)))),
             };
             let ids = decode_chunk_list(&raw).ok_or_else(|| {
                 gc_stopped(
@@ -435,8 +418,8 @@ fn repack(
             builder,
             PackBuilder::new(inner.options.pack_target + (4 << 20)),
         );
-        let (bytes, entries) = b.finish();
         let id = PackId::random();
+        let (bytes, entries) = b.finish_as(&inner.crypt, Some(id));
         storage.put_if_absent(&id.key(), &bytes)?;
         out.bytes_written += bytes.len() as u64;
         out.new.insert(id);
@@ -454,7 +437,7 @@ fn repack(
                 pack: *pack,
                 entry: *e,
             };
-            let payload = match chunks::fetch_payload(storage, &loc)? {
+            let payload = match chunks::fetch_payload(&inner.crypt, storage, &loc)? {
                 Ok(p) => p,
                 Err(f) => {
                     bad.push((loc, f));
@@ -462,7 +445,7 @@ fn repack(
                 }
             };
             // Never copy a damaged chunk: leave the pack for verify to report.
-            if let Err(f) = chunks::decode(&loc, &payload) {
+            if let Err(f) = chunks::decode(&inner.crypt, &loc, &payload) {
                 bad.push((loc, f));
                 continue 'packs;
             }

@@ -14,7 +14,7 @@
 //! pack GC condemned); one that is not is read from the disk, so a damaged
 //! or collected base can cost reads but never a wrong chunk.
 
-use crate::chunks::{self, ChunkFault};
+use crate::chunks;
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::ChunkIndex;
 use crate::{EngineError, RepoInner};
@@ -77,10 +77,10 @@ impl BaseDisk<'_> {
         // A list that cannot be read costs reads, not the backup: its
         // chunks are read from the disk (verify and heal deal with it).
         let mut bad = Vec::new();
-        let raw = match chunks::fetch_noting(&*self.inner.storage, self.index, list_id, &mut bad) {
-            Ok(Ok(raw)) => raw,
-            Ok(Err(ChunkFault::Missing | ChunkFault::Corrupt(_))) | Err(_) => return None,
-        };
+        let storage = &*self.inner.storage;
+        let raw = chunks::fetch_noting(&self.inner.crypt, storage, self.index, list_id, &mut bad)
+            .ok()?
+            .ok()?;
         decode_chunk_list(&raw).filter(|ids| ids.len() as u64 == n)
     }
 }

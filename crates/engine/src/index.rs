@@ -67,6 +67,11 @@ impl ChunkIndex {
                 Ok(o) => o,
                 // A concurrent GC consolidated it away; its entries are in a newer index.
                 Err(crate::storage::StorageError::NotFound(_)) => continue,
+                Err(e @ crate::storage::StorageError::Tampered { .. }) => {
+                    idx.damaged_sources
+                        .push((meta.key, EngineError::from(e).to_string()));
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             idx.add_object(meta.key, &obj, &mut pack_nums);

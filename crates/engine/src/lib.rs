@@ -23,6 +23,7 @@
 
 mod backup;
 mod chunks;
+mod crypt;
 mod error;
 mod fence;
 pub mod format;
@@ -30,6 +31,7 @@ mod gc;
 mod incremental;
 pub mod index;
 mod job;
+mod keys;
 mod quarantine;
 mod rebuild;
 mod restore;
@@ -39,6 +41,7 @@ mod verify;
 pub use error::EngineError;
 pub use incremental::ChangedSince;
 pub use job::JobControl;
+pub use keys::{generate_key_file, KeyInfo, StoreKey};
 pub use rebuild::RebuildReport;
 pub use restore::RestoreOptions;
 pub use storage::{
@@ -127,9 +130,15 @@ pub struct Repository {
 
 #[derive(Debug)]
 pub(crate) struct RepoInner {
+    /// The store's objects; in an encrypted store a sealing view
+    /// ([`crypt::SealedStorage`]) of the backend.
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) config: StoreConfig,
     pub(crate) options: EngineOptions,
+    /// Chunk ids and chunk/trailer sealing: plain in an unencrypted store.
+    pub(crate) crypt: crypt::Crypt,
+    /// The data key of an encrypted store (to wrap it for new keys).
+    data_key: Option<Arc<keys::DataKey>>,
 }
 
 /// What to back up.
@@ -254,6 +263,9 @@ pub struct BackupVerification {
     pub missing_chunks: Vec<String>,
     /// Hex ids of chunks whose stored bytes do not decode to their hash.
     pub corrupt_chunks: Vec<String>,
+    /// Those of `corrupt_chunks` whose bytes failed authentication in an
+    /// encrypted store: modified, swapped or truncated (tampering).
+    pub tampered_chunks: Vec<String>,
     /// Set when the manifest itself cannot be read.
     pub manifest_error: Option<String>,
     /// Distinct chunks (lists included) whose bytes this verification read
@@ -348,7 +360,21 @@ impl Repository {
     /// Opens the store at `location` (a directory or an S3 bucket and
     /// prefix), creating it if empty.
     pub fn open_location(location: &StoreLocation) -> Result<Repository, EngineError> {
-        Self::open(location.open()?)
+        Self::open_location_keyed(location, &StoreKey::None)
+    }
+
+    /// [`Repository::open_location`] unlocking an encrypted store with `key`
+    /// (see [`Repository::open_keyed`]).
+    pub fn open_location_keyed(
+        location: &StoreLocation,
+        key: &StoreKey,
+    ) -> Result<Repository, EngineError> {
+        Self::open_keyed(
+            location.open()?,
+            EngineOptions::default(),
+            DEFAULT_CHUNK_SIZE,
+            key,
+        )
     }
 
     /// Opens a store on any backend, creating its config if there is none.
@@ -362,40 +388,160 @@ impl Repository {
         options: EngineOptions,
         chunk_size: u32,
     ) -> Result<Repository, EngineError> {
-        if !chunk_size.is_power_of_two() || !(4096..=(16 << 20)).contains(&chunk_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "chunk size {chunk_size} must be a power of two between 4 KiB and 16 MiB"
-            )));
-        }
-        let config = match storage.get("config") {
-            Ok(obj) => format::decode_json::<StoreConfig>(CONFIG_MAGIC, "config", &obj)?,
-            Err(StorageError::NotFound(_)) => {
-                let config = StoreConfig {
-                    store_id: format::random_hex(16),
-                    chunk_size,
-                    list_fanout: DEFAULT_LIST_FANOUT,
-                    created_at_ms: format::now_ms(),
-                };
-                storage.put_if_absent("config", &format::encode_json(CONFIG_MAGIC, &config))?;
+        Self::open_keyed(storage, options, chunk_size, &StoreKey::None)
+    }
+
+    /// Opens the store in `dir` with `key` (see [`Repository::open_keyed`]).
+    pub fn open_local_keyed(dir: &Path, key: &StoreKey) -> Result<Repository, EngineError> {
+        Self::open_keyed(
+            Arc::new(LocalStorage::new(dir)?),
+            EngineOptions::default(),
+            DEFAULT_CHUNK_SIZE,
+            key,
+        )
+    }
+
+    /// Opens a store, unlocking it with `key` if it is encrypted; an empty
+    /// backend becomes a new store, encrypted when a key is given. An
+    /// encrypted store without a key, or with a key that is not one of its
+    /// own, is [`EngineError::Key`]; a key given for an unencrypted store is
+    /// not needed and ignored.
+    pub fn open_keyed(
+        storage: Arc<dyn Storage>,
+        options: EngineOptions,
+        chunk_size: u32,
+        key: &StoreKey,
+    ) -> Result<Repository, EngineError> {
+        check_chunk_size(chunk_size)?;
+        let config = match read_config(&*storage)? {
+            Some(c) => c,
+            None => {
+                create_config(&*storage, chunk_size, key)?;
                 // Another process may have won the race: use whatever is stored.
-                let obj = storage.get("config")?;
-                format::decode_json::<StoreConfig>(CONFIG_MAGIC, "config", &obj)?
+                read_config(&*storage)?
+                    .ok_or_else(|| EngineError::bad_object("config", "vanished"))?
             }
-            Err(e) => return Err(e.into()),
         };
+        Self::unlock(storage, config, options, key)
+    }
+
+    /// Creates a new store on an empty backend: encrypted with `key` as its
+    /// first key wrapper, or unencrypted with [`StoreKey::None`]. Fails if
+    /// the backend already holds a store.
+    pub fn init(
+        storage: Arc<dyn Storage>,
+        options: EngineOptions,
+        chunk_size: u32,
+        key: &StoreKey,
+    ) -> Result<Repository, EngineError> {
+        check_chunk_size(chunk_size)?;
+        if storage.head("config")?.is_some() || !storage.list("")?.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "the store is not empty; a new store needs an empty directory".into(),
+            ));
+        }
+        if !create_config(&*storage, chunk_size, key)? {
+            return Err(EngineError::InvalidRequest(
+                "another process created a store here at the same time".into(),
+            ));
+        }
+        let config =
+            read_config(&*storage)?.ok_or_else(|| EngineError::bad_object("config", "vanished"))?;
+        Self::unlock(storage, config, options, key)
+    }
+
+    fn unlock(
+        storage: Arc<dyn Storage>,
+        config: StoreConfig,
+        options: EngineOptions,
+        key: &StoreKey,
+    ) -> Result<Repository, EngineError> {
         if !config.chunk_size.is_power_of_two() || config.list_fanout == 0 {
             return Err(EngineError::bad_object(
                 "config",
                 "chunk size or fanout invalid",
             ));
         }
+        let (storage, crypt, data_key): (Arc<dyn Storage>, _, _) = match &config.encryption {
+            None => {
+                // Key wrappers beside an unencrypted config: someone replaced
+                // the config to make this build write plaintext.
+                if keys::any(&*storage)? {
+                    return Err(EngineError::Tampered {
+                        object: "config".into(),
+                        detail: "it says the store is unencrypted, but the store has keys".into(),
+                    });
+                }
+                (storage, crypt::Crypt::plain(), None)
+            }
+            Some(enc) => {
+                if enc.cipher != "xchacha20poly1305" || enc.chunk_ids != "blake3-keyed" {
+                    return Err(EngineError::bad_object(
+                        "config",
+                        format!(
+                            "encryption {} with {} chunk ids is not supported by this build",
+                            enc.cipher, enc.chunk_ids
+                        ),
+                    ));
+                }
+                let data_key = keys::unlock(&*storage, &config.store_id, key)?;
+                let crypt = crypt::Crypt::from_data_key(&data_key);
+                if crypt.config_mac(&config.mac_input()).as_deref() != Some(&enc.config_mac) {
+                    return Err(EngineError::Tampered {
+                        object: "config".into(),
+                        detail: "its parameters fail authentication".into(),
+                    });
+                }
+                let sealed = crypt::SealedStorage::new(storage, crypt.clone());
+                let sealed: Arc<dyn Storage> = Arc::new(sealed);
+                (sealed, crypt, Some(Arc::new(keys::DataKey(data_key))))
+            }
+        };
         Ok(Repository {
             inner: Arc::new(RepoInner {
                 storage,
                 config,
                 options,
+                crypt,
+                data_key,
             }),
         })
+    }
+
+    /// Whether the store is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.crypt.is_sealed()
+    }
+
+    /// The key wrappers of an encrypted store (empty for an unencrypted one).
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, EngineError> {
+        keys::list(&*self.inner.storage)
+    }
+
+    /// Adds a key wrapper opened by `key` (a key file or a passphrase);
+    /// the data is not rewritten.
+    pub fn add_key(&self, key: &StoreKey) -> Result<KeyInfo, EngineError> {
+        let Some(data_key) = &self.inner.data_key else {
+            return Err(EngineError::InvalidRequest(
+                "the store is not encrypted, so it has no keys to add to".into(),
+            ));
+        };
+        keys::add(
+            &*self.inner.storage,
+            &self.inner.config.store_id,
+            &data_key.0,
+            key,
+        )
+    }
+
+    /// Removes key wrapper `id`; refuses to remove the last one.
+    pub fn remove_key(&self, id: &str) -> Result<(), EngineError> {
+        if !self.is_encrypted() {
+            return Err(EngineError::InvalidRequest(
+                "the store is not encrypted, so it has no keys".into(),
+            ));
+        }
+        keys::remove(&*self.inner.storage, id)
     }
 
     /// Same store, other tunables.
@@ -405,6 +551,8 @@ impl Repository {
                 storage: self.inner.storage.clone(),
                 config: self.inner.config.clone(),
                 options,
+                crypt: self.inner.crypt.clone(),
+                data_key: self.inner.data_key.clone(),
             }),
         }
     }
@@ -608,7 +756,11 @@ impl Repository {
             match self.backup_info(&id) {
                 Ok(info) => out.push(info),
                 // Deleted while listing, or damaged.
-                Err(EngineError::BackupNotFound(_)) | Err(EngineError::BadObject { .. }) => {}
+                Err(
+                    EngineError::BackupNotFound(_)
+                    | EngineError::BadObject { .. }
+                    | EngineError::Tampered { .. },
+                ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -654,6 +806,10 @@ impl Repository {
                         h.damaged_index_objects.push(e.to_string());
                     }
                 }
+                Err(e @ StorageError::Tampered { .. }) => {
+                    h.damaged_index_objects
+                        .push(EngineError::from(e).to_string());
+                }
                 Err(StorageError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -661,7 +817,7 @@ impl Repository {
         for id in self.backup_ids()? {
             match self.backup_info(&id) {
                 Ok(_) | Err(EngineError::BackupNotFound(_)) => {}
-                Err(e @ EngineError::BadObject { .. }) => {
+                Err(e @ (EngineError::BadObject { .. } | EngineError::Tampered { .. })) => {
                     h.damaged_manifests.push(format!("backup {id}: {e}"))
                 }
                 Err(e) => return Err(e),
@@ -686,6 +842,84 @@ impl Repository {
         }
         Ok(st)
     }
+}
+
+fn check_chunk_size(chunk_size: u32) -> Result<(), EngineError> {
+    if !chunk_size.is_power_of_two() || !(4096..=(16 << 20)).contains(&chunk_size) {
+        return Err(EngineError::InvalidRequest(format!(
+            "chunk size {chunk_size} must be a power of two between 4 KiB and 16 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// The store's config; None for an empty backend. An unencrypted store's
+/// config is format version 1, an encrypted one's version 2.
+fn read_config(storage: &dyn Storage) -> Result<Option<StoreConfig>, EngineError> {
+    let obj = match storage.get("config") {
+        Ok(obj) => obj,
+        Err(StorageError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let (version, p) = format::open_seal_versioned(
+        CONFIG_MAGIC,
+        "config",
+        &obj,
+        &[format::FORMAT_VERSION, crypt::SEALED_VERSION],
+    )?;
+    let config: StoreConfig =
+        serde_json::from_slice(p).map_err(|e| EngineError::bad_object("config", e.to_string()))?;
+    if (version == crypt::SEALED_VERSION) != config.encryption.is_some() {
+        return Err(EngineError::Tampered {
+            object: "config".into(),
+            detail: "its format version does not match its encryption".into(),
+        });
+    }
+    Ok(Some(config))
+}
+
+/// Writes a new store's config (and, for an encrypted store, first its
+/// data key's first wrapper); false if a config was there already.
+fn create_config(
+    storage: &dyn Storage,
+    chunk_size: u32,
+    key: &StoreKey,
+) -> Result<bool, EngineError> {
+    let mut config = StoreConfig {
+        store_id: format::random_hex(16),
+        chunk_size,
+        list_fanout: DEFAULT_LIST_FANOUT,
+        created_at_ms: format::now_ms(),
+        encryption: None,
+    };
+    if key.is_none() {
+        return Ok(storage.put_if_absent("config", &format::encode_json(CONFIG_MAGIC, &config))?);
+    }
+    let data_key = zeroize::Zeroizing::new(format::random_bytes::<32>());
+    config.encryption = Some(format::EncryptionConfig {
+        cipher: "xchacha20poly1305".into(),
+        chunk_ids: "blake3-keyed".into(),
+        config_mac: String::new(),
+    });
+    let mac = crypt::Crypt::from_data_key(&data_key)
+        .config_mac(&config.mac_input())
+        .expect("a keyed crypt has a config MAC");
+    if let Some(e) = config.encryption.as_mut() {
+        e.config_mac = mac;
+    }
+    // The wrapper first: a config that names encryption is only ever
+    // published with a key that opens it.
+    let info = keys::add(storage, &config.store_id, &data_key, key)?;
+    let json = serde_json::to_vec(&config).expect("config serialises");
+    let wrote = storage.put_if_absent(
+        "config",
+        &format::seal_versioned(CONFIG_MAGIC, crypt::SEALED_VERSION, &json),
+    )?;
+    if !wrote {
+        // Lost a race with another creator: our wrapper opens nothing.
+        storage.delete(&format!("keys/{}", info.id))?;
+    }
+    Ok(wrote)
 }
 
 pub(crate) fn manifest_key(backup_id: &str) -> String {

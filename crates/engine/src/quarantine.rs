@@ -94,6 +94,10 @@ pub(crate) fn load(storage: &dyn Storage) -> Result<Quarantine, EngineError> {
             Ok(o) => o,
             // Consolidated away by a concurrent GC: it wrote the survivors first.
             Err(StorageError::NotFound(_)) => continue,
+            Err(e @ StorageError::Tampered { .. }) => {
+                q.unreadable.push((meta.key, e.to_string()));
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         match decode_json::<QuarantineRecord>(QUARANTINE_MAGIC, &meta.key, &obj) {
@@ -136,6 +140,7 @@ pub(crate) fn record(
             reason: match f {
                 ChunkFault::Missing => "missing".to_owned(),
                 ChunkFault::Corrupt(d) => d.clone(),
+                ChunkFault::Tampered(d) => format!("tampered: {d}"),
             },
         })
         .collect();

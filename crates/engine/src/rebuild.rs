@@ -37,7 +37,9 @@ pub(crate) fn run(inner: &RepoInner) -> Result<RebuildReport, EngineError> {
                 report.chunks += entries.len() as u64;
                 file.packs.push((id, entries));
             }
-            Err(EngineError::BadObject { .. }) => report.damaged_packs.push(meta.key),
+            Err(EngineError::BadObject { .. } | EngineError::Tampered { .. }) => {
+                report.damaged_packs.push(meta.key)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -69,11 +71,41 @@ fn read_trailer(
         ));
     }
     let trailer = storage.get_range(key, off, end - off)?;
-    let entries = decode_pack_trailer(key, &trailer, count, crc)?;
+    let entries = if inner.crypt.is_sealed() {
+        // The crc covers the sealed bytes; authentication covers the rest.
+        decode_pack_trailer_sealed(inner, key, &trailer, count, crc)?
+    } else {
+        decode_pack_trailer(key, &trailer, count, crc)?
+    };
     if entries.iter().any(|e| {
         e.offset as u64 + e.stored_len as u64 > off || (e.offset as usize) < PACK_HEADER_LEN
     }) {
         return Err(EngineError::bad_object(key, "pack entry out of range"));
     }
     Ok(entries)
+}
+
+/// An encrypted store's pack trailer: checked against its crc, opened
+/// (bound to the pack's key, so another pack's trailer fails), parsed.
+fn decode_pack_trailer_sealed(
+    inner: &RepoInner,
+    key: &str,
+    trailer: &[u8],
+    count: u32,
+    crc: u32,
+) -> Result<Vec<crate::format::PackEntry>, EngineError> {
+    if crc32fast::hash(trailer) != crc {
+        return Err(EngineError::bad_object(
+            key,
+            "pack trailer checksum mismatch",
+        ));
+    }
+    let plain = inner
+        .crypt
+        .open_bytes(crate::format::PACK_END_MAGIC, key, trailer)
+        .map_err(|detail| EngineError::Tampered {
+            object: key.to_owned(),
+            detail: format!("its trailer {detail}"),
+        })?;
+    crate::format::decode_pack_entries(key, &plain, count)
 }

@@ -13,7 +13,7 @@
 //! read becomes zeros instead, and the summary lists the byte ranges so
 //! written. Either way every copy found bad is quarantined in the store.
 
-use crate::chunks::{self, ChunkFault};
+use crate::chunks;
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::{ChunkIndex, Location};
 use crate::{DamagedRange, DiskImage, EngineError, JobControl, RepoInner, RestoreSummary};
@@ -202,7 +202,11 @@ pub(crate) fn for_each_list(
             match (read, unreadable.as_mut()) {
                 (Ok(ids), _) => ids,
                 (
-                    Err(EngineError::MissingChunk { .. } | EngineError::Corrupt { .. }),
+                    Err(
+                        EngineError::MissingChunk { .. }
+                        | EngineError::Corrupt { .. }
+                        | EngineError::Tampered { .. },
+                    ),
                     Some(note),
                 ) => {
                     note(first, n);
@@ -239,24 +243,13 @@ pub(crate) fn fetch_or_fail(
     bad: &Mutex<crate::quarantine::Found>,
 ) -> Result<Vec<u8>, EngineError> {
     let mut found = Vec::new();
-    let res = chunks::fetch_noting(&*inner.storage, index, id, &mut found);
+    let res = chunks::fetch_noting(&inner.crypt, &*inner.storage, index, id, &mut found);
     if !found.is_empty() {
         bad.lock()
             .unwrap_or_else(|e| e.into_inner())
             .add(&*inner.storage, index, found)?;
     }
-    match res? {
-        Ok(raw) => Ok(raw),
-        Err(ChunkFault::Missing) => Err(EngineError::MissingChunk {
-            chunk: id.to_hex(),
-            backup: Some(backup_id.to_owned()),
-        }),
-        Err(ChunkFault::Corrupt(detail)) => Err(EngineError::Corrupt {
-            chunk: id.to_hex(),
-            backup: Some(backup_id.to_owned()),
-            detail,
-        }),
-    }
+    res?.map_err(|f| f.into_error(id, Some(backup_id)))
 }
 
 impl DiskRestore<'_> {
@@ -446,7 +439,7 @@ impl<'a, 'r> Worker<'a, 'r> {
                     d.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
                 d.job.add_done(len as u64);
-            } else if current.is_some_and(|t| ChunkId::of(t) == *id) {
+            } else if current.is_some_and(|t| d.inner.crypt.chunk_id(t) == *id) {
                 d.skipped.fetch_add(1, Ordering::Relaxed);
                 d.job.add_done(len as u64);
             } else {
@@ -470,9 +463,10 @@ impl<'a, 'r> Worker<'a, 'r> {
                     let stored = loc.entry.stored_len as usize;
                     self.make_room(off, len)?;
                     let slot = &mut self.run.buf[self.run.len..self.run.len + len];
-                    let p = &self.payload[at..at + stored];
+                    let p = &mut self.payload[at..at + stored];
                     // A bad copy: the slow path below tries every copy.
-                    if crate::chunks::decode_into(&mut self.dec, loc, p, slot).is_err() {
+                    let crypt = &d.inner.crypt;
+                    if crate::chunks::decode_into(crypt, &mut self.dec, loc, p, slot).is_err() {
                         break;
                     }
                     self.run.len += len;
@@ -501,9 +495,11 @@ impl<'a, 'r> Worker<'a, 'r> {
                 let slot = &mut self.run.buf[self.run.len..self.run.len + len];
                 match fetched {
                     Ok(raw) => slot.copy_from_slice(&raw),
-                    Err(EngineError::MissingChunk { .. } | EngineError::Corrupt { .. })
-                        if d.allow_damaged =>
-                    {
+                    Err(
+                        EngineError::MissingChunk { .. }
+                        | EngineError::Corrupt { .. }
+                        | EngineError::Tampered { .. },
+                    ) if d.allow_damaged => {
                         slot.fill(0);
                         d.note_damaged(off, len as u64);
                     }

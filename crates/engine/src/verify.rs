@@ -27,7 +27,7 @@ use crate::fence::WriterGuard;
 use crate::format::{decode_chunk_list, ChunkId, Manifest};
 use crate::index::{ChunkIndex, Location};
 use crate::{BackupVerification, EngineError, JobControl, RepoInner, VerifyReport};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -95,7 +95,11 @@ impl VerifySession {
     ) -> Result<BackupVerification, EngineError> {
         let m = match self.inner.manifest(backup_id) {
             Ok(m) => m,
-            Err(e @ (EngineError::BadObject { .. } | EngineError::Corrupt { .. })) => {
+            Err(
+                e @ (EngineError::BadObject { .. }
+                | EngineError::Corrupt { .. }
+                | EngineError::Tampered { .. }),
+            ) => {
                 job.set_finished();
                 return Ok(BackupVerification {
                     backup_id: backup_id.to_owned(),
@@ -133,7 +137,7 @@ impl VerifySession {
             backup_id: backup_id.to_owned(),
             ..Default::default()
         };
-        let (mut missing, mut corrupt) = (BTreeSet::new(), BTreeSet::new());
+        let (mut missing, mut corrupt) = (BTreeSet::new(), BTreeMap::new());
         // One index reload per backup at most: a chunk still missing after
         // it is missing.
         let mut may_reload = true;
@@ -148,7 +152,12 @@ impl VerifySession {
         self.quarantine_found()?;
         res?;
         v.missing_chunks = missing.into_iter().collect();
-        v.corrupt_chunks = corrupt.into_iter().collect();
+        v.tampered_chunks = corrupt
+            .iter()
+            .filter(|(_, tampered)| **tampered)
+            .map(|(id, _)| id.clone())
+            .collect();
+        v.corrupt_chunks = corrupt.into_keys().collect();
         Ok(v)
     }
 
@@ -174,7 +183,7 @@ impl VerifySession {
         v: &mut BackupVerification,
         may_reload: &mut bool,
         missing: &mut BTreeSet<String>,
-        corrupt: &mut BTreeSet<String>,
+        corrupt: &mut BTreeMap<String, bool>,
     ) -> Result<(), EngineError> {
         let cs = m.header.chunk_size as u64;
         for (d, lists) in m.lists.iter().enumerate() {
@@ -254,7 +263,13 @@ impl VerifySession {
             v.bytes_read += loc.entry.stored_len as u64;
         }
         let mut bad = Vec::new();
-        let found = chunks::fetch_noting(&*self.inner.storage, &self.index, id, &mut bad)?;
+        let found = chunks::fetch_noting(
+            &self.inner.crypt,
+            &*self.inner.storage,
+            &self.index,
+            id,
+            &mut bad,
+        )?;
         self.found_bad.add(&*self.inner.storage, &self.index, bad)?;
         Ok(found)
     }
@@ -401,7 +416,8 @@ impl VerifySession {
                                 let good = payload.as_ref().is_some_and(|p| {
                                     let at = (loc.entry.offset as u64 - base) as usize;
                                     let bytes = &p[at..at + loc.entry.stored_len as usize];
-                                    chunks::decode_with(Some(&mut dec), loc, bytes).is_ok()
+                                    chunks::decode_with(&inner.crypt, Some(&mut dec), loc, bytes)
+                                        .is_ok()
                                 });
                                 // A bad first copy: the slow path tries every copy and
                                 // tells missing from corrupt.
@@ -411,6 +427,7 @@ impl VerifySession {
                                     bytes_read
                                         .fetch_add(loc.entry.stored_len as u64, Ordering::Relaxed);
                                     chunks::fetch_noting(
+                                        &inner.crypt,
                                         &*inner.storage,
                                         index,
                                         &loc.entry.id,
@@ -502,11 +519,18 @@ fn record(
     id: ChunkId,
     f: &ChunkFault,
     missing: &mut BTreeSet<String>,
-    corrupt: &mut BTreeSet<String>,
+    corrupt: &mut BTreeMap<String, bool>,
 ) {
     match f {
         ChunkFault::Missing => missing.insert(id.to_hex()),
-        ChunkFault::Corrupt(_) => corrupt.insert(id.to_hex()),
+        ChunkFault::Corrupt(_) => {
+            corrupt.entry(id.to_hex()).or_insert(false);
+            true
+        }
+        ChunkFault::Tampered(_) => {
+            corrupt.insert(id.to_hex(), true);
+            true
+        }
     };
 }
 

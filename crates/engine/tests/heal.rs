@@ -3,6 +3,8 @@
 //! damaged index object and a damaged manifest. Each is reported, the
 //! copies found bad are quarantined in the store, the next backup of the
 //! unchanged disk stores fresh copies, and that repairs the older backups.
+//! Every case runs on an unencrypted store (`plain::`) and on an encrypted
+//! one (`encrypted::`), where damage is reported as tampering.
 
 mod common;
 
@@ -55,12 +57,11 @@ fn restore_to(repo: &Repository, id: &str, target: &Path) -> Result<(), EngineEr
 /// verifies clean, restores byte-identical), verify the old backup
 /// (repaired, restores byte-identical); GC then drops the bad pack (a good
 /// copy exists) and its quarantine record.
-#[test]
-fn a_corrupt_chunk_is_quarantined_and_the_next_backup_repairs_it() {
+fn a_corrupt_chunk_is_quarantined_and_the_next_backup_repairs_it(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "old", "srv1", &[&img]);
     let victim = flip_byte_in_largest_pack(&store);
 
@@ -79,7 +80,7 @@ fn a_corrupt_chunk_is_quarantined_and_the_next_backup_repairs_it() {
     // Another handle on the store (as another process would open it) sees
     // the quarantine: the unchanged disk's backup stores exactly the bad
     // chunk again, not a reference to the bad copy.
-    let other = open_repo(&store);
+    let other = open_repo_as(&store, enc);
     let s = backup(&other, "new", "srv1", &[&img]);
     assert_eq!(s.chunks_new, 1, "only the quarantined chunk: {s:?}");
     let vn = verify_one(&other, "new");
@@ -123,12 +124,11 @@ fn a_corrupt_chunk_is_quarantined_and_the_next_backup_repairs_it() {
 /// A verify session that saw the damage, still open while the repairing
 /// backup is made, finds the old backup good afterwards (the index changed,
 /// so it looks again instead of trusting its memory of the damage).
-#[test]
-fn a_long_verify_session_sees_the_repair() {
+fn a_long_verify_session_sees_the_repair(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "old", "srv1", &[&img]);
     flip_byte_in_largest_pack(&store);
     let mut session = repo.verify_session().unwrap();
@@ -145,18 +145,19 @@ fn a_long_verify_session_sees_the_repair() {
 /// (every offset holding that content), the ranges listed; the default
 /// restore still stops at the bad chunk. The restore quarantines the copy
 /// it found bad, with no verify before it.
-#[test]
-fn allow_damaged_restore_writes_zeros_exactly_at_the_bad_chunk() {
+fn allow_damaged_restore_writes_zeros_exactly_at_the_bad_chunk(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "b", "srv1", &[&img]);
     flip_byte_in_largest_pack(&store);
 
     let out = t.path().join("out.raw");
     match restore_to(&repo, "b", &out) {
-        Err(EngineError::Corrupt { .. }) => {}
+        Err(EngineError::Corrupt { .. }) if !enc => {}
+        // An encrypted store tells tampering from random damage: it cannot.
+        Err(EngineError::Tampered { .. }) if enc => {}
         other => panic!("the default restore must stop at the bad chunk: {other:?}"),
     }
     assert!(
@@ -180,14 +181,27 @@ fn allow_damaged_restore_writes_zeros_exactly_at_the_bad_chunk() {
         )
         .unwrap();
     assert!(!s.damaged.is_empty());
-    // Where the bad chunk's content sits in the image, found by hashing it.
+    // Where the bad chunk's content sits in the image, found by hashing it
+    // (an encrypted store's ids are keyed: there, by its bytes).
     let bad = verify_one(&repo, "b").corrupt_chunks;
     assert_eq!(bad.len(), 1);
+    assert_eq!(
+        verify_one(&repo, "b").tampered_chunks.len(),
+        usize::from(enc)
+    );
     let disk = std::fs::read(&img).unwrap();
+    let first_bad = s.damaged[0].offset as usize;
+    let first_bad = &disk[first_bad..first_bad + 65536];
     let expected_offsets: Vec<u64> = disk
         .chunks(65536)
         .enumerate()
-        .filter(|(_, c)| blake3::hash(c).to_hex().as_str() == bad[0])
+        .filter(|(_, c)| {
+            if enc {
+                c == &first_bad
+            } else {
+                blake3::hash(c).to_hex().as_str() == bad[0]
+            }
+        })
         .map(|(i, _)| i as u64 * 65536)
         .collect();
     assert!(!expected_offsets.is_empty());
@@ -229,12 +243,11 @@ fn allow_damaged_restore_writes_zeros_exactly_at_the_bad_chunk() {
 /// A deleted pack: verify reports its chunks missing, the next backup
 /// stores them again, the old backup is repaired; GC drops the dead index
 /// entries and the records naming the gone pack.
-#[test]
-fn a_missing_pack_heals() {
+fn a_missing_pack_heals(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "old", "srv1", &[&img]);
     let victim = pack_files(&store).into_iter().next().unwrap();
     std::fs::remove_file(&victim).unwrap();
@@ -261,12 +274,11 @@ fn a_missing_pack_heals() {
 
 /// A truncated pack: the chunks past the cut are corrupt ("truncated"),
 /// those before it still good; the next backup heals it.
-#[test]
-fn a_truncated_pack_heals() {
+fn a_truncated_pack_heals(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "old", "srv1", &[&img]);
     let victim = pack_files(&store)
         .into_iter()
@@ -283,7 +295,10 @@ fn a_truncated_pack_heals() {
     let v = verify_one(&repo, "old");
     assert!(!v.corrupt_chunks.is_empty(), "{v:?}");
     match restore_to(&repo, "old", &t.path().join("x.raw")) {
-        Err(e @ EngineError::Corrupt { .. }) => {
+        Err(e @ EngineError::Corrupt { .. }) if !enc => {
+            assert!(e.to_string().contains("truncated"), "{e}")
+        }
+        Err(e @ EngineError::Tampered { .. }) if enc => {
             assert!(e.to_string().contains("truncated"), "{e}")
         }
         other => panic!("{other:?}"),
@@ -298,12 +313,11 @@ fn a_truncated_pack_heals() {
 /// A damaged index object: loading skips it (its chunks look missing, so
 /// verify reports the backup and the next backup stores them again); GC
 /// refuses to run, saying so, until the index is rebuilt from the packs.
-#[test]
-fn a_damaged_index_object_is_reported_and_stops_only_gc() {
+fn a_damaged_index_object_is_reported_and_stops_only_gc(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "old", "srv1", &[&img]);
     let index = objects(&store, "index");
     assert_eq!(index.len(), 1);
@@ -335,12 +349,11 @@ fn a_damaged_index_object_is_reported_and_stops_only_gc() {
 
 /// A damaged manifest: verify reports it, restore refuses with the reason,
 /// GC stops naming the backup; the store's other backups are untouched.
-#[test]
-fn a_damaged_manifest_is_reported() {
+fn a_damaged_manifest_is_reported(enc: bool) {
     let t = tempfile::tempdir().unwrap();
     let img = base_image(t.path());
     let store = t.path().join("store");
-    let repo = open_repo(&store);
+    let repo = open_repo_as(&store, enc);
     backup(&repo, "good", "srv1", &[&img]);
     backup(&repo, "bad", "srv2", &[&img]);
     let m = store.join("backups/bad");
@@ -350,8 +363,9 @@ fn a_damaged_manifest_is_reported() {
 
     let all = repo.verify(None, &JobControl::new()).unwrap();
     let bad = all.backups.iter().find(|b| b.backup_id == "bad").unwrap();
+    let said = if enc { "tampered with" } else { "damaged" };
     assert!(
-        bad.manifest_error.as_deref().unwrap().contains("damaged"),
+        bad.manifest_error.as_deref().unwrap().contains(said),
         "{bad:?}"
     );
     assert!(all
@@ -361,7 +375,11 @@ fn a_damaged_manifest_is_reported() {
         .unwrap()
         .is_ok());
     let e = restore_to(&repo, "bad", &t.path().join("x.raw")).unwrap_err();
-    assert!(matches!(e, EngineError::BadObject { .. }), "{e}");
+    if enc {
+        assert!(matches!(e, EngineError::Tampered { .. }), "{e}");
+    } else {
+        assert!(matches!(e, EngineError::BadObject { .. }), "{e}");
+    }
     let e = repo.gc().unwrap_err().to_string();
     assert!(
         e.contains("backup bad") && e.contains("without deleting"),
@@ -371,3 +389,31 @@ fn a_damaged_manifest_is_reported() {
     restore_to(&repo, "good", &out).unwrap();
     cmp(&img, &out);
 }
+
+/// Each case above on an unencrypted and on an encrypted store.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(#[test]
+            fn $name() {
+                super::$name(false)
+            })*
+        }
+        mod encrypted {
+            $(#[test]
+            fn $name() {
+                super::$name(true)
+            })*
+        }
+    };
+}
+
+both!(
+    a_corrupt_chunk_is_quarantined_and_the_next_backup_repairs_it,
+    a_long_verify_session_sees_the_repair,
+    allow_damaged_restore_writes_zeros_exactly_at_the_bad_chunk,
+    a_missing_pack_heals,
+    a_truncated_pack_heals,
+    a_damaged_index_object_is_reported_and_stops_only_gc,
+    a_damaged_manifest_is_reported
+);

@@ -602,9 +602,11 @@ pub(crate) fn engine_failure(kind: JobKind, e: EngineError) -> JobFailure {
         }
         EngineError::Corrupt { .. }
         | EngineError::MissingChunk { .. }
-        | EngineError::BadObject { .. } => {
+        | EngineError::BadObject { .. }
+        | EngineError::Tampered { .. } => {
             "The backup's data in the backup store is damaged; restore from another backup."
         }
+        EngineError::Key(_) => "The backup store could not be unlocked.",
         EngineError::StoreFull => {
             "There is no space left on the backup store; nothing was recorded. Try again once the provider has freed space."
         }

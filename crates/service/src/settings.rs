@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use vpsbackup_engine::StoreKey;
 
 /// Commands run around jobs. Placeholders: `{server_id}`, `{name}`,
 /// `{hostname}`, `{backup_id}`, `{disks}` (space separated), each
@@ -89,6 +90,11 @@ pub struct Settings {
     /// The S3 signing region (Garage: its `s3_region`); default
     /// `AWS_REGION`, else us-east-1. Also `VPSBACKUP_S3_REGION` and `--s3-region`.
     pub s3_region: Option<String>,
+    /// Key file of an encrypted store (`vpsbackup store init --key-file`).
+    /// Without one, an encrypted store is opened with the passphrase in the
+    /// VPSBACKUP_PASSPHRASE environment variable (never in this file). A
+    /// new, empty store is created encrypted when either is set.
+    pub store_key_file: Option<PathBuf>,
 }
 
 /// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
@@ -201,6 +207,7 @@ impl Default for Settings {
             store: None,
             s3_endpoint: None,
             s3_region: None,
+            store_key_file: None,
         }
     }
 }
@@ -271,12 +278,32 @@ impl Settings {
     pub fn open_store(
         &self,
     ) -> Result<vpsbackup_engine::Repository, vpsbackup_engine::EngineError> {
-        let repo = vpsbackup_engine::Repository::open_location(&self.store_location()?)?;
+        let repo = vpsbackup_engine::Repository::open_location_keyed(
+            &self.store_location()?,
+            &self.store_key(),
+        )?;
         let options = vpsbackup_engine::EngineOptions {
             gc_exclusion: vpsbackup_engine::GcExclusion::HostLock(self.data_dir.join("gc.lock")),
             ..repo.options().clone()
         };
         Ok(repo.with_options(options))
+    }
+
+    /// What unlocks the store: `store_key_file`, else the passphrase in
+    /// VPSBACKUP_PASSPHRASE, else nothing (an unencrypted store).
+    pub fn store_key(&self) -> StoreKey {
+        match &self.store_key_file {
+            Some(path) => StoreKey::KeyFile(path.clone()),
+            None => passphrase_from_env(),
+        }
+    }
+}
+
+/// The passphrase in VPSBACKUP_PASSPHRASE, if set and not empty.
+pub fn passphrase_from_env() -> StoreKey {
+    match std::env::var("VPSBACKUP_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => StoreKey::Passphrase(p),
+        _ => StoreKey::None,
     }
 }
 

@@ -94,6 +94,10 @@ pub enum StorageError {
     /// The backend's filesystem (or quota) is full: ENOSPC or EDQUOT.
     #[error("no space left on the backup store ({op} {key})")]
     NoSpace { op: &'static str, key: String },
+    /// An encrypted store's object that fails authentication (only the
+    /// engine's sealing layer returns this, never a backend).
+    #[error("object {key} was tampered with: {detail}")]
+    Tampered { key: String, detail: String },
     #[error("{op} {key}: {source}")]
     Io {
         op: &'static str,

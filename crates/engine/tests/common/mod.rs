@@ -95,6 +95,25 @@ pub fn open_repo(dir: &Path) -> Repository {
     .unwrap()
 }
 
+/// [`open_repo`], or with `encrypted` an encrypted store opened with the
+/// key file beside it (`<dir>.key`, written on first use).
+pub fn open_repo_as(dir: &Path, encrypted: bool) -> Repository {
+    if !encrypted {
+        return open_repo(dir);
+    }
+    let key = dir.with_extension("key");
+    if !key.exists() {
+        vpsbackup_engine::generate_key_file(&key).unwrap();
+    }
+    Repository::open_keyed(
+        Arc::new(LocalStorage::new(dir).unwrap()),
+        test_options(),
+        vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        &vpsbackup_engine::StoreKey::KeyFile(key),
+    )
+    .unwrap()
+}
+
 pub fn backup(repo: &Repository, id: &str, server: &str, disks: &[&Path]) -> BackupSummary {
     let req = BackupRequest {
         backup_id: id.into(),

@@ -673,7 +673,7 @@ impl Scheduler {
             )),
             Err(EngineError::Cancelled) => Err(SchedulerError::Task("verification was stopped".into())),
             // A damaged index or chunk list surfaces as an error.
-            Err(e @ (EngineError::Corrupt { .. } | EngineError::MissingChunk { .. } | EngineError::BadObject { .. })) => {
+            Err(e @ (EngineError::Corrupt { .. } | EngineError::MissingChunk { .. } | EngineError::BadObject { .. } | EngineError::Tampered { .. })) => {
                 Ok(Some(format!(
                     "Verification could not read this backup's data ({e}); it cannot be restored. Create a new backup."
                 )))
