@@ -64,6 +64,34 @@ pub struct QueueStats {
     pub oldest_due_since: Option<OffsetDateTime>,
 }
 
+impl QueueStats {
+    /// Adds one `(kind, state, jobs, due_since)` group of the queue query
+    /// (both backends run the same GROUP BY); unknown kinds or states are
+    /// skipped.
+    pub(crate) fn add_group(
+        &mut self,
+        kind: &str,
+        state: &str,
+        jobs: u64,
+        due_since: Option<OffsetDateTime>,
+    ) {
+        let kind = match kind {
+            "backup" => JobKind::Backup,
+            "restore" => JobKind::Restore,
+            _ => return,
+        };
+        let Some(state) = JobState::parse(state) else {
+            return;
+        };
+        self.jobs.push(QueueCount { kind, state, jobs });
+        if let Some(t) = due_since {
+            if self.oldest_due_since.is_none_or(|o| t < o) {
+                self.oldest_due_since = Some(t);
+            }
+        }
+    }
+}
+
 /// How many jobs of one kind are in one state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueCount {

@@ -190,15 +190,7 @@ fn settle_bitmaps(
             Err("its dirty bitmap stopped recording and nothing recorded after it".to_owned())
         }
         (Some(_), Some(b)) => {
-            let others: Vec<Value> = recording_others.iter().map(|o| json!(o)).collect();
-            qmp.execute(
-                "transaction",
-                json!({"actions": [
-                    {"type": "block-dirty-bitmap-enable", "data": {"node": name, "name": b}},
-                    {"type": "block-dirty-bitmap-merge",
-                     "data": {"node": name, "target": b, "bitmaps": others}},
-                ]}),
-            )?;
+            resume_base(qmp, &name, b, &recording_others)?;
             Ok(())
         }
     };
@@ -206,13 +198,32 @@ fn settle_bitmaps(
     for m in &ours {
         let n = m["name"].as_str().unwrap_or_default();
         if Some(n) != keep {
-            qmp.execute(
-                "block-dirty-bitmap-remove",
-                json!({"node": name, "name": n}),
-            )?;
+            remove_bitmap(qmp, &name, n)?;
         }
     }
     Ok(verdict.map(|()| base.unwrap_or_default()))
+}
+
+/// Makes the disabled bitmap `base` record again with what `others`
+/// recorded since it stopped, in one transaction (no write falls between).
+fn resume_base(qmp: &mut Qmp, node: &str, base: &str, others: &[&str]) -> Result<(), QmpError> {
+    qmp.execute(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": base}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": node, "target": base, "bitmaps": others}},
+        ]}),
+    )?;
+    Ok(())
+}
+
+fn remove_bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Result<(), QmpError> {
+    qmp.execute(
+        "block-dirty-bitmap-remove",
+        json!({"node": node, "name": name}),
+    )?;
+    Ok(())
 }
 
 impl PointInTime {
@@ -453,33 +464,13 @@ impl PointInTime {
         for d in &self.disks {
             let node = &d.node;
             match (&d.changes, self.completed) {
-                (Ok(base), true) => {
-                    self.qmp.execute(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": node, "name": base}),
-                    )?;
-                }
+                (Ok(base), true) => remove_bitmap(&mut self.qmp, node, base)?,
                 (Ok(base), false) => {
-                    self.qmp.execute(
-                        "transaction",
-                        json!({"actions": [
-                            {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": base}},
-                            {"type": "block-dirty-bitmap-merge",
-                             "data": {"node": node, "target": base, "bitmaps": [new]}},
-                        ]}),
-                    )?;
-                    self.qmp.execute(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": node, "name": new}),
-                    )?;
+                    resume_base(&mut self.qmp, node, base, &[&new])?;
+                    remove_bitmap(&mut self.qmp, node, &new)?;
                 }
                 (Err(_), true) => {}
-                (Err(_), false) => {
-                    self.qmp.execute(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": node, "name": new}),
-                    )?;
-                }
+                (Err(_), false) => remove_bitmap(&mut self.qmp, node, &new)?,
             }
         }
         Ok(())

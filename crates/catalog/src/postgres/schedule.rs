@@ -175,27 +175,12 @@ impl ScheduleCatalog for PgCatalog {
         .await?;
         let mut stats = QueueStats::default();
         for r in rows {
-            let kind: String = r.try_get("kind")?;
-            let state: String = r.try_get("state")?;
-            let kind = match kind.as_str() {
-                "backup" => JobKind::Backup,
-                "restore" => JobKind::Restore,
-                _ => continue,
-            };
-            let Some(state) = JobState::parse(&state) else {
-                continue;
-            };
-            stats.jobs.push(QueueCount {
-                kind,
-                state,
-                jobs: r.try_get::<i64, _>("n")? as u64,
-            });
-            if let Some(t) = r.try_get::<Option<i64>, _>("due_since")? {
-                let t = ts(t);
-                if stats.oldest_due_since.is_none_or(|o| t < o) {
-                    stats.oldest_due_since = Some(t);
-                }
-            }
+            stats.add_group(
+                r.try_get("kind")?,
+                r.try_get("state")?,
+                r.try_get::<i64, _>("n")? as u64,
+                r.try_get::<Option<i64>, _>("due_since")?.map(ts),
+            );
         }
         Ok(stats)
     }
