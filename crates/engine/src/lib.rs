@@ -475,17 +475,21 @@ impl Repository {
                 (storage, crypt::Crypt::plain(), None)
             }
             Some(enc) => {
-                if enc.cipher != "xchacha20poly1305" || enc.chunk_ids != "blake3-keyed" {
-                    return Err(EngineError::bad_object(
+                let unsupported = || {
+                    EngineError::bad_object(
                         "config",
                         format!(
                             "encryption {} with {} chunk ids is not supported by this build",
                             enc.cipher, enc.chunk_ids
                         ),
-                    ));
+                    )
+                };
+                if enc.chunk_ids != "blake3-keyed" {
+                    return Err(unsupported());
                 }
                 let data_key = keys::unlock(&*storage, &config.store_id, key)?;
-                let crypt = crypt::Crypt::from_data_key(&data_key);
+                let crypt =
+                    crypt::Crypt::from_data_key(&data_key, &enc.cipher).ok_or_else(unsupported)?;
                 if crypt.config_mac(&config.mac_input()).as_deref() != Some(&enc.config_mac) {
                     return Err(EngineError::Tampered {
                         object: "config".into(),
@@ -897,11 +901,12 @@ fn create_config(
     }
     let data_key = zeroize::Zeroizing::new(format::random_bytes::<32>());
     config.encryption = Some(format::EncryptionConfig {
-        cipher: "xchacha20poly1305".into(),
+        cipher: crypt::DEFAULT_CIPHER.into(),
         chunk_ids: "blake3-keyed".into(),
         config_mac: String::new(),
     });
-    let mac = crypt::Crypt::from_data_key(&data_key)
+    let mac = crypt::Crypt::from_data_key(&data_key, crypt::DEFAULT_CIPHER)
+        .expect("the default cipher is known")
         .config_mac(&config.mac_input())
         .expect("a keyed crypt has a config MAC");
     if let Some(e) = config.encryption.as_mut() {

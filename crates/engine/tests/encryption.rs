@@ -141,6 +141,9 @@ fn an_encrypted_store_holds_no_plaintext_and_no_plain_chunk_ids() {
     let key = key_file(t.path(), "enc.key");
     let enc = init(&enc_dir, &key);
     assert!(enc.is_encrypted());
+    // New stores seal with AES-256-GCM under one-seal derived keys.
+    let config = std::fs::read(enc_dir.join("config")).unwrap();
+    assert!(String::from_utf8_lossy(&config).contains("\"cipher\":\"aes256gcm-derived\""));
     let s1 = backup(&enc, "b1", "srv", &[&img]);
     assert!(!store_holds(&enc_dir, sample), "no plaintext in the store");
     assert!(!store_holds(&enc_dir, b"customer notes"));

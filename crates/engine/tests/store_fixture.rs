@@ -17,8 +17,27 @@ use vpsbackup_engine::{
     BackupRequest, DiskImage, EngineOptions, JobControl, LocalStorage, Repository,
 };
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1")
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The store in fixture `dir`, opened with the key file beside it if it has
+/// one (an encrypted fixture).
+fn open(dir: &Path, store: &Path) -> Repository {
+    let storage = Arc::new(LocalStorage::new(store).unwrap());
+    let key = dir.join("key");
+    if !key.exists() {
+        return Repository::open(storage).unwrap();
+    }
+    Repository::open_keyed(
+        storage,
+        EngineOptions::default(),
+        vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        &vpsbackup_engine::StoreKey::KeyFile(key),
+    )
+    .unwrap()
 }
 
 fn sha256(path: &Path) -> String {
@@ -28,8 +47,8 @@ fn sha256(path: &Path) -> String {
 }
 
 /// `backup_id disk_index sha256 size` per line.
-fn checksums() -> Vec<(String, usize, String, u64)> {
-    std::fs::read_to_string(fixture().join("checksums.txt"))
+fn checksums(dir: &Path) -> Vec<(String, usize, String, u64)> {
+    std::fs::read_to_string(dir.join("checksums.txt"))
         .unwrap()
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -51,13 +70,57 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn the_committed_store_reads_verifies_and_restores_to_its_checksums() {
+    reads_verifies_and_restores(&fixture("store-v1"));
+}
+
+/// An encrypted store written with XChaCha20-Poly1305 (before stores were
+/// sealed with AES-256-GCM) reads, restores and takes new backups as ever.
+#[test]
+fn the_committed_xchacha_store_reads_restores_and_takes_backups() {
+    let dir = fixture("store-v2-xchacha");
+    let (tmp, repo) = reads_verifies_and_restores(&dir);
+    let config = std::fs::read(tmp.path().join("store/config")).unwrap();
+    assert!(String::from_utf8_lossy(&config).contains("xchacha20poly1305"));
+    // A new backup into it is sealed with the store's own cipher and
+    // deduplicates against what is there.
+    let t = tmp.path();
+    let lines =
+        |n: usize, word: &str| -> String { (0..n).map(|i| format!("{word} line {i}\n")).collect() };
+    let img = image(
+        t,
+        "raw3",
+        &[
+            ("notes.txt", lines(3000, "first")),
+            ("third.txt", lines(300, "third")),
+        ],
+    );
+    let req = BackupRequest {
+        backup_id: "raw-3".into(),
+        server_id: "101".into(),
+        server_name: "vps-101".into(),
+        disks: vec![DiskImage::detect(&img)],
+        read_limit: None,
+    };
+    let summary = repo.backup(&req, &JobControl::new()).unwrap();
+    assert!(summary.chunks_new < summary.chunks_total, "{summary:?}");
+    let repo = open(&dir, &t.join("store"));
+    let out = t.join("raw-3.restored");
+    repo.restore_disk("raw-3", 0, &out, &JobControl::new())
+        .unwrap();
+    cmp(&img, &out);
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+}
+
+/// Lists, verifies and restores every disk of the fixture in `dir` (on a
+/// copy); returns the copy and the store opened on it.
+fn reads_verifies_and_restores(dir: &Path) -> (tempfile::TempDir, Repository) {
     let tmp = tempfile::tempdir().unwrap();
     // Restores and verifies register markers in the store: work on a copy.
     let store = tmp.path().join("store");
-    copy_dir(&fixture().join("store"), &store);
-    let repo = Repository::open(Arc::new(LocalStorage::new(&store).unwrap())).unwrap();
+    copy_dir(&dir.join("store"), &store);
+    let repo = open(dir, &store);
 
-    let expected = checksums();
+    let expected = checksums(dir);
     let mut ids: Vec<String> = expected.iter().map(|c| c.0.clone()).collect();
     ids.dedup();
     let listed: Vec<String> = repo
@@ -83,6 +146,7 @@ fn the_committed_store_reads_verifies_and_restores_to_its_checksums() {
             .unwrap();
         assert_eq!(&sha256(&out), sum, "{id} disk {disk}");
     }
+    (tmp, repo)
 }
 
 /// A small ext4 image holding `files` (name, content).
@@ -131,10 +195,18 @@ fn write_fixture() {
     );
 
     let store = out.join("store");
-    let repo = Repository::open_with(
+    // FIXTURE_ENCRYPTED=1: an encrypted store, its key file beside it.
+    let key = std::env::var_os("FIXTURE_ENCRYPTED").map(|_| {
+        std::fs::create_dir_all(&out).unwrap();
+        let key = out.join("key");
+        vpsbackup_engine::generate_key_file(&key).unwrap();
+        vpsbackup_engine::StoreKey::KeyFile(key)
+    });
+    let repo = Repository::open_keyed(
         Arc::new(LocalStorage::new(&store).unwrap()),
         EngineOptions::default(),
         vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+        key.as_ref().unwrap_or(&vpsbackup_engine::StoreKey::None),
     )
     .unwrap();
     let backups: [(&str, &str, Vec<&Path>); 4] = [
