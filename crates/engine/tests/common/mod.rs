@@ -184,3 +184,75 @@ pub fn rot_largest_pack(store: &Path, len: usize) -> PathBuf {
     std::fs::write(&victim, &bytes).unwrap();
     victim
 }
+/// GCs run back to back beside running backups into `repo` (scratch files
+/// in `dir`): everything the backups reference survives, and they restore
+/// byte for byte.
+pub fn gc_beside_running_backups(repo: &Repository, dir: &Path) {
+    let img = base_image(dir);
+    let changed = dir.join("changed.raw");
+    std::fs::copy(&img, &changed).unwrap();
+    scatter_writes(&changed, 60, 3);
+    backup(repo, "old", "srv1", &[&img]);
+    // The old backup is deleted: all its chunks are garbage, except that the
+    // running backup below will reference most of them by dedup.
+    repo.delete_backup("old").unwrap();
+
+    let job = Arc::new(JobControl::new());
+    let req = BackupRequest {
+        backup_id: "new".into(),
+        server_id: "srv1".into(),
+        server_name: String::new(),
+        disks: vec![DiskImage::detect(&changed)],
+        // Slow enough that several GCs run while it is in flight.
+        read_limit: Some(16 << 20),
+    };
+    let (repo2, job2) = (repo.clone(), job.clone());
+    let writer = std::thread::spawn(move || repo2.backup(&req, &job2));
+    let mut gcs = 0;
+    while !writer.is_finished() {
+        repo.gc().unwrap();
+        gcs += 1;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    writer.join().unwrap().unwrap();
+    assert!(gcs >= 3, "only {gcs} GCs ran during the backup");
+    // Everything the new backup references survived.
+    assert!(repo
+        .verify(Some("new"), &JobControl::new())
+        .unwrap()
+        .is_ok());
+    // A GC now may collect what nothing references any more, and still the
+    // backup restores byte for byte.
+    repo.gc().unwrap();
+    repo.gc().unwrap();
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = dir.join("o.raw");
+    restore(repo, "new", &[&o]);
+    cmp(&changed, &o);
+
+    // Many backups finishing while GCs run back to back: each manifest that
+    // appears mid-GC names chunks the GC's index may not hold yet.
+    let versions: Vec<PathBuf> = (0..6u64)
+        .map(|i| {
+            let v = dir.join(format!("v{i}.raw"));
+            std::fs::copy(&img, &v).unwrap();
+            scatter_writes(&v, 30, 100 + i);
+            v
+        })
+        .collect();
+    let (repo2, vs) = (repo.clone(), versions.clone());
+    let writer = std::thread::spawn(move || {
+        for (i, v) in vs.iter().enumerate() {
+            backup(&repo2, &format!("v{i}"), "srv1", &[v]);
+        }
+    });
+    while !writer.is_finished() {
+        repo.gc().unwrap();
+    }
+    writer.join().unwrap();
+    repo.gc().unwrap();
+    assert!(repo.verify(None, &JobControl::new()).unwrap().is_ok());
+    let o = dir.join("o5.raw");
+    restore(repo, "v5", &[&o]);
+    cmp(&versions[5], &o);
+}
