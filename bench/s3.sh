@@ -6,11 +6,11 @@
 #   bench/s3.sh [IMAGE] [RUNS]
 #
 # IMAGE defaults to base.raw made by bench/make-images.sh in
-# ${BENCH_IMAGES:-/work/bench-images} (4 GiB, ~2.2 GB of data; Ceph's
-# memstore OSD holds 2 GiB, so pass a smaller image for Ceph on a small
-# machine). RUNS defaults to 3. Builds the release binary (or uses
-# $VPSBACKUP_BIN), starts both servers (.ci/s3/test-servers.sh) and stops
-# them at the end.
+# ${BENCH_IMAGES:-/work/bench-images} (4 GiB, ~2.2 GB of data, ~1 GB
+# stored). RUNS defaults to 3. Ceph's memstore OSD keeps every run's store in
+# memory: it is sized to RUNS x 1.5 GiB + 1 GiB (MEMSTORE_BYTES overrides).
+# Builds the release binary (or uses $VPSBACKUP_BIN), starts both servers
+# (.ci/s3/test-servers.sh) and stops them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 images=${BENCH_IMAGES:-/work/bench-images}
@@ -26,6 +26,7 @@ if [[ -z $bin ]]; then
 fi
 work=$(mktemp -d)
 trap '.ci/s3/test-servers.sh stop "$work/srv" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+export MEMSTORE_BYTES=${MEMSTORE_BYTES:-$((runs * 3 * 512 * 1024 * 1024 + (1 << 30)))}
 eval "$(.ci/s3/test-servers.sh start "$work/srv" garage ceph)"
 
 # backup then restore of $img into store $2 ($1 names the row); prints
