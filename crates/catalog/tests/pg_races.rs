@@ -230,7 +230,11 @@ async fn one_scheduler_leader_at_a_time_and_it_moves_when_the_holder_dies() {
     // Checked again, the holder keeps it and nobody else gets it.
     for round in 0..3 {
         for (i, l) in locks.iter_mut().enumerate() {
-            assert_eq!(l.hold().await.unwrap(), i == first, "round {round}, lock {i}");
+            assert_eq!(
+                l.hold().await.unwrap(),
+                i == first,
+                "round {round}, lock {i}"
+            );
         }
     }
 
@@ -421,5 +425,9 @@ async fn webhook_events_are_claimed_by_one_process_per_attempt() {
         seen.sort();
         assert_eq!(seen, vec![0, 1], "event {id}: one claim per attempt");
     }
-    assert!(cats[1].due_webhook_events(now(), 100).await.unwrap().is_empty());
+    assert!(cats[1]
+        .due_webhook_events(now(), 100)
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -126,14 +126,7 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
             Some(path) => std::sync::Arc::new(vpsbackup_service::FileClock::new(path)),
             None => std::sync::Arc::new(SystemClock),
         };
-        vpsbackup_service::run_with_ops(
-            settings,
-            clock,
-            listener,
-            ops_listener,
-            shutdown,
-        )
-        .await?;
+        vpsbackup_service::run_with_ops(settings, clock, listener, ops_listener, shutdown).await?;
         Ok(())
     })
 }

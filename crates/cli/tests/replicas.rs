@@ -203,7 +203,9 @@ fn two_replicas_schedule_once_a_day_hand_over_on_kill_and_send_each_event_once()
     one_backup_a_day(&b, &tok, &servers, 2);
     // Every event so far delivered before a replica dies (an attempt cut
     // by kill -9 would rightly be made again, by the other).
-    wait_for("six events delivered", || received.lock().unwrap().len() >= 6);
+    wait_for("six events delivered", || {
+        received.lock().unwrap().len() >= 6
+    });
 
     let a_leads = leader_gauge(port_a) == Some(1);
     let (leader, survivor, survivor_port) = if a_leads {
@@ -232,7 +234,9 @@ fn two_replicas_schedule_once_a_day_hand_over_on_kill_and_send_each_event_once()
     );
 
     // Nine outcomes, nine events, each POSTed once.
-    wait_for("nine events delivered", || received.lock().unwrap().len() >= 9);
+    wait_for("nine events delivered", || {
+        received.lock().unwrap().len() >= 9
+    });
     std::thread::sleep(Duration::from_secs(3));
     let got = received.lock().unwrap().clone();
     let mut per_id: HashMap<&str, usize> = HashMap::new();
@@ -240,7 +244,10 @@ fn two_replicas_schedule_once_a_day_hand_over_on_kill_and_send_each_event_once()
         *per_id.entry(id).or_default() += 1;
     }
     assert_eq!(per_id.len(), 9, "{got:?}");
-    assert!(per_id.values().all(|&n| n == 1), "an event sent twice: {got:?}");
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "an event sent twice: {got:?}"
+    );
     survivor.stop();
 }
 

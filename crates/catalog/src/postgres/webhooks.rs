@@ -19,7 +19,8 @@ const HEAD: &str = "e.state = 'pending' AND e.seq = \
 const WALL: &str = "EXTRACT(EPOCH FROM clock_timestamp())::BIGINT";
 
 /// An event with its account's endpoint (`e` and `a`).
-const DELIVERY_COLUMNS: &str = "e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
+const DELIVERY_COLUMNS: &str =
+    "e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
      e.attempts, e.payload, a.webhook_url, a.webhook_secret";
 
 fn deliveries(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<WebhookDelivery>> {

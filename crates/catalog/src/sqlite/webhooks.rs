@@ -19,7 +19,8 @@ const HEAD: &str = "e.state = 'pending' AND e.seq = \
 const WALL: &str = "CAST(strftime('%s', 'now') AS INTEGER)";
 
 /// An event with its account's endpoint.
-const DELIVERY_SELECT: &str = "SELECT e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
+const DELIVERY_SELECT: &str =
+    "SELECT e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
        e.attempts, e.payload, a.webhook_url, a.webhook_secret \
      FROM webhook_events e JOIN accounts a ON a.id = e.account_id";
 
