@@ -7,8 +7,7 @@
 //! closed by the pool, silently dropping the lock). Why a lock and not a
 //! lease row renewed by the leader: the database itself ties the lock to the
 //! holder's session, so it goes the moment the holder's connection does
-//! (kill -9, a crash; power loss once the server's keepalive, set to about
-//! 25 s on this connection, finds the peer gone),
+//! (kill -9, a crash, power loss once the server notices the dead socket),
 //! with no renewal traffic, no expiry to tune and no trust in the replicas'
 //! clocks (which the scheduler may even simulate). The holder checks its
 //! connection on every [`LeaderLock::hold`]: a broken one means the lock is
@@ -111,22 +110,9 @@ impl LeaderLock {
         let timed_out =
             |what: &str| CatalogError::Unreachable(format!("no answer to {what} within 5 seconds"));
         if conn.is_none() {
-            let mut c = tokio::time::timeout(QUERY_TIMEOUT, PgConnection::connect_with(options))
+            let c = tokio::time::timeout(QUERY_TIMEOUT, PgConnection::connect_with(options))
                 .await
                 .map_err(|_| timed_out("a connection"))??;
-            // The server must notice a holder that vanished without closing
-            // its socket (power loss, a partition) in seconds, not after the
-            // system's two-hour keepalive: then the lock is released. Best
-            // effort: over a Unix socket these do not apply.
-            let _ = tokio::time::timeout(
-                QUERY_TIMEOUT,
-                sqlx::raw_sql(
-                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
-                     SET tcp_keepalives_count = 3",
-                )
-                .execute(&mut c),
-            )
-            .await;
             *conn = Some(c);
         }
         let Some(c) = conn.as_mut() else {
