@@ -18,6 +18,7 @@
 mod error;
 mod idempotency;
 pub mod labels;
+mod leader;
 pub mod migrate;
 mod model;
 mod open;
@@ -28,6 +29,7 @@ mod webhook;
 
 pub use error::CatalogError;
 pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
+pub use leader::{LeaderLock, SCHEDULER_LOCK_KEY};
 pub use model::*;
 pub use open::{redact, AnyCatalog, CatalogUrl};
 pub use postgres::PgCatalog;
@@ -205,6 +207,17 @@ pub trait Catalog: Send + Sync {
         &self,
         now: OffsetDateTime,
         limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
+    /// Claims the events [`Catalog::due_webhook_events`] would list that no
+    /// other process holds, for `lease_secs` of the database's wall clock,
+    /// so each attempt is made by one process however many replicas drain
+    /// the outbox (a process that dies mid-attempt leaves its claim to
+    /// expire). Recording the attempt frees the claim.
+    async fn claim_webhook_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease_secs: u32,
     ) -> Result<Vec<WebhookDelivery>>;
     /// When the next of those falls due (`None`: nothing pending).
     async fn next_webhook_due(&self) -> Result<Option<OffsetDateTime>>;

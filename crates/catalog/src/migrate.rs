@@ -190,6 +190,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("last_error", Text),
             ("created_at", Int),
             ("finished_at", Int),
+            ("claimed_until", Int),
         ],
     ),
 ];

@@ -129,6 +129,15 @@ impl AnyCatalog {
         matches!(self, AnyCatalog::Postgres(_))
     }
 
+    /// The scheduler's leadership: a PostgreSQL advisory lock shared by
+    /// every process on the database; on SQLite always held.
+    pub fn leader_lock(&self) -> crate::LeaderLock {
+        match self {
+            AnyCatalog::Sqlite(_) => crate::LeaderLock::local(),
+            AnyCatalog::Postgres(c) => c.leader_lock(),
+        }
+    }
+
     /// Closes the connections (SQLite: checkpoints the WAL).
     pub async fn close(&self) {
         match self {

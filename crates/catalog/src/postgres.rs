@@ -342,6 +342,12 @@ impl PgCatalog {
         self.pool.close().await;
     }
 
+    /// The scheduler's leadership on this database (a session advisory
+    /// lock on a connection of its own; see [`crate::LeaderLock`]).
+    pub fn leader_lock(&self) -> crate::LeaderLock {
+        crate::LeaderLock::postgres((*self.pool.connect_options()).clone())
+    }
+
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -931,6 +937,28 @@ impl Catalog for PgCatalog {
                 });
             }
         }
+        if let Some(day) = backup.scheduled_for {
+            // The day's slot is taken in the same transaction: beside the
+            // unique index on (server_id, scheduled_for), this keeps a second
+            // automatic backup of the day out even after the customer
+            // deleted the first (the index no longer sees it then), whichever
+            // replica's scheduler tries.
+            let taken = sqlx::query(
+                "INSERT INTO auto_backup_slots (server_id, last_slot) VALUES ($1, $2) \
+                 ON CONFLICT (server_id) DO UPDATE SET last_slot = excluded.last_slot \
+                 WHERE auto_backup_slots.last_slot < excluded.last_slot",
+            )
+            .bind(backup.server_id.0)
+            .bind(secs(day))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if taken == 0 {
+                return Err(CatalogError::Conflict(
+                    "An automatic backup of this server already exists for this day.".into(),
+                ));
+            }
+        }
         // The id first, so the row is written once with its engine name.
         let id: i64 = sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('backups', 'id'))")
             .fetch_one(&mut *tx)
@@ -1011,9 +1039,16 @@ impl Catalog for PgCatalog {
         } else {
             format!(" WHERE {}", conds.join(" AND "))
         };
+        // Without a server filter the per-account rows (migration 0004) are
+        // summed: at most two per account, however many servers it has.
+        let counts = if filter.server_id.is_some() {
+            "backup_counts"
+        } else {
+            "account_backup_counts"
+        };
         let sql = format!(
             "SELECT c.total, {BACKUP_COLUMNS} \
-             FROM (SELECT COALESCE(SUM(n), 0)::BIGINT AS total FROM backup_counts bc{count_where}) c \
+             FROM (SELECT COALESCE(SUM(n), 0)::BIGINT AS total FROM {counts} bc{count_where}) c \
              LEFT JOIN LATERAL (SELECT * FROM backups b{page_where} \
                  ORDER BY b.id DESC LIMIT ${limit} OFFSET ${skip}) b ON TRUE \
              LEFT JOIN servers s ON s.id = b.server_id \
@@ -1534,6 +1569,15 @@ impl Catalog for PgCatalog {
         limit: u32,
     ) -> Result<Vec<WebhookDelivery>> {
         self.due_events(now, limit).await
+    }
+
+    async fn claim_webhook_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease_secs: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        self.claim_events(now, limit, lease_secs).await
     }
 
     async fn next_webhook_due(&self) -> Result<Option<OffsetDateTime>> {

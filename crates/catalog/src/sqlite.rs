@@ -887,6 +887,27 @@ impl Catalog for SqliteCatalog {
                 });
             }
         }
+        if let Some(day) = backup.scheduled_for {
+            // The day's slot is taken in the same transaction: beside the
+            // unique index on (server_id, scheduled_for), this keeps a second
+            // automatic backup of the day out even after the customer
+            // deleted the first (the index no longer sees it then).
+            let taken = sqlx::query(
+                "INSERT INTO auto_backup_slots (server_id, last_slot) VALUES (?1, ?2) \
+                 ON CONFLICT (server_id) DO UPDATE SET last_slot = excluded.last_slot \
+                 WHERE auto_backup_slots.last_slot < excluded.last_slot",
+            )
+            .bind(backup.server_id.0)
+            .bind(secs(day))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if taken == 0 {
+                return Err(CatalogError::Conflict(
+                    "An automatic backup of this server already exists for this day.".into(),
+                ));
+            }
+        }
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO backups (server_id, account_id, backup_type, status, description, \
                created_at, expires_at, scheduled_for) \
@@ -1457,6 +1478,15 @@ impl Catalog for SqliteCatalog {
         limit: u32,
     ) -> Result<Vec<WebhookDelivery>> {
         self.due_events(now, limit).await
+    }
+
+    async fn claim_webhook_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease_secs: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        self.claim_events(now, limit, lease_secs).await
     }
 
     async fn next_webhook_due(&self) -> Result<Option<OffsetDateTime>> {

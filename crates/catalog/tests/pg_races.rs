@@ -203,3 +203,231 @@ async fn stale_jobs_are_recovered_once_when_processes_race() {
     }
     assert_eq!(n, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_scheduler_leader_at_a_time_and_it_moves_when_the_holder_dies() {
+    let (db, cats) = handles(4).await;
+    // All four claim at once (each on its own task): exactly one leads.
+    let mut tasks = Vec::new();
+    for c in &cats {
+        let mut lock = c.leader_lock();
+        tasks.push(tokio::spawn(async move {
+            let held = lock.hold().await;
+            (lock, held)
+        }));
+    }
+    let mut locks = Vec::new();
+    let mut leaders = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (lock, held) = t.await.unwrap();
+        if held.unwrap() {
+            leaders.push(i);
+        }
+        locks.push(lock);
+    }
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    let first = leaders[0];
+    // Checked again, the holder keeps it and nobody else gets it.
+    for round in 0..3 {
+        for (i, l) in locks.iter_mut().enumerate() {
+            assert_eq!(
+                l.hold().await.unwrap(),
+                i == first,
+                "round {round}, lock {i}"
+            );
+        }
+    }
+
+    // The holder's session dies as a killed process's would (its backend
+    // terminated from outside): it notices at its next check and steps
+    // down, and one of the others takes over at theirs.
+    let admin = PgCatalog::open_with_connections(&db.url, 2).await.unwrap();
+    let killed = admin
+        .execute_raw(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted \
+               AND (classid::BIGINT << 32) | objid::BIGINT = {SCHEDULER_LOCK_KEY}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "one session held the lock");
+    assert!(
+        !locks[first].hold().await.unwrap_or(false),
+        "a holder whose session died no longer leads"
+    );
+    let mut second = None;
+    for _ in 0..50 {
+        for (i, l) in locks.iter_mut().enumerate() {
+            if i != first && l.hold().await.unwrap() {
+                assert!(second.is_none(), "two leaders: {second:?} and {i}");
+                second = Some(i);
+            }
+        }
+        if second.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let second = second.expect("another handle took the leadership over");
+    // The old holder reconnects and finds it taken.
+    assert!(!locks[first].hold().await.unwrap());
+
+    // A clean release hands it over at once.
+    locks[second].release().await;
+    let mut third = Vec::new();
+    for (i, l) in locks.iter_mut().enumerate() {
+        if i != second && l.hold().await.unwrap() {
+            third.push(i);
+        }
+    }
+    assert_eq!(third.len(), 1, "{third:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_automatic_backup_per_server_and_day_across_processes() {
+    let (_db, cats) = handles(4).await;
+    servers(&cats[0], 3).await;
+    let day = now() - Duration::hours(2);
+    let automatic = |server: i64| NewBackup {
+        backup_type: BackupType::Automatic,
+        description: AUTOMATIC_DESCRIPTION.into(),
+        expires_at: Some(now() + Duration::days(7)),
+        scheduled_for: Some(day),
+        ..manual(server)
+    };
+    // Four schedulers (one per handle) create every server's backup at once.
+    let mut tasks = Vec::new();
+    for cat in &cats {
+        for s in 1..=3 {
+            let (cat, new) = (cat.clone(), automatic(s));
+            tasks.push(tokio::spawn(async move {
+                (s, cat.create_backup(new, now()).await)
+            }));
+        }
+    }
+    let mut won: HashMap<i64, Vec<BackupId>> = HashMap::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (s, Ok(b)) => won.entry(s).or_default().push(b.id),
+            (_, Err(CatalogError::Conflict(_))) => {}
+            (_, Err(e)) => panic!("{e}"),
+        }
+    }
+    assert!(won.values().all(|v| v.len() == 1), "{won:?}");
+    assert_eq!(won.len(), 3);
+    // The customer deletes one; the day's slot stays taken for every process.
+    let gone = won[&1][0];
+    cats[2].delete_backup(gone, Scope::All).await.unwrap();
+    for cat in &cats {
+        assert!(matches!(
+            cat.create_backup(automatic(1), now()).await,
+            Err(CatalogError::Conflict(_))
+        ));
+    }
+    // The next day is a new slot.
+    let next = NewBackup {
+        scheduled_for: Some(day + Duration::days(1)),
+        ..automatic(1)
+    };
+    cats[3].create_backup(next, now()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_events_are_claimed_by_one_process_per_attempt() {
+    let (_db, cats) = handles(4).await;
+    // Six accounts with a webhook and a server each, three events each.
+    let plan = cats[0].plan_by_name("standard").await.unwrap().unwrap();
+    for a in 0..6i64 {
+        let name = format!("acc{a}");
+        let acc = cats[0].create_account(&name, now()).await.unwrap();
+        cats[0]
+            .set_account_webhook(
+                &name,
+                Some(Webhook {
+                    url: "https://hooks.example/h".into(),
+                    secret: "s".into(),
+                }),
+            )
+            .await
+            .unwrap();
+        cats[0]
+            .add_server(new_server(a + 1, acc.id, plan.id), now())
+            .await
+            .unwrap();
+    }
+    let mut events = 0;
+    for _ in 0..3 {
+        for s in 1..=6 {
+            cats[0].create_backup(manual(s), now()).await.unwrap();
+            let j = cats[0].claim_job("w", now()).await.unwrap().unwrap();
+            let done = JobOutcome::BackupCompleted {
+                size_mb: 1,
+                stored_bytes: 1,
+            };
+            assert!(cats[0].finish_job(j.id, "w", done, now()).await.unwrap());
+            events += 1;
+        }
+    }
+    // Four senders (one per handle) claim and deliver until nothing is
+    // left; each attempt is recorded by the one that claimed it. The first
+    // attempt of every event fails once, so events are claimed again.
+    let attempts: Arc<Mutex<Vec<(String, u32)>>> = Default::default();
+    let holding: Arc<Mutex<HashSet<String>>> = Default::default();
+    let mut senders = Vec::new();
+    for cat in &cats {
+        let (cat, attempts, holding) = (cat.clone(), attempts.clone(), holding.clone());
+        senders.push(tokio::spawn(async move {
+            let mut idle = 0;
+            while idle < 30 {
+                let claimed = cat.claim_webhook_events(now(), 4, 60).await.unwrap();
+                if claimed.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    continue;
+                }
+                idle = 0;
+                for e in &claimed {
+                    assert!(
+                        holding.lock().unwrap().insert(e.id.clone()),
+                        "event {} claimed by two processes at once",
+                        e.id
+                    );
+                    attempts.lock().unwrap().push((e.id.clone(), e.attempts));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                for e in claimed {
+                    holding.lock().unwrap().remove(&e.id);
+                    let attempt = if e.attempts == 0 {
+                        WebhookAttempt::Retry {
+                            at: now(),
+                            error: "503".into(),
+                        }
+                    } else {
+                        WebhookAttempt::Delivered
+                    };
+                    cat.record_webhook_attempt(&e.id, attempt, now())
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let attempts = attempts.lock().unwrap().clone();
+    let mut per_event: HashMap<String, Vec<u32>> = HashMap::new();
+    for (id, n) in attempts {
+        per_event.entry(id).or_default().push(n);
+    }
+    assert_eq!(per_event.len(), events, "every event was attempted");
+    for (id, mut seen) in per_event {
+        seen.sort();
+        assert_eq!(seen, vec![0, 1], "event {id}: one claim per attempt");
+    }
+    assert!(cats[1]
+        .due_webhook_events(now(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -154,6 +154,11 @@ catalog_tests! {
             "never moves back"
         );
 
+        // The day's slot stays taken after its backup was deleted: no second
+        // automatic backup of that day, whichever scheduler asks.
+        let again = cat.create_backup(automatic(1, t0(), later), later).await;
+        assert!(matches!(again, Err(CatalogError::Conflict(_))), "{again:?}");
+
         // The latest slot is the newest day's.
         let next_day = t0() + Duration::days(1);
         let b2 = cat

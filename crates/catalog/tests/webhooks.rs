@@ -321,4 +321,56 @@ catalog_tests! {
         );
         assert_eq!(due[0].subject, WebhookSubject::Backup(b.id));
     }
+
+    /// A claimed event is not claimed again (by this or any process) until
+    /// its attempt is recorded or the claim expires; a recorded retry frees
+    /// it for its next attempt.
+    async fn a_claimed_event_is_claimed_once_per_attempt(cat) {
+        account_with_server(&cat, "a", 1).await;
+        account_with_server(&cat, "b", 2).await;
+        for name in ["a", "b"] {
+            cat.set_account_webhook(name, hook("https://h.example/h"))
+                .await
+                .unwrap();
+        }
+        run_backup(&cat, 1, completed()).await;
+        run_backup(&cat, 2, completed()).await;
+        let first = cat.claim_webhook_events(now(), 1, 60).await.unwrap();
+        assert_eq!(first.len(), 1);
+        // Still listed as due (a read), but not claimable while held.
+        assert_eq!(cat.due_webhook_events(now(), 10).await.unwrap().len(), 2);
+        let second = cat.claim_webhook_events(now(), 10, 60).await.unwrap();
+        assert_eq!(second.len(), 1, "only the other account's head: {second:?}");
+        assert_ne!(second[0].id, first[0].id);
+        assert!(cat.claim_webhook_events(now(), 10, 60).await.unwrap().is_empty());
+
+        // A retry recorded: free again once due.
+        let at = now() + Duration::seconds(30);
+        cat.record_webhook_attempt(
+            &first[0].id,
+            WebhookAttempt::Retry {
+                at,
+                error: "the receiver answered 503".into(),
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+        assert!(cat.claim_webhook_events(now(), 10, 60).await.unwrap().is_empty());
+        let again = cat.claim_webhook_events(at, 10, 60).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].id.as_str(), again[0].attempts), (first[0].id.as_str(), 1));
+
+        // A claim whose holder died (never recorded) expires on the
+        // database's clock: a zero-second claim is free at once.
+        cat.record_webhook_attempt(&second[0].id, WebhookAttempt::Delivered, now())
+            .await
+            .unwrap();
+        cat.execute_raw("UPDATE webhook_events SET claimed_until = 1")
+            .await
+            .unwrap();
+        let expired = cat.claim_webhook_events(at, 10, 0).await.unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].id, first[0].id);
+    }
 }

@@ -121,14 +121,12 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
         if args.demo {
             demo(&settings, addr).await?;
         }
-        vpsbackup_service::run_with_ops(
-            settings,
-            std::sync::Arc::new(SystemClock),
-            listener,
-            ops_listener,
-            shutdown,
-        )
-        .await?;
+        // Tests of several real replicas share one simulated clock (a file).
+        let clock: std::sync::Arc<dyn Clock> = match std::env::var_os("VPSBACKUP_TEST_CLOCK_FILE") {
+            Some(path) => std::sync::Arc::new(vpsbackup_service::FileClock::new(path)),
+            None => std::sync::Arc::new(SystemClock),
+        };
+        vpsbackup_service::run_with_ops(settings, clock, listener, ops_listener, shutdown).await?;
         Ok(())
     })
 }

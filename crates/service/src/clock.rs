@@ -43,6 +43,29 @@ impl Clock for ManualClock {
     }
 }
 
+/// A clock read from a file holding unix seconds: lets tests drive real
+/// `serve` processes (several replicas at once) through simulated days
+/// (`serve` uses it when `VPSBACKUP_TEST_CLOCK_FILE` is set). A missing or
+/// unreadable file reads as the system clock.
+#[derive(Debug, Clone)]
+pub struct FileClock(std::path::PathBuf);
+
+impl FileClock {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> FileClock {
+        FileClock(path.into())
+    }
+}
+
+impl Clock for FileClock {
+    fn now(&self) -> OffsetDateTime {
+        std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .unwrap_or_else(|| SystemClock.now())
+    }
+}
+
 /// RFC 3339, UTC, second precision, with `Z`: `2025-01-16T03:00:00Z`.
 ///
 /// Written digit by digit: a page of 50 backups formats 150 times, and

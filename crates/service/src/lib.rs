@@ -17,6 +17,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod hooks;
+pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod ops;
@@ -40,7 +41,7 @@ use tower_http::normalize_path::NormalizePathLayer;
 use vpsbackup_catalog::{AnyCatalog, Catalog, CatalogError, CatalogUrl, SqliteCatalog};
 use vpsbackup_engine::{EngineError, Repository};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, FileClock, ManualClock, SystemClock};
 pub use runner::JobRunner;
 pub use settings::{DatabaseUrl, HookCommands, MetricsSettings, Settings};
 
@@ -190,16 +191,30 @@ pub async fn run_with_ops(
         settings.workers.max(1),
         stop_rx.clone(),
     ));
-    // Automatic backups, expiry, scheduled GC and verification (issue 4).
-    let scheduler = settings.schedule.enabled.then(|| {
-        Arc::new(scheduler::Scheduler::new(
-            catalog.clone(),
+    // Automatic backups, expiry, scheduled GC and verification (issue 4),
+    // run by one process among those sharing the catalog: the leader. A
+    // replica with the scheduler off never takes the lock.
+    let leadership = settings.schedule.enabled.then(|| {
+        leader::spawn(
+            opened.leader_lock(),
             schedule_catalog.clone(),
             clock.clone(),
-            repo.clone(),
-            settings.schedule.clone(),
-            Some(jobs.clone()),
-        ))
+            jobs.metrics().clone(),
+            stop_rx.clone(),
+        )
+    });
+    let scheduler = leadership.as_ref().map(|(leading, _)| {
+        Arc::new(
+            scheduler::Scheduler::new(
+                catalog.clone(),
+                schedule_catalog.clone(),
+                clock.clone(),
+                repo.clone(),
+                settings.schedule.clone(),
+                Some(jobs.clone()),
+            )
+            .led_by(leading.clone()),
+        )
     });
     let scheduler_task = scheduler.as_ref().map(|s| s.spawn(stop_rx.clone()));
     // Webhook events: written with job outcomes, sent from here.
@@ -288,6 +303,15 @@ pub async fn run_with_ops(
             .is_err()
         {
             tracing::warn!("the scheduler did not stop in time");
+        }
+    }
+    if let Some((_, task)) = leadership {
+        // Released at once, so another replica takes over at its next check.
+        if tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the scheduler's leadership did not stop in time");
         }
     }
     if let Some(task) = webhook_task {

@@ -126,6 +126,8 @@ pub struct JobMetrics {
     beats: Arc<Mutex<HashMap<usize, i64>>>,
     /// Set when a backup finished: the store's figures changed.
     store_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// 1 while this process runs the scheduler (`crate::leader`).
+    scheduler_leader: Gauge,
 }
 
 impl Default for JobMetrics {
@@ -140,6 +142,7 @@ impl Default for JobMetrics {
             node: NodeLabels { node: node_name() },
             beats: Arc::default(),
             store_changed: Arc::default(),
+            scheduler_leader: Gauge::default(),
         }
     }
 }
@@ -159,6 +162,11 @@ impl JobMetrics {
     /// Each worker's last heartbeat, by worker number.
     pub fn worker_beats(&self) -> HashMap<usize, i64> {
         self.beats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether this process runs the scheduler now.
+    pub fn set_scheduler_leader(&self, leads: bool) {
+        self.scheduler_leader.set(i64::from(leads));
     }
 
     /// The node these figures are labelled with.
@@ -313,6 +321,11 @@ impl Metrics {
             "node_last_heartbeat_timestamp_seconds",
             "When a job worker of the node last reached the catalog (unix time)",
             jobs.heartbeat.clone(),
+        );
+        r.register(
+            "scheduler_leader",
+            "1 while this process runs the scheduler (the one leader among replicas sharing the catalog), else 0",
+            jobs.scheduler_leader.clone(),
         );
         // Seen before any job ran: the node exists from the start.
         let _ = jobs.heartbeat.get_or_create(&jobs.node);

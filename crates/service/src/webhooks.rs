@@ -7,7 +7,8 @@
 //! job's outcome (or marks a backup damaged or repaired), so a crash can neither lose one nor invent one for a job
 //! that did not finish. This task only drains them: at least once (a
 //! receiver dedups on `Webhook-Id`), one event at a time per account in the
-//! order they were written, with doubling backoff between attempts, until
+//! order they were written, each attempt by one process however many
+//! replicas share the catalog (the outbox claim, `claim_webhook_events`), with doubling backoff between attempts, until
 //! the attempts are used up and the event is marked failed. It wakes when a
 //! job's outcome is recorded and otherwise sleeps until the next retry.
 //!
@@ -189,7 +190,7 @@ impl WebhookSender {
     pub async fn step(&self) -> Result<bool, vpsbackup_catalog::CatalogError> {
         let due = self
             .catalog
-            .due_webhook_events(self.clock.now(), BATCH)
+            .claim_webhook_events(self.clock.now(), BATCH, self.claim_secs())
             .await?;
         if due.is_empty() {
             return Ok(false);
@@ -217,6 +218,14 @@ impl WebhookSender {
             Some(e) => Err(e),
             None => Ok(progressed),
         }
+    }
+
+    /// How long a claim outlives this process's attempt: the POST's
+    /// timeout, the body's rendering and the attempt's record, with room.
+    fn claim_secs(&self) -> u32 {
+        u32::try_from(self.settings.timeout_secs.max(1))
+            .unwrap_or(u32::MAX / 2)
+            .saturating_add(60)
     }
 
     async fn idle_time(&self) -> Duration {

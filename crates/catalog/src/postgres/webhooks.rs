@@ -15,6 +15,46 @@ use crate::{
 const HEAD: &str = "e.state = 'pending' AND e.seq = \
      (SELECT MIN(p.seq) FROM webhook_events p WHERE p.account_id = e.account_id AND p.state = 'pending')";
 
+/// The database's wall clock, unix seconds (claims expire on it).
+const WALL: &str = "EXTRACT(EPOCH FROM clock_timestamp())::BIGINT";
+
+/// An event with its account's endpoint (`e` and `a`).
+const DELIVERY_COLUMNS: &str =
+    "e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
+     e.attempts, e.payload, a.webhook_url, a.webhook_secret";
+
+fn deliveries(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<WebhookDelivery>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let event: String = r.try_get("event")?;
+        let Some(kind) = WebhookEventKind::parse(&event) else {
+            continue;
+        };
+        let backup: Option<i64> = r.try_get("backup_id")?;
+        let restore: Option<i64> = r.try_get("restore_id")?;
+        let subject = match (restore, backup) {
+            (Some(r), _) => WebhookSubject::Restore(RestoreId(r)),
+            (None, b) => WebhookSubject::Backup(BackupId(b.unwrap_or(0))),
+        };
+        out.push(WebhookDelivery {
+            id: r.try_get("id")?,
+            account_id: AccountId(r.try_get("account_id")?),
+            kind,
+            subject,
+            created_at: ts(r.try_get("created_at")?),
+            attempts: r.try_get::<i64, _>("attempts")? as u32,
+            payload: r.try_get("payload")?,
+            webhook: Webhook {
+                url: r.try_get("webhook_url")?,
+                secret: r
+                    .try_get::<Option<String>, _>("webhook_secret")?
+                    .unwrap_or_default(),
+            },
+        });
+    }
+    Ok(out)
+}
+
 impl PgCatalog {
     /// Writes the event of `subject` in `tx` when its account has a webhook.
     pub(super) async fn enqueue_event(
@@ -83,8 +123,7 @@ impl PgCatalog {
         limit: u32,
     ) -> Result<Vec<WebhookDelivery>> {
         let rows = sqlx::query(&format!(
-            "SELECT e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, e.attempts, \
-               e.payload, a.webhook_url, a.webhook_secret \
+            "SELECT {DELIVERY_COLUMNS} \
              FROM webhook_events e JOIN accounts a ON a.id = e.account_id \
              WHERE {HEAD} AND e.next_attempt_at <= $1 AND a.webhook_url IS NOT NULL \
              ORDER BY e.seq LIMIT $2"
@@ -93,34 +132,40 @@ impl PgCatalog {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let event: String = r.try_get("event")?;
-            let Some(kind) = WebhookEventKind::parse(&event) else {
-                continue;
-            };
-            let backup: Option<i64> = r.try_get("backup_id")?;
-            let restore: Option<i64> = r.try_get("restore_id")?;
-            let subject = match (restore, backup) {
-                (Some(r), _) => WebhookSubject::Restore(RestoreId(r)),
-                (None, b) => WebhookSubject::Backup(BackupId(b.unwrap_or(0))),
-            };
-            out.push(WebhookDelivery {
-                id: r.try_get("id")?,
-                account_id: AccountId(r.try_get("account_id")?),
-                kind,
-                subject,
-                created_at: ts(r.try_get("created_at")?),
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                payload: r.try_get("payload")?,
-                webhook: Webhook {
-                    url: r.try_get("webhook_url")?,
-                    secret: r
-                        .try_get::<Option<String>, _>("webhook_secret")?
-                        .unwrap_or_default(),
-                },
-            });
-        }
+        deliveries(&rows)
+    }
+
+    pub(super) async fn claim_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease_secs: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        // Every replica drains the outbox: the heads are locked SKIP LOCKED
+        // and claimed in one statement, so of two replicas claiming at once
+        // each gets other events (a row locked by the other is skipped, and
+        // one it claimed and committed meanwhile fails the re-checked
+        // `claimed_until` condition). The claim runs on the database's
+        // clock, one for every replica, not on `now`: a simulated clock
+        // jumping ahead must not expire a claim whose POST is in flight.
+        let rows = sqlx::query(&format!(
+            "UPDATE webhook_events e SET claimed_until = {WALL} + $3 \
+             FROM accounts a \
+             WHERE a.id = e.account_id AND e.seq IN ( \
+               SELECT e.seq FROM webhook_events e JOIN accounts a ON a.id = e.account_id \
+               WHERE {HEAD} AND e.next_attempt_at <= $1 AND a.webhook_url IS NOT NULL \
+                 AND (e.claimed_until IS NULL OR e.claimed_until <= {WALL}) \
+               ORDER BY e.seq LIMIT $2 FOR UPDATE OF e SKIP LOCKED) \
+             RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(secs(now))
+        .bind(limit as i64)
+        .bind(i64::from(lease_secs))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = deliveries(&rows)?;
+        // RETURNING keeps no order.
+        out.sort_by_key(|d| d.created_at);
         Ok(out)
     }
 
@@ -157,7 +202,7 @@ impl PgCatalog {
         };
         sqlx::query(
             "UPDATE webhook_events SET state = $1, attempts = attempts + 1, next_attempt_at = $2, \
-               last_error = COALESCE($3, last_error), finished_at = $4 \
+               last_error = COALESCE($3, last_error), finished_at = $4, claimed_until = NULL \
              WHERE id = $5 AND state = 'pending'",
         )
         .bind(state)

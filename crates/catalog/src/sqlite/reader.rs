@@ -192,7 +192,8 @@ impl InlineReader {
     ) -> Result<Paged<Backup>> {
         // Only the conditions in use go into the SQL, so SQLite walks the
         // narrowest index in id order; the count comes from backup_counts
-        // (kept exact by triggers, migration 0003).
+        // or account_backup_counts (kept exact by triggers, migrations 0003
+        // and 0013).
         let mut conds: Vec<&str> = Vec::new();
         let mut params: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(a) = filter.scope {
@@ -212,7 +213,14 @@ impl InlineReader {
         } else {
             format!(" WHERE {}", conds.join(" AND "))
         };
-        let count_sql = format!("SELECT COALESCE(SUM(n), 0) FROM backup_counts{where_sql}");
+        // Without a server filter the per-account rows (migration 0013) are
+        // summed: at most two per account, however many servers it has.
+        let counts = if filter.server_id.is_some() {
+            "backup_counts"
+        } else {
+            "account_backup_counts"
+        };
+        let count_sql = format!("SELECT COALESCE(SUM(n), 0) FROM {counts}{where_sql}");
         let page_where = where_sql
             .replace(" WHERE ", " WHERE b.")
             .replace(" AND ", " AND b.");

@@ -15,6 +15,47 @@ use crate::{
 const HEAD: &str = "e.state = 'pending' AND e.seq = \
      (SELECT MIN(p.seq) FROM webhook_events p WHERE p.account_id = e.account_id AND p.state = 'pending')";
 
+/// The database's wall clock, unix seconds (claims expire on it).
+const WALL: &str = "CAST(strftime('%s', 'now') AS INTEGER)";
+
+/// An event with its account's endpoint.
+const DELIVERY_SELECT: &str =
+    "SELECT e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, \
+       e.attempts, e.payload, a.webhook_url, a.webhook_secret \
+     FROM webhook_events e JOIN accounts a ON a.id = e.account_id";
+
+fn deliveries(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<WebhookDelivery>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let event: String = r.try_get("event")?;
+        let Some(kind) = WebhookEventKind::parse(&event) else {
+            continue;
+        };
+        let backup: Option<i64> = r.try_get("backup_id")?;
+        let restore: Option<i64> = r.try_get("restore_id")?;
+        let subject = match (restore, backup) {
+            (Some(r), _) => WebhookSubject::Restore(RestoreId(r)),
+            (None, b) => WebhookSubject::Backup(BackupId(b.unwrap_or(0))),
+        };
+        out.push(WebhookDelivery {
+            id: r.try_get("id")?,
+            account_id: AccountId(r.try_get("account_id")?),
+            kind,
+            subject,
+            created_at: ts(r.try_get("created_at")?),
+            attempts: r.try_get::<i64, _>("attempts")? as u32,
+            payload: r.try_get("payload")?,
+            webhook: Webhook {
+                url: r.try_get("webhook_url")?,
+                secret: r
+                    .try_get::<Option<String>, _>("webhook_secret")?
+                    .unwrap_or_default(),
+            },
+        });
+    }
+    Ok(out)
+}
+
 impl SqliteCatalog {
     /// Writes the event of `subject` in `tx` when its account has a webhook.
     pub(super) async fn enqueue_event(
@@ -82,44 +123,47 @@ impl SqliteCatalog {
         limit: u32,
     ) -> Result<Vec<WebhookDelivery>> {
         let rows = sqlx::query(&format!(
-            "SELECT e.id, e.account_id, e.event, e.backup_id, e.restore_id, e.created_at, e.attempts, \
-               e.payload, a.webhook_url, a.webhook_secret \
-             FROM webhook_events e JOIN accounts a ON a.id = e.account_id \
-             WHERE {HEAD} AND e.next_attempt_at <= ? AND a.webhook_url IS NOT NULL \
+            "{DELIVERY_SELECT} WHERE {HEAD} AND e.next_attempt_at <= ? AND a.webhook_url IS NOT NULL \
              ORDER BY e.seq LIMIT ?"
         ))
         .bind(secs(now))
         .bind(limit as i64)
         .fetch_all(&self.read)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let event: String = r.try_get("event")?;
-            let Some(kind) = WebhookEventKind::parse(&event) else {
-                continue;
-            };
-            let backup: Option<i64> = r.try_get("backup_id")?;
-            let restore: Option<i64> = r.try_get("restore_id")?;
-            let subject = match (restore, backup) {
-                (Some(r), _) => WebhookSubject::Restore(RestoreId(r)),
-                (None, b) => WebhookSubject::Backup(BackupId(b.unwrap_or(0))),
-            };
-            out.push(WebhookDelivery {
-                id: r.try_get("id")?,
-                account_id: AccountId(r.try_get("account_id")?),
-                kind,
-                subject,
-                created_at: ts(r.try_get("created_at")?),
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                payload: r.try_get("payload")?,
-                webhook: Webhook {
-                    url: r.try_get("webhook_url")?,
-                    secret: r
-                        .try_get::<Option<String>, _>("webhook_secret")?
-                        .unwrap_or_default(),
-                },
-            });
+        deliveries(&rows)
+    }
+
+    pub(super) async fn claim_events(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease_secs: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        // One writer (BEGIN IMMEDIATE): the read and the claim are one step
+        // for every process on this file. The claim runs on the database's
+        // wall clock, not `now`: a simulated clock jumping ahead must not
+        // expire a claim whose POST is still in flight.
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "{DELIVERY_SELECT} WHERE {HEAD} AND e.next_attempt_at <= ? AND a.webhook_url IS NOT NULL \
+               AND (e.claimed_until IS NULL OR e.claimed_until <= {WALL}) \
+             ORDER BY e.seq LIMIT ?"
+        ))
+        .bind(secs(now))
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let out = deliveries(&rows)?;
+        for d in &out {
+            sqlx::query(&format!(
+                "UPDATE webhook_events SET claimed_until = {WALL} + ? WHERE id = ?"
+            ))
+            .bind(i64::from(lease_secs))
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await?;
         }
+        tx.commit().await?;
         Ok(out)
     }
 
@@ -156,7 +200,7 @@ impl SqliteCatalog {
         };
         sqlx::query(
             "UPDATE webhook_events SET state = ?, attempts = attempts + 1, next_attempt_at = ?, \
-               last_error = COALESCE(?, last_error), finished_at = ? \
+               last_error = COALESCE(?, last_error), finished_at = ?, claimed_until = NULL \
              WHERE id = ? AND state = 'pending'",
         )
         .bind(state)

@@ -181,6 +181,11 @@ impl Serve {
         self.child.wait().unwrap();
     }
 
+    /// The process id (to tell replicas apart in `vpsbackup status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();

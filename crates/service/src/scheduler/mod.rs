@@ -20,7 +20,9 @@
 //!
 //! [`Scheduler::spawn`] runs each in its own task on an interval until the
 //! shutdown watch channel turns true (a long verification never delays a
-//! backup window). [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
+//! backup window), and with [`Scheduler::led_by`] only while this process
+//! is the one leader among the replicas sharing the catalog
+//! ([`crate::leader`]). [`Scheduler::gc_now`] and [`Scheduler::verify_now`]
 //! serve `vpsbackup gc` and `vpsbackup verify` (one session per call too).
 //! GC and verification take turns in one process (a GC may still run in a
 //! verification pass's pauses, or in another process: the session's writer
@@ -197,6 +199,9 @@ pub struct Scheduler {
     stopping: AtomicBool,
     /// Wakes the verification pass out of its throttling pause on stop.
     stop_pause: tokio::sync::Notify,
+    /// Whether this process leads the replicas sharing the catalog
+    /// (`crate::leader`); `None`: always (tests, admin commands).
+    leading: Option<watch::Receiver<bool>>,
 }
 
 impl Scheduler {
@@ -223,6 +228,38 @@ impl Scheduler {
             verifying: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop_pause: tokio::sync::Notify::new(),
+            leading: None,
+        }
+    }
+
+    /// Runs the loops of [`Scheduler::spawn`] only while `leading` says
+    /// this process is the leader (`crate::leader::spawn`).
+    pub fn led_by(mut self, leading: watch::Receiver<bool>) -> Scheduler {
+        self.leading = Some(leading);
+        self
+    }
+
+    /// Waits until this process leads (at once without a leadership
+    /// channel) or stops. False when stopping.
+    async fn await_lead(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let Some(mut leading) = self.leading.clone() else {
+            return !self.stopped(stop);
+        };
+        loop {
+            if self.stopped(stop) {
+                return false;
+            }
+            if *leading.borrow_and_update() {
+                return true;
+            }
+            let ended = tokio::select! {
+                changed = leading.changed() => changed.is_err(),
+                _ = stop.changed() => false,
+            };
+            if ended {
+                // The leadership task ends only when the service stops.
+                return false;
+            }
         }
     }
 
@@ -239,7 +276,7 @@ impl Scheduler {
         let me = self.clone();
         let mut stop = shutdown.clone();
         let ticks = tokio::spawn(async move {
-            while !me.stopped(&stop) {
+            while me.await_lead(&mut stop).await {
                 match me.tick(me.clock.now()).await {
                     Ok(r) if r != TickReport::default() => tracing::info!(
                         created = r.created.len(),
@@ -259,7 +296,7 @@ impl Scheduler {
         let me = self.clone();
         let mut stop = shutdown;
         let maintenance = tokio::spawn(async move {
-            while !me.stopped(&stop) {
+            while me.await_lead(&mut stop).await {
                 if let Err(e) = me.maintain(me.clock.now()).await {
                     tracing::error!(error = %e, "scheduled maintenance failed");
                 }

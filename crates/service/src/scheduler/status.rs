@@ -16,6 +16,7 @@ use vpsbackup_engine::{Repository, StoreHealth};
 use super::settings::ScheduleSettings;
 use super::{window, SchedulerError, GC_TASK, VERIFY_TASK};
 use crate::clock::rfc3339;
+use crate::leader::{LeaderRecord, LEADER_TASK};
 use crate::node::NodeRecord;
 
 /// One server's line.
@@ -68,6 +69,9 @@ pub struct StatusReport {
     pub store_backups: u64,
     pub last_gc: Option<TaskRun>,
     pub last_verify: Option<TaskRun>,
+    /// The process running the scheduler, as it last recorded itself
+    /// (`crate::leader`; None: no scheduler ever led).
+    pub leader: Option<LeaderRecord>,
     /// Damage the store knows of (quarantined copies, damaged index
     /// objects and manifests).
     pub health: StoreHealth,
@@ -193,6 +197,11 @@ pub async fn status_report(
         store_backups: stats.backups,
         last_gc: schedule.task_run(GC_TASK).await?,
         last_verify: schedule.task_run(VERIFY_TASK).await?,
+        leader: schedule
+            .task_run(LEADER_TASK)
+            .await?
+            .as_ref()
+            .and_then(LeaderRecord::from_task),
         health,
         store_location,
     })
@@ -277,6 +286,21 @@ impl fmt::Display for StatusReport {
         };
         writeln!(f, "Last GC: {}", task(&self.last_gc))?;
         writeln!(f, "Last verification: {}", task(&self.last_verify))?;
+        match &self.leader {
+            Some(l) if l.live_at(self.now) => writeln!(
+                f,
+                "Scheduler leader: {} (checked in {})",
+                l.holder,
+                rfc3339(l.last_seen)
+            )?,
+            Some(l) => writeln!(
+                f,
+                "Scheduler leader: NONE LIVE (last: {}, checked in {}); automatic backups wait for a `serve` with the scheduler on",
+                l.holder,
+                rfc3339(l.last_seen)
+            )?,
+            None => writeln!(f, "Scheduler leader: none yet")?,
+        }
         let h = &self.health;
         if h.quarantined_copies > 0 {
             writeln!(
