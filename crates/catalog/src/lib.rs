@@ -130,7 +130,39 @@ pub trait Catalog: Send + Sync {
     // ---- jobs ----
     /// Claims the oldest queued job that may run now and whose server has no
     /// running job, atomically. `None` when there is nothing to do.
-    async fn claim_job(&self, worker: &str, now: OffsetDateTime) -> Result<Option<Job>>;
+    async fn claim_job(&self, worker: &str, now: OffsetDateTime) -> Result<Option<Job>> {
+        let claim = JobClaim {
+            worker: worker.to_owned(),
+            node: None,
+            lease_until: now + LEASE,
+        };
+        self.claim_job_leased(&claim, now).await
+    }
+    /// As [`Catalog::claim_job`], for the servers of `claim.node` only,
+    /// recording the node on the job and taking a lease until
+    /// `claim.lease_until`.
+    async fn claim_job_leased(&self, claim: &JobClaim, now: OffsetDateTime) -> Result<Option<Job>>;
+    /// Extends the lease of a running job `worker` holds to `until`.
+    /// `Ok(false)` when the job is no longer `worker`'s (its lease expired
+    /// and it was requeued or taken, or it was cancelled): the worker must
+    /// abandon its attempt and record nothing.
+    async fn renew_lease(&self, job: JobId, worker: &str, until: OffsetDateTime) -> Result<bool>;
+    /// Does for every running job whose lease ended before `expired_at`
+    /// (wall clock) what [`Catalog::recover_stale_jobs`] does for stale
+    /// ones. Safe to call from several processes at once: each job is
+    /// handled by one of them.
+    async fn expire_leases(
+        &self,
+        expired_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Vec<RecoveredJob>>;
+    /// Gives every server with no node to `node`; returns how many.
+    async fn adopt_unassigned_servers(&self, node: &str) -> Result<u64>;
+    /// Servers and queued/running jobs per node, by node name.
+    async fn node_loads(&self) -> Result<Vec<NodeLoad>>;
+    /// Every periodic task record whose name starts with `prefix` (the
+    /// nodes' heartbeats are `node:<name>`), by name.
+    async fn task_runs_prefixed(&self, prefix: &str) -> Result<Vec<TaskRun>>;
     /// Records progress (0..=100) on the job's backup or restore and renews
     /// the claim. `Ok(false)` when the job is no longer ours (cancelled, or
     /// taken over): the worker must stop.

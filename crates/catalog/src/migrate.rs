@@ -83,6 +83,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("qmp_socket", Text),
             ("libvirt_domain", Text),
             ("guest_agent", Text),
+            ("node", Text),
         ],
     ),
     (
@@ -153,6 +154,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("finished_at", Int),
             ("error", Text),
             ("error_detail", Text),
+            ("node", Text),
+            ("lease_expires_at", Int),
         ],
     ),
     (

@@ -362,6 +362,10 @@ pub struct Server {
     pub window_start_minute: Option<u32>,
     pub hooks: Hooks,
     pub runtime: ServerRuntime,
+    /// The hypervisor node holding its disks: only that node's workers run
+    /// its jobs. `None`: added before nodes existed (the first `serve` with
+    /// workers adopts it).
+    pub node: Option<String>,
     pub status: ServerStatus,
     /// Manual backups that count against the limit (in progress or completed).
     pub manual_backups_used: u32,
@@ -379,6 +383,8 @@ pub struct NewServer {
     pub disks: Vec<ServerDisk>,
     pub hooks: Hooks,
     pub runtime: ServerRuntime,
+    /// The node holding its disks (`None`: any worker may run its jobs).
+    pub node: Option<String>,
 }
 
 /// Changes to a server; `None` leaves a field as it is.
@@ -393,6 +399,8 @@ pub struct ServerUpdate {
     pub window_start_minute: Option<Option<u32>>,
     pub hooks: HookUpdate,
     pub runtime: Option<ServerRuntime>,
+    /// Moves the server to another node.
+    pub node: Option<String>,
 }
 
 /// A change to some of a server's hooks; each one not named stays as it is
@@ -693,6 +701,38 @@ pub struct Job {
     /// The operator's detail of a failure (never shown by the API).
     pub error_detail: Option<String>,
     pub finished_at: Option<OffsetDateTime>,
+    /// The node whose worker ran it (the latest attempt's).
+    pub node: Option<String>,
+    /// While running: until when its owner's lease holds (wall clock).
+    pub lease_expires_at: Option<OffsetDateTime>,
+}
+
+/// How long a claim holds a job unless renewed. The owner renews every
+/// [`LEASE_RENEW_EVERY`]; any process finding a lease past requeues the job.
+pub const LEASE: time::Duration = time::Duration::seconds(20);
+/// How often a running job's owner renews its lease.
+pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Who claims a job, for which node, and until when the claim holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobClaim {
+    /// The owner: unique per worker of a process (`host-pid-random-wN`).
+    pub worker: String,
+    /// Only jobs of servers on this node; `None`: any server's.
+    pub node: Option<String>,
+    /// The lease's expiry (wall clock, not the scheduler's clock: leases
+    /// are between processes).
+    pub lease_until: OffsetDateTime,
+}
+
+/// One node's share of the catalog, for `vpsbackup status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// `None`: servers not assigned to a node yet.
+    pub node: Option<String>,
+    pub servers: u64,
+    pub running_jobs: u64,
+    pub queued_jobs: u64,
 }
 
 /// How a job ended.

@@ -23,7 +23,9 @@ use time::OffsetDateTime;
 use crate::error::map_db_error;
 use crate::model::*;
 use crate::webhook::*;
-use crate::{Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse};
+use crate::{
+    Catalog, CatalogError, IdempotencyClaim, IdempotentRequest, Result, StoredResponse, TaskRun,
+};
 
 // Idempotency keys of create requests.
 mod idempotency;
@@ -143,7 +145,7 @@ fn plan_from_row(r: &SqliteRow, prefix: &str) -> Result<Plan> {
 const SERVER_SELECT: &str = "SELECT s.id, s.name, s.hostname, s.account_id, a.name AS account_name, \
      s.auto_backup_enabled, s.window_start_minute, s.hook_pre_backup, s.hook_post_backup, \
      s.hook_pre_restore, s.hook_post_restore, s.created_at, s.updated_at, \
-     s.runtime, s.qmp_socket, s.libvirt_domain, s.guest_agent, \
+     s.runtime, s.qmp_socket, s.libvirt_domain, s.guest_agent, s.node, \
      p.id AS p_id, p.name AS p_name, p.retention_days AS p_retention_days, \
      p.window_start_minute AS p_window_start_minute, p.window_minutes AS p_window_minutes, \
      p.created_at AS p_created_at, p.updated_at AS p_updated_at, \
@@ -199,6 +201,7 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
                 ))
             })?
         },
+        node: r.try_get("node")?,
         status: match running.as_deref() {
             Some("backup") => ServerStatus::BackingUp,
             Some("restore") => ServerStatus::Restoring,
@@ -211,7 +214,8 @@ fn server_from_row(r: &SqliteRow, disks: Vec<ServerDisk>) -> Result<Server> {
 }
 
 const JOB_COLUMNS: &str = "id, kind, server_id, backup_id, restore_id, state, attempts, \
-     max_attempts, claimed_by, heartbeat_at, created_at, error, error_detail, finished_at";
+     max_attempts, claimed_by, heartbeat_at, created_at, error, error_detail, finished_at, \
+     node, lease_expires_at";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job> {
     let kind: String = r.try_get("kind")?;
@@ -235,6 +239,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job> {
         error: r.try_get("error")?,
         error_detail: r.try_get("error_detail")?,
         finished_at: opt_ts(r.try_get("finished_at")?),
+        node: r.try_get("node")?,
+        lease_expires_at: opt_ts(r.try_get("lease_expires_at")?),
     })
 }
 
@@ -426,6 +432,121 @@ impl SqliteCatalog {
         .execute(&mut **tx)
         .await?;
         Ok(())
+    }
+}
+
+impl SqliteCatalog {
+    /// Requeues or fails the running jobs matching `stale` (a condition
+    /// with one placeholder, bound to `bound`): the one path of stale-job
+    /// recovery and lease expiry.
+    async fn recover_where(
+        &self,
+        stale: &str,
+        bound: i64,
+        now: OffsetDateTime,
+    ) -> Result<Vec<RecoveredJob>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'running' \
+             AND {stale} ORDER BY id"
+        ))
+        .bind(bound)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let job = job_from_row(r)?;
+            // A restore is never run again unasked: the provider may have
+            // started the guest on the half-written disk since, and a re-run
+            // would overwrite what it wrote. It fails with a reason instead.
+            let requeue = job.kind == JobKind::Backup && job.attempts < job.max_attempts;
+            if requeue {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, lease_expires_at = NULL, run_after = ? \
+                     WHERE id = ?",
+                )
+                .bind(secs(now))
+                .bind(job.id.0)
+                .execute(&mut *tx)
+                .await?;
+                let table = if job.kind == JobKind::Restore {
+                    "restores"
+                } else {
+                    "backups"
+                };
+                let target = match job.kind {
+                    JobKind::Restore => job.restore_id.map(|r| r.0),
+                    JobKind::Backup => Some(job.backup_id.0),
+                };
+                sqlx::query(&format!(
+                    "UPDATE {table} SET progress = 0 WHERE id = ? AND status = 'in_progress'"
+                ))
+                .bind(target)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                let what = if job.kind == JobKind::Restore {
+                    "restore"
+                } else {
+                    "backup"
+                };
+                let reason = if job.kind == JobKind::Restore {
+                    "The service stopped while this restore was running, so the server's disks may be \
+                     partly restored. It was not run again on its own, because the server may have been \
+                     started since. Start a new restore."
+                        .to_owned()
+                } else {
+                    format!(
+                        "The service stopped while this {what} was running, {} times; it was not tried again. \
+                         Start a new {what}.",
+                        job.attempts
+                    )
+                };
+                sqlx::query(
+                    "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                )
+                .bind(&reason)
+                .bind(secs(now))
+                .bind(job.id.0)
+                .execute(&mut *tx)
+                .await?;
+                let (table, target) = match job.kind {
+                    JobKind::Restore => ("restores", job.restore_id.map(|r| r.0)),
+                    JobKind::Backup => ("backups", Some(job.backup_id.0)),
+                };
+                let failed = sqlx::query(&format!(
+                    "UPDATE {table} SET status = 'failed', error = ?, completed_at = ? \
+                     WHERE id = ? AND status = 'in_progress'"
+                ))
+                .bind(&reason)
+                .bind(secs(now))
+                .bind(target)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let subject = match (job.kind, job.restore_id) {
+                    (JobKind::Restore, Some(r)) => {
+                        Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
+                    }
+                    (JobKind::Backup, _) => Some((
+                        WebhookEventKind::BackupFailed,
+                        WebhookSubject::Backup(job.backup_id),
+                    )),
+                    _ => None,
+                };
+                if let (1.., Some((event, subject))) = (failed, subject) {
+                    Self::enqueue_event(&mut tx, event, subject, now).await?;
+                }
+            }
+            out.push(RecoveredJob {
+                job: job.id,
+                kind: job.kind,
+                backup_id: job.backup_id,
+                requeued: requeue,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 }
 
@@ -637,8 +758,8 @@ impl Catalog for SqliteCatalog {
         sqlx::query(
             "INSERT INTO servers (id, name, hostname, account_id, plan_id, hook_pre_backup, \
                hook_post_backup, hook_pre_restore, hook_post_restore, created_at, updated_at, \
-               runtime, qmp_socket, libvirt_domain, guest_agent) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               runtime, qmp_socket, libvirt_domain, guest_agent, node) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(server.id.0)
         .bind(&server.name)
@@ -655,6 +776,7 @@ impl Catalog for SqliteCatalog {
         .bind(server.runtime.qmp_socket())
         .bind(server.runtime.domain())
         .bind(server.runtime.guest_agent())
+        .bind(&server.node)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -713,6 +835,7 @@ impl Catalog for SqliteCatalog {
                qmp_socket = CASE WHEN ?17 IS NULL THEN qmp_socket ELSE ?18 END, \
                libvirt_domain = CASE WHEN ?17 IS NULL THEN libvirt_domain ELSE ?19 END, \
                guest_agent = CASE WHEN ?17 IS NULL THEN guest_agent ELSE ?20 END, \
+               node = COALESCE(?21, node), \
                updated_at = ?15 WHERE id = ?16",
         )
         .bind(&update.name)
@@ -735,6 +858,7 @@ impl Catalog for SqliteCatalog {
         .bind(update.runtime.as_ref().and_then(ServerRuntime::qmp_socket))
         .bind(update.runtime.as_ref().and_then(ServerRuntime::domain))
         .bind(update.runtime.as_ref().and_then(ServerRuntime::guest_agent))
+        .bind(&update.node)
         .execute(&mut *tx)
         .await
         .map_err(|e| map_db_error(e, "conflict"))?;
@@ -1132,22 +1256,93 @@ impl Catalog for SqliteCatalog {
         .transpose()
     }
 
-    async fn claim_job(&self, worker: &str, now: OffsetDateTime) -> Result<Option<Job>> {
+    async fn claim_job_leased(&self, claim: &JobClaim, now: OffsetDateTime) -> Result<Option<Job>> {
         // One statement: SQLite runs it under the write lock, so two workers
         // can never claim the same job or two jobs of one server.
         sqlx::query(&format!(
-            "UPDATE jobs SET state = 'running', claimed_by = ?1, heartbeat_at = ?2, attempts = attempts + 1 \
+            "UPDATE jobs SET state = 'running', claimed_by = ?1, heartbeat_at = ?2, attempts = attempts + 1, \
+               node = ?3, lease_expires_at = ?4 \
              WHERE id = (SELECT j.id FROM jobs j WHERE j.state = 'queued' AND j.run_after <= ?2 \
+                 AND (?3 IS NULL OR j.server_id IN (SELECT s.id FROM servers s WHERE s.node = ?3)) \
                  AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.server_id = j.server_id AND r.state = 'running') \
                  ORDER BY j.id LIMIT 1) \
              RETURNING {JOB_COLUMNS}"
         ))
-        .bind(worker)
+        .bind(&claim.worker)
         .bind(secs(now))
+        .bind(&claim.node)
+        .bind(secs(claim.lease_until))
         .fetch_optional(&self.write)
         .await?
         .map(|r| job_from_row(&r))
         .transpose()
+    }
+
+    async fn renew_lease(&self, job: JobId, worker: &str, until: OffsetDateTime) -> Result<bool> {
+        // Conditional on the owner: a lease that expired and was taken over
+        // (requeued, or claimed by another worker) cannot be renewed.
+        let renewed = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = MAX(COALESCE(lease_expires_at, 0), ?1) \
+             WHERE id = ?2 AND state = 'running' AND claimed_by = ?3",
+        )
+        .bind(secs(until))
+        .bind(job.0)
+        .bind(worker)
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        Ok(renewed > 0)
+    }
+
+    async fn adopt_unassigned_servers(&self, node: &str) -> Result<u64> {
+        Ok(
+            sqlx::query("UPDATE servers SET node = ? WHERE node IS NULL")
+                .bind(node)
+                .execute(&self.write)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn task_runs_prefixed(&self, prefix: &str) -> Result<Vec<TaskRun>> {
+        // A prefix match without LIKE's wildcards: node names may hold `_`.
+        let rows = sqlx::query(
+            "SELECT name, last_run, summary FROM scheduler_tasks \
+             WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+        )
+        .bind(prefix)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRun {
+                    name: r.try_get("name")?,
+                    last_run: ts(r.try_get("last_run")?),
+                    summary: r.try_get("summary")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn node_loads(&self) -> Result<Vec<NodeLoad>> {
+        let rows = sqlx::query(
+            "SELECT s.node AS node, COUNT(*) AS servers, \
+               COALESCE(SUM((SELECT COUNT(*) FROM jobs j WHERE j.server_id = s.id AND j.state = 'running')), 0) AS running, \
+               COALESCE(SUM((SELECT COUNT(*) FROM jobs j WHERE j.server_id = s.id AND j.state = 'queued')), 0) AS queued \
+             FROM servers s GROUP BY s.node ORDER BY s.node",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeLoad {
+                    node: r.try_get("node")?,
+                    servers: r.try_get::<i64, _>("servers")? as u64,
+                    running_jobs: r.try_get::<i64, _>("running")? as u64,
+                    queued_jobs: r.try_get::<i64, _>("queued")? as u64,
+                })
+            })
+            .collect()
     }
 
     async fn job_progress(
@@ -1190,7 +1385,7 @@ impl Catalog for SqliteCatalog {
     async fn release_job(&self, job: JobId, worker: &str, now: OffsetDateTime) -> Result<bool> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(
-            "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, \
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, lease_expires_at = NULL, \
                attempts = MAX(attempts - 1, 0), run_after = ? \
              WHERE id = ? AND state = 'running' AND claimed_by = ? RETURNING kind, backup_id, restore_id",
         )
@@ -1319,108 +1514,21 @@ impl Catalog for SqliteCatalog {
         stale_before: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<Vec<RecoveredJob>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'running' \
-             AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY id"
-        ))
-        .bind(secs(stale_before))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let job = job_from_row(r)?;
-            // A restore is never run again unasked: the provider may have
-            // started the guest on the half-written disk since, and a re-run
-            // would overwrite what it wrote. It fails with a reason instead.
-            let requeue = job.kind == JobKind::Backup && job.attempts < job.max_attempts;
-            if requeue {
-                sqlx::query(
-                    "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, run_after = ? \
-                     WHERE id = ?",
-                )
-                .bind(secs(now))
-                .bind(job.id.0)
-                .execute(&mut *tx)
-                .await?;
-                let table = if job.kind == JobKind::Restore {
-                    "restores"
-                } else {
-                    "backups"
-                };
-                let target = match job.kind {
-                    JobKind::Restore => job.restore_id.map(|r| r.0),
-                    JobKind::Backup => Some(job.backup_id.0),
-                };
-                sqlx::query(&format!(
-                    "UPDATE {table} SET progress = 0 WHERE id = ? AND status = 'in_progress'"
-                ))
-                .bind(target)
-                .execute(&mut *tx)
-                .await?;
-            } else {
-                let what = if job.kind == JobKind::Restore {
-                    "restore"
-                } else {
-                    "backup"
-                };
-                let reason = if job.kind == JobKind::Restore {
-                    "The service stopped while this restore was running, so the server's disks may be \
-                     partly restored. It was not run again on its own, because the server may have been \
-                     started since. Start a new restore."
-                        .to_owned()
-                } else {
-                    format!(
-                        "The service stopped while this {what} was running, {} times; it was not tried again. \
-                         Start a new {what}.",
-                        job.attempts
-                    )
-                };
-                sqlx::query(
-                    "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                )
-                .bind(&reason)
-                .bind(secs(now))
-                .bind(job.id.0)
-                .execute(&mut *tx)
-                .await?;
-                let (table, target) = match job.kind {
-                    JobKind::Restore => ("restores", job.restore_id.map(|r| r.0)),
-                    JobKind::Backup => ("backups", Some(job.backup_id.0)),
-                };
-                let failed = sqlx::query(&format!(
-                    "UPDATE {table} SET status = 'failed', error = ?, completed_at = ? \
-                     WHERE id = ? AND status = 'in_progress'"
-                ))
-                .bind(&reason)
-                .bind(secs(now))
-                .bind(target)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                let subject = match (job.kind, job.restore_id) {
-                    (JobKind::Restore, Some(r)) => {
-                        Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
-                    }
-                    (JobKind::Backup, _) => Some((
-                        WebhookEventKind::BackupFailed,
-                        WebhookSubject::Backup(job.backup_id),
-                    )),
-                    _ => None,
-                };
-                if let (1.., Some((event, subject))) = (failed, subject) {
-                    Self::enqueue_event(&mut tx, event, subject, now).await?;
-                }
-            }
-            out.push(RecoveredJob {
-                job: job.id,
-                kind: job.kind,
-                backup_id: job.backup_id,
-                requeued: requeue,
-            });
-        }
-        tx.commit().await?;
-        Ok(out)
+        self.recover_where(
+            "(heartbeat_at IS NULL OR heartbeat_at < ?)",
+            secs(stale_before),
+            now,
+        )
+        .await
+    }
+
+    async fn expire_leases(
+        &self,
+        expired_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Vec<RecoveredJob>> {
+        self.recover_where("lease_expires_at < ?", secs(expired_at), now)
+            .await
     }
 
     async fn import_backup(&self, backup: &ImportedBackup) -> Result<ImportOutcome> {

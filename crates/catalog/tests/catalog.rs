@@ -561,6 +561,7 @@ catalog_tests! {
                     disks: disks.clone(),
                     hooks: Hooks::default(),
                     runtime: Default::default(),
+                    node: None,
                 },
                 now(),
             )

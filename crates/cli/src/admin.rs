@@ -633,6 +633,11 @@ pub enum ServerCommand {
         plan: Option<String>,
         #[arg(long)]
         hostname: Option<String>,
+        /// The hypervisor node holding its disks: only that node's `serve`
+        /// or `agent` runs its jobs [default: this machine's hostname]. For
+        /// another node, give --disk-format: the disks are not here to check.
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         hooks: HookArgs,
         #[command(flatten)]
@@ -665,6 +670,9 @@ pub enum ServerCommand {
         /// formats were recorded; see `server list`).
         #[arg(long = "disk-format", value_parser = ["raw", "qcow2", "block"])]
         disk_formats: Vec<String>,
+        /// Move the server to another node (its disks must be there).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         hooks: HookSetArgs,
         #[command(flatten)]
@@ -691,10 +699,13 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             disk_formats,
             plan,
             hostname,
+            node,
             hooks,
             runtime,
         } => {
             check_disk_format_count(disks.len(), disk_formats.len())?;
+            let here = vpsbackup_service::metrics::node_name();
+            let node = check_node_name(node.unwrap_or_else(|| here.clone()))?;
             let runtime = runtime.resolve(&name, None)?.unwrap_or_default();
             let acc = cat
                 .account_by_name(&account)
@@ -709,10 +720,25 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             for (i, d) in disks.iter().enumerate() {
                 let abs =
                     std::path::absolute(d).with_context(|| format!("disk {}", d.display()))?;
+                let explicit = disk_formats.get(i).or(disk_formats.first());
+                // A disk on another node is not here to check: its format
+                // must be given.
+                let remote = node != here && !abs.exists();
+                if remote {
+                    let Some(name) = explicit else {
+                        bail!(
+                            "disk {} is not on this machine; for a server on node {node:?} give --disk-format",
+                            abs.display()
+                        );
+                    };
+                    let format = ImageFormat::parse(name)
+                        .ok_or_else(|| anyhow!("unknown disk format {name:?}"))?;
+                    server_disks.push(ServerDisk::new(abs.to_string_lossy(), format));
+                    continue;
+                }
                 if !abs.exists() {
                     bail!("disk {} does not exist", abs.display());
                 }
-                let explicit = disk_formats.get(i).or(disk_formats.first());
                 let format = disk_format(&abs, explicit.map(String::as_str))?;
                 server_disks.push(ServerDisk::new(abs.to_string_lossy(), format));
             }
@@ -727,17 +753,19 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                         disks: server_disks,
                         hooks: hooks.into_hooks(),
                         runtime,
+                        node: Some(node),
                     },
                     now(),
                 )
                 .await?;
             println!(
-                "Added server {} {:?} for account {:?}, plan {:?}, runtime {}, disk(s): {}.",
+                "Added server {} {:?} for account {:?}, plan {:?}, runtime {}, node {}, disk(s): {}.",
                 s.id,
                 s.name,
                 s.account_name,
                 s.plan.name,
                 s.runtime,
+                s.node.as_deref().unwrap_or("-"),
                 disks_text(&s.disks)
             );
         }
@@ -761,12 +789,12 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             println!(
-                "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  disks",
-                "id", "name", "account", "plan", "status", "auto", "window", "runtime"
+                "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  {:<12}  disks",
+                "id", "name", "account", "plan", "status", "auto", "window", "runtime", "node"
             );
             for s in page.items {
                 println!(
-                    "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  {}",
+                    "{:>10}  {:<20}  {:<15}  {:<10}  {:<10}  {:<5}  {:<6}  {:<8}  {:<12}  {}",
                     s.id,
                     s.name,
                     s.account_name,
@@ -775,6 +803,7 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                     if s.auto_backup_enabled { "on" } else { "off" },
                     hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
                     s.runtime.kind(),
+                    s.node.as_deref().unwrap_or("-"),
                     disks_text(&s.disks)
                 );
                 match &s.runtime {
@@ -802,9 +831,11 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
             auto_backup,
             window_start,
             disk_formats,
+            node,
             hooks,
             runtime,
         } => {
+            let node = node.map(check_node_name).transpose()?;
             let runtime = if runtime.any() {
                 let current = cat
                     .server(ServerId(id), Scope::All)
@@ -861,19 +892,21 @@ pub async fn server(global: Global, cmd: ServerCommand) -> anyhow::Result<()> {
                 window_start_minute,
                 hooks: hooks.into_update()?,
                 runtime,
+                node,
             };
             if update == ServerUpdate::default() {
                 bail!("nothing to change; see `vpsbackup server set --help`");
             }
             let s = cat.update_server(ServerId(id), update, now()).await?;
             println!(
-                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC, runtime {}, disk(s): {}.",
+                "Server {} {:?}: plan {:?}, automatic backups {}, window {} UTC, runtime {}, node {}, disk(s): {}.",
                 s.id,
                 s.name,
                 s.plan.name,
                 if s.auto_backup_enabled { "on" } else { "off" },
                 hhmm(s.window_start_minute.unwrap_or(s.plan.window_start_minute)),
                 s.runtime,
+                s.node.as_deref().unwrap_or("-"),
                 disks_text(&s.disks)
             );
             println!("Hooks:\n{}", hooks_text(&s.hooks));
@@ -945,6 +978,19 @@ pub(crate) fn check_disk_format_count(disks: usize, formats: usize) -> anyhow::R
 /// block device must be "block" and only a block device can be), else
 /// detected now. Adding a server is the provider's moment: the guest has not
 /// run on this image yet, or the provider vouches for it.
+/// A node name as `--node` takes it: 1 to 253 characters, no spaces
+/// (it appears in `status` columns and in metrics labels).
+pub fn check_node_name(name: String) -> anyhow::Result<String> {
+    let name = name.trim().to_owned();
+    if name.is_empty()
+        || name.len() > 253
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        bail!("{name:?} is not a node name: give 1 to 253 characters without spaces");
+    }
+    Ok(name)
+}
+
 fn disk_format(path: &std::path::Path, explicit: Option<&str>) -> anyhow::Result<ImageFormat> {
     let detected =
         vpsbackup_disk::detect_format(path).with_context(|| format!("disk {}", path.display()))?;

@@ -1,6 +1,7 @@
 //! `vpsbackup`: the one binary. Thin: parses the command line and calls the crates.
 //!
-//! `serve` runs the API; `account`, `token`, `plan` and `server` administer
+//! `serve` runs the API (and the jobs of its node); `agent` runs only the
+//! jobs of one node's servers; `account`, `token`, `plan` and `server` administer
 //! the catalog of the same data dir, `restore` writes a backup to files of
 //! the provider's choice, also while `serve` runs (SQLite WAL
 //! lets them write beside it). Every failure prints its reason on stderr and
@@ -67,6 +68,9 @@ struct Cli {
 enum Command {
     /// Serve the API and run backups and restores.
     Serve(serve::ServeArgs),
+    /// Run the backups and restores of one node's servers (no API); needs
+    /// a PostgreSQL catalog shared with `serve`.
+    Agent(serve::AgentArgs),
     /// Customer accounts.
     #[command(subcommand)]
     Account(admin::AccountCommand),
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Store(cmd) => store::run(cmd, &global),
         Command::Serve(args) => serve::run(global, args),
+        Command::Agent(args) => serve::run_agent(global, args),
         Command::Account(cmd) => admin::block_on(admin::account(global, cmd)),
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),
         Command::Plan(cmd) => admin::block_on(admin::plan(global, cmd)),

@@ -13,9 +13,13 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "VPSBACKUP_LISTEN")]
     listen: Option<String>,
-    /// Jobs run at once [default: 2].
+    /// Jobs run at once [default: 2]; 0: API only (agents run the jobs).
     #[arg(long, env = "VPSBACKUP_WORKERS")]
     workers: Option<usize>,
+    /// The node whose servers' jobs this process's workers run [default:
+    /// this machine's hostname].
+    #[arg(long, env = "VPSBACKUP_NODE")]
+    node: Option<String>,
     /// Read bandwidth limit per backup job, MB/s.
     #[arg(long, env = "VPSBACKUP_READ_LIMIT_MB")]
     read_limit_mb: Option<u64>,
@@ -39,6 +43,62 @@ pub struct ServeArgs {
     /// First run: create account "demo", a token and server 12345 with a small disk image.
     #[arg(long)]
     demo: bool,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The node whose servers' jobs this agent runs (its disks are on this
+    /// machine) [default: this machine's hostname].
+    #[arg(long, env = "VPSBACKUP_NODE")]
+    node: Option<String>,
+    /// Jobs run at once [default: 2].
+    #[arg(long, env = "VPSBACKUP_WORKERS")]
+    workers: Option<usize>,
+    /// Read bandwidth limit per backup job, MB/s.
+    #[arg(long, env = "VPSBACKUP_READ_LIMIT_MB")]
+    read_limit_mb: Option<u64>,
+    /// A listener for /healthz, /readyz and /metrics (all open), e.g.
+    /// 10.0.0.5:9187.
+    #[arg(long, env = "VPSBACKUP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+/// `vpsbackup agent`: job workers of one node, no API.
+pub fn run_agent(global: Global, args: AgentArgs) -> anyhow::Result<()> {
+    init_logging();
+    let mut settings: Settings = load_settings(&global)?;
+    if let Some(w) = args.workers {
+        settings.workers = w;
+    }
+    if args.read_limit_mb.is_some() {
+        settings.read_limit_mb_per_s = args.read_limit_mb;
+    }
+    settings.node = Some(crate::admin::check_node_name(
+        args.node
+            .unwrap_or_else(vpsbackup_service::metrics::node_name),
+    )?);
+    let listen = args.metrics_listen.or(settings.metrics.listen.clone());
+    tracing::debug!(?settings, "settings");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        let ops_listener = match &listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a} (--metrics-listen)"))?,
+            ),
+            None => None,
+        };
+        vpsbackup_service::agent::run_agent(
+            settings,
+            std::sync::Arc::new(SystemClock),
+            ops_listener,
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    })
 }
 
 /// `RATE/BURST` (or `RATE`, burst twice the rate), both at least 1.
@@ -80,6 +140,10 @@ pub fn run(global: Global, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(w) = args.workers {
         settings.workers = w;
     }
+    settings.node = Some(crate::admin::check_node_name(
+        args.node
+            .unwrap_or_else(vpsbackup_service::metrics::node_name),
+    )?);
     if args.read_limit_mb.is_some() {
         settings.read_limit_mb_per_s = args.read_limit_mb;
     }

@@ -411,7 +411,7 @@ fn status_shows_this_node_and_flags_it_without_a_live_worker() {
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(
         cols[1..],
-        ["NO", "LIVE", "WORKER", "never", "-", "0", "1"],
+        ["NO", "LIVE", "WORKER", "-", "never", "-", "0", "1"],
         "{status}"
     );
     assert!(
@@ -433,7 +433,11 @@ fn status_shows_this_node_and_flags_it_without_a_live_worker() {
         let (line, status) = node_line(&dir, &node);
         seen = status;
         let cols: Vec<&str> = line.split_whitespace().collect();
-        cols[1] == "live" && cols[3] == "2/2" && cols[4] == "1" && cols[5] == "1"
+        cols[1] == "live"
+            && cols[2] == "serve"
+            && cols[4] == "2/2"
+            && cols[5] == "1"
+            && cols[6] == "1"
     });
     assert!(!seen.contains("has no live worker"), "{seen}");
     let id = body["id"].as_i64().unwrap();
@@ -445,8 +449,8 @@ fn status_shows_this_node_and_flags_it_without_a_live_worker() {
     serve.stop();
     let (line, status) = node_line(&dir, &node);
     let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols[1..4], ["NO", "LIVE", "WORKER"], "{status}");
-    assert_eq!(cols[5..], ["-", "0", "1"], "{status}");
+    assert_eq!(cols[1..5], ["NO", "LIVE", "WORKER", "serve"], "{status}");
+    assert_eq!(cols[6..], ["-", "0", "1"], "{status}");
     assert!(
         status.contains(&format!(
             "Node {node} has no live worker: its serve stopped at "

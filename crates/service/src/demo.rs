@@ -77,6 +77,8 @@ pub async fn ensure_demo(
                 disks: vec![ServerDisk::new(disk.to_string_lossy(), ImageFormat::Raw)],
                 hooks: Hooks::default(),
                 runtime: Default::default(),
+                // The first `serve` with workers takes it for its node.
+                node: None,
             },
             now,
         )

@@ -10,6 +10,7 @@
 //! Request errors never leak internals: a database failure is logged and
 //! answered with a bare 500.
 
+pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod clock;
@@ -107,10 +108,6 @@ pub async fn connect_catalog(
     Ok(AnyCatalog::open(&url, connections).await?)
 }
 
-/// How long a running job on a shared catalog must have sent no heartbeat
-/// (sent about once a second) before a starting service takes it over.
-const SHARED_CATALOG_STALE_AFTER: time::Duration = time::Duration::minutes(10);
-
 /// Serves the API on `listener` until `shutdown` completes, with the system clock.
 pub async fn run(
     settings: Settings,
@@ -155,25 +152,7 @@ pub async fn run_with_ops(
     let schedule_catalog = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
 
-    // No other serve holds this data dir, so on a catalog of its own every
-    // job still marked running belongs to a process that died: re-run it or
-    // fail it, now. A shared (PostgreSQL) catalog's running jobs may be
-    // other processes' live ones: only those silent for long are taken.
-    let now = clock.now();
-    let stale_before = if opened.is_shared() {
-        now - SHARED_CATALOG_STALE_AFTER
-    } else {
-        now + time::Duration::seconds(1)
-    };
-    let recovered = catalog.recover_stale_jobs(stale_before, now).await?;
-    for job in &recovered {
-        tracing::warn!(
-            job = job.job.0,
-            backup = job.backup_id.0,
-            requeued = job.requeued,
-            "recovered a job interrupted by a stopped service"
-        );
-    }
+    runner::recover_at_start(&*catalog, opened.is_shared(), &*clock, &settings).await?;
 
     let jobs = Arc::new(JobRunner::new(
         catalog.clone(),
@@ -183,14 +162,24 @@ pub async fn run_with_ops(
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = jobs.start(stop_rx.clone());
-    // This node's heartbeat in the catalog, for `vpsbackup status`.
-    let node_task = tokio::spawn(node::record_heartbeats(
-        schedule_catalog.clone(),
-        jobs.metrics().clone(),
+    // Jobs whose lease ran out (their process died), whoever held them.
+    let sweeper = tokio::spawn(runner::sweep_leases(
+        catalog.clone(),
         clock.clone(),
-        settings.workers.max(1),
+        Some(jobs.clone()),
         stop_rx.clone(),
     ));
+    // This node's heartbeat in the catalog, for `vpsbackup status` (an
+    // API-only replica runs no node's jobs and records none).
+    let node_task = (settings.workers > 0).then(|| {
+        tokio::spawn(node::record_heartbeats(
+            schedule_catalog.clone(),
+            jobs.clone(),
+            clock.clone(),
+            (settings.workers, "serve"),
+            stop_rx.clone(),
+        ))
+    });
     // Automatic backups, expiry, scheduled GC and verification (issue 4),
     // run by one process among those sharing the catalog: the leader. A
     // replica with the scheduler off never takes the lock.
@@ -331,11 +320,14 @@ pub async fn run_with_ops(
             tracing::warn!("a worker did not stop in time");
         }
     }
-    if tokio::time::timeout(Duration::from_secs(5), node_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the node heartbeat did not stop in time");
+    let _ = tokio::time::timeout(Duration::from_secs(5), sweeper).await;
+    if let Some(node_task) = node_task {
+        if tokio::time::timeout(Duration::from_secs(5), node_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the node heartbeat did not stop in time");
+        }
     }
     if let Some(task) = ops_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {

@@ -148,6 +148,16 @@ impl Default for JobMetrics {
 }
 
 impl JobMetrics {
+    /// Figures labelled with `node` (`--node`) instead of the hostname.
+    pub fn for_node(node: &str) -> JobMetrics {
+        JobMetrics {
+            node: NodeLabels {
+                node: node.to_owned(),
+            },
+            ..JobMetrics::default()
+        }
+    }
+
     /// A worker is alive and reached the catalog (an empty claim, or a
     /// running job's progress write).
     pub fn beat(&self, worker: usize, now: OffsetDateTime) {

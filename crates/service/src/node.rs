@@ -1,15 +1,15 @@
 //! This node's liveness in the catalog, for the node section of
 //! `vpsbackup status`.
 //!
-//! A node is a machine whose job workers read and write its servers' disks;
-//! today that is the machine `serve` runs on, named by its hostname. Every
-//! [`RECORD_INTERVAL`], `serve` records when its workers last reached the
-//! catalog (their heartbeat: an empty claim or a running job's progress
-//! write) and how many of them did recently. A graceful stop records
-//! "stopped". Nodes have no table of their own yet, so the record is a
-//! periodic task row named `node:<name>`; node agents on other machines
-//! (issue 10, part 2) will bring a table, and the status reads
-//! [`NodeRecord`]s either way.
+//! A node is a machine whose job workers read and write its servers' disks,
+//! named by `--node` (default its hostname); its workers are those of a
+//! `vpsbackup serve` or a `vpsbackup agent` running there. Every
+//! [`RECORD_INTERVAL`], each process with workers records when they last
+//! reached the catalog (their heartbeat: an empty claim or a running job's
+//! progress write), how many did recently, its role (serve or agent) and
+//! the jobs it runs. A graceful stop records "stopped". The record is a
+//! periodic task row named `node:<name>` (one process per node is the
+//! deployment: a second one of the same name overwrites the row).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use vpsbackup_catalog::{ScheduleCatalog, TaskRun};
 
 use crate::clock::Clock;
 use crate::metrics::JobMetrics;
+use crate::runner::JobRunner;
 
 /// The periodic task name of a node's record is this prefix and its name.
 pub const TASK_PREFIX: &str = "node:";
@@ -39,35 +40,47 @@ pub struct NodeRecord {
     /// Workers it runs, and how many of them had a heartbeat within
     /// [`LIVE_WITHIN`] when it recorded; `None` after a graceful stop.
     pub workers: Option<(u32, u32)>,
+    /// "serve" or "agent" (None: recorded by an older build).
+    pub role: Option<String>,
+    /// Jobs its workers ran when it recorded.
+    pub running: Option<u32>,
 }
 
 impl NodeRecord {
     fn summary(&self) -> String {
-        match self.workers {
+        let mut s = match self.workers {
             Some((total, live)) => format!("workers={total} live={live}"),
             None => "stopped".to_owned(),
+        };
+        if let Some(role) = &self.role {
+            s.push_str(&format!(" role={role}"));
         }
+        if let (Some(running), Some(_)) = (self.running, self.workers) {
+            s.push_str(&format!(" running={running}"));
+        }
+        s
     }
 
     /// The record stored as `task` (None: not a node record).
     pub fn from_task(task: &TaskRun) -> Option<NodeRecord> {
         let node = task.name.strip_prefix(TASK_PREFIX)?.to_owned();
-        let workers = if task.summary == "stopped" {
+        let text = |key: &str| -> Option<&str> {
+            task.summary
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        };
+        let field = |key: &str| -> Option<u32> { text(key)?.parse().ok() };
+        let workers = if task.summary.starts_with("stopped") {
             None
         } else {
-            let field = |key: &str| -> Option<u32> {
-                task.summary
-                    .split(' ')
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
-                    .parse()
-                    .ok()
-            };
             Some((field("workers")?, field("live")?))
         };
         Some(NodeRecord {
             node,
             last_heartbeat: task.last_run,
             workers,
+            role: text("role").map(str::to_owned),
+            running: field("running"),
         })
     }
 
@@ -79,7 +92,11 @@ impl NodeRecord {
 }
 
 /// This process's record at `now` (None before any worker reached the catalog).
-fn this_node(metrics: &JobMetrics, workers: usize, now: OffsetDateTime) -> Option<NodeRecord> {
+fn this_node(
+    metrics: &JobMetrics,
+    (workers, role, running): (usize, &str, usize),
+    now: OffsetDateTime,
+) -> Option<NodeRecord> {
     let beats = metrics.worker_beats();
     let last = beats.values().copied().max()?;
     let live = beats
@@ -90,6 +107,8 @@ fn this_node(metrics: &JobMetrics, workers: usize, now: OffsetDateTime) -> Optio
         node: metrics.node().to_owned(),
         last_heartbeat: OffsetDateTime::from_unix_timestamp(last).ok()?,
         workers: Some((workers as u32, live as u32)),
+        role: Some(role.to_owned()),
+        running: Some(running as u32),
     })
 }
 
@@ -107,15 +126,17 @@ async fn write(schedule: &dyn ScheduleCatalog, record: &NodeRecord) {
 /// turns true, then records it stopped.
 pub async fn record_heartbeats(
     schedule: Arc<dyn ScheduleCatalog>,
-    metrics: JobMetrics,
+    runner: Arc<JobRunner>,
     clock: Arc<dyn Clock>,
-    workers: usize,
+    (workers, role): (usize, &'static str),
     mut stop: watch::Receiver<bool>,
 ) {
+    let metrics = runner.metrics().clone();
     loop {
         // Until a worker's first claim, look again soon rather than a full
         // interval later.
-        let wait = match this_node(&metrics, workers, clock.now()) {
+        let now = clock.now();
+        let wait = match this_node(&metrics, (workers, role, runner.running_jobs()), now) {
             Some(record) => {
                 write(&*schedule, &record).await;
                 RECORD_INTERVAL
@@ -131,6 +152,8 @@ pub async fn record_heartbeats(
         node: metrics.node().to_owned(),
         last_heartbeat: clock.now(),
         workers: None,
+        role: Some(role.to_owned()),
+        running: None,
     };
     write(&*schedule, &stopped).await;
 }
@@ -149,6 +172,8 @@ mod tests {
             node: "hv-01".into(),
             last_heartbeat: t(0),
             workers: Some((2, 2)),
+            role: Some("agent".into()),
+            running: Some(1),
         };
         let task = TaskRun {
             name: "node:hv-01".into(),
@@ -165,6 +190,7 @@ mod tests {
         assert!(!none_live.live_at(t(1)));
         let stopped = NodeRecord {
             workers: None,
+            running: None,
             ..live
         };
         assert!(!stopped.live_at(t(1)));
@@ -183,10 +209,15 @@ mod tests {
     #[test]
     fn this_node_counts_live_workers() {
         let metrics = JobMetrics::default();
-        assert_eq!(this_node(&metrics, 2, t(0)), None, "no heartbeat yet");
+        assert_eq!(
+            this_node(&metrics, (2, "serve", 0), t(0)),
+            None,
+            "no heartbeat yet"
+        );
         metrics.beat(0, t(0));
         metrics.beat(1, t(5));
-        let r = this_node(&metrics, 2, t(32)).unwrap();
+        let r = this_node(&metrics, (2, "serve", 1), t(32)).unwrap();
         assert_eq!((r.last_heartbeat, r.workers), (t(5), Some((2, 1))));
+        assert_eq!((r.role.as_deref(), r.running), (Some("serve"), Some(1)));
     }
 }

@@ -8,6 +8,15 @@
 //! heartbeat, and when the catalog answers that the job is no longer ours
 //! (deleted backup, taken over) the engine is cancelled.
 //!
+//! Leases: a claim holds its job until a wall-clock expiry
+//! ([`vpsbackup_catalog::LEASE`]) that the companion task renews every
+//! [`vpsbackup_catalog::LEASE_RENEW_EVERY`]. Every process (serve or agent)
+//! runs [`sweep_leases`], which requeues (or fails) jobs whose lease ran
+//! out: their process died or lost the catalog. A worker whose renewal is
+//! refused, or that could not renew before its own lease ran out, cancels
+//! the engine and abandons the attempt without recording anything (another
+//! worker may hold the job by then); its partial packs are GC's.
+//!
 //! Crash safety: the engine writes a backup's manifest only at the end, so a
 //! job interrupted by a crash left no backup behind; it is re-run from
 //! scratch (after deleting any manifest of that name) or failed with a reason
@@ -22,11 +31,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use vpsbackup_catalog::{
-    engine_backup_id, BackupRead, Catalog, Consistency, Hooks, ImageFormat, Job, JobId, JobKind,
-    JobOutcome, Scope, Server, ServerRuntime,
+    engine_backup_id, BackupRead, Catalog, Consistency, Hooks, ImageFormat, Job, JobClaim, JobId,
+    JobKind, JobOutcome, JobState, Scope, Server, ServerRuntime, LEASE, LEASE_RENEW_EVERY,
 };
 use vpsbackup_engine::{BackupRequest, DiskFormat, DiskImage, EngineError, JobControl, Repository};
 
@@ -74,13 +84,16 @@ impl JobRunner {
             catalog,
             clock,
             repo,
-            settings,
             instance,
             notify: Notify::new(),
             outcomes: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
-            metrics: JobMetrics::default(),
+            metrics: match &settings.node {
+                Some(node) => JobMetrics::for_node(node),
+                None => JobMetrics::default(),
+            },
+            settings,
         }
     }
 
@@ -111,18 +124,22 @@ impl JobRunner {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the workers; they stop when `shutdown` turns true.
+    /// Jobs of this process's workers that are running now.
+    pub fn running_jobs(&self) -> usize {
+        self.lock_running().len()
+    }
+
+    /// Starts the workers (none with `workers = 0`: an API-only replica);
+    /// they stop when `shutdown` turns true.
     ///
-    /// There is no periodic reaper of stale claims: the lock on `serve.pid`
-    /// keeps one service per data dir, so a job left running can only belong to a dead
-    /// process, and those are recovered at start. A wall-clock lease would
-    /// also misfire under the scheduler's simulated time.
+    /// Leases are on the wall clock, not [`Clock`]: they are between
+    /// processes, and the scheduler's simulated time may jump.
     pub fn start(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut handles = Vec::new();
-        for n in 0..self.settings.workers.max(1) {
+        for n in 0..self.settings.workers {
             let me = self.clone();
             let rx = shutdown.clone();
             handles.push(tokio::spawn(async move { me.worker(n, rx).await }));
@@ -148,7 +165,15 @@ impl JobRunner {
             // Register interest before looking, so a wake between the empty
             // claim and the wait is not lost.
             let notified = self.notify.notified();
-            let claimed = self.catalog.claim_job(&name, self.clock.now()).await;
+            let claim = JobClaim {
+                worker: name.clone(),
+                node: self.settings.node.clone(),
+                lease_until: OffsetDateTime::now_utc() + LEASE,
+            };
+            let claimed = self
+                .catalog
+                .claim_job_leased(&claim, self.clock.now())
+                .await;
             if claimed.is_ok() {
                 self.metrics.beat(n, self.clock.now());
             }
@@ -188,13 +213,14 @@ impl JobRunner {
         tracing::info!("job started");
 
         let done = Arc::new(Notify::new());
+        let lease_lost = Arc::new(AtomicBool::new(false));
         let progress = tokio::spawn(progress_loop(
             self.catalog.clone(),
             self.clock.clone(),
-            job.id,
+            (job.id, job.lease_expires_at),
             worker.to_owned(),
             control.clone(),
-            done.clone(),
+            (done.clone(), lease_lost.clone()),
             (self.metrics.clone(), n),
         ));
 
@@ -214,6 +240,15 @@ impl JobRunner {
         self.lock_running().remove(&job.id);
 
         let now = self.clock.now();
+        if lease_lost.load(Ordering::SeqCst) {
+            // The job may be another worker's by now: record nothing and
+            // delete nothing of `b<id>` (that name is the new attempt's).
+            // This attempt wrote no manifest unless its engine finished, and
+            // the next attempt clears one before it starts; its packs are
+            // unreferenced and left for GC.
+            tracing::warn!("the job's lease was lost; this attempt is abandoned");
+            return "abandoned";
+        }
         // Only a job the shutdown cut short goes back to the queue: one whose
         // engine work finished (shutdown during its post hook) is recorded,
         // or a finished restore would run again over what the guest wrote.
@@ -258,8 +293,18 @@ impl JobRunner {
                 }
             }
             Ok(false) => {
-                // Cancelled (the backup was deleted) or taken over: whatever
-                // the engine wrote for it must not outlive its row.
+                // Cancelled (the backup was deleted): whatever the engine
+                // wrote for it must not outlive its row. Taken over (the
+                // lease expired while the outcome was being recorded): the
+                // name is the next attempt's, leave it.
+                let taken_over = matches!(
+                    self.catalog.job(job.id).await,
+                    Ok(Some(j)) if j.state != JobState::Cancelled
+                );
+                if taken_over {
+                    tracing::warn!("the job was taken over before its outcome was recorded");
+                    return "abandoned";
+                }
                 tracing::info!("job was cancelled while running");
                 if job.kind == JobKind::Backup {
                     self.delete_engine_backup(&job).await;
@@ -668,17 +713,52 @@ fn effective_hooks(settings: &Settings, server: &Hooks) -> Hooks {
 async fn progress_loop(
     catalog: Arc<dyn Catalog>,
     clock: Arc<dyn Clock>,
-    job: JobId,
+    (job, claimed_until): (JobId, Option<OffsetDateTime>),
     worker: String,
     control: Arc<JobControl>,
-    done: Arc<Notify>,
+    (done, lease_lost): (Arc<Notify>, Arc<AtomicBool>),
     (metrics, n): (JobMetrics, usize),
 ) {
     let mut last = None;
+    // How long this worker surely holds the job (wall clock).
+    let mut held_until = claimed_until.unwrap_or_else(|| OffsetDateTime::now_utc() + LEASE);
+    let mut last_renewal = std::time::Instant::now();
+    let abandon = |why: &str| {
+        tracing::warn!(reason = why, "giving the job up");
+        lease_lost.store(true, Ordering::SeqCst);
+        control.cancel();
+    };
     loop {
         tokio::select! {
             _ = done.notified() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if last_renewal.elapsed() >= LEASE_RENEW_EVERY {
+            let until = OffsetDateTime::now_utc() + LEASE;
+            match catalog.renew_lease(job, &worker, until).await {
+                Ok(true) => {
+                    held_until = until;
+                    last_renewal = std::time::Instant::now();
+                }
+                Ok(false) => {
+                    // Requeued or claimed by another worker after our lease
+                    // ran out, or cancelled: stop at once.
+                    match catalog.job(job).await {
+                        Ok(Some(j)) if j.state == JobState::Cancelled => control.cancel(),
+                        Ok(None) => control.cancel(),
+                        _ => abandon("the lease was taken away"),
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the job's lease");
+                    // Fence ourselves before anyone may take the job over.
+                    if OffsetDateTime::now_utc() + time::Duration::seconds(2) >= held_until {
+                        abandon("the lease could not be renewed before it ran out");
+                        return;
+                    }
+                }
+            }
         }
         let pct = control.percent();
         // Write every tick even when unchanged: it is the heartbeat.
@@ -691,10 +771,94 @@ async fn progress_loop(
                 }
             }
             Ok(false) => {
-                control.cancel();
+                match catalog.job(job).await {
+                    Ok(Some(j)) if j.state != JobState::Cancelled => {
+                        abandon("the job was taken over")
+                    }
+                    _ => control.cancel(),
+                }
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "could not record progress"),
+        }
+    }
+}
+
+/// What a starting `serve` or `agent` does with jobs left running. On a
+/// catalog of its own (SQLite: one `serve` per data dir, no agents) every
+/// running job belongs to a process that died: re-run or fail it now. On a
+/// shared one, running jobs may be other processes' live ones: only those
+/// whose lease ran out are taken, the same path as [`sweep_leases`].
+/// Then, with workers and a node, servers on no node (added before nodes
+/// existed) are adopted by this node, so a single box keeps running them.
+pub async fn recover_at_start(
+    catalog: &dyn Catalog,
+    shared: bool,
+    clock: &dyn Clock,
+    settings: &Settings,
+) -> Result<(), vpsbackup_catalog::CatalogError> {
+    let now = clock.now();
+    let recovered = if shared {
+        catalog
+            .expire_leases(OffsetDateTime::now_utc(), now)
+            .await?
+    } else {
+        catalog
+            .recover_stale_jobs(now + time::Duration::seconds(1), now)
+            .await?
+    };
+    for job in &recovered {
+        tracing::warn!(
+            job = job.job.0,
+            backup = job.backup_id.0,
+            requeued = job.requeued,
+            "recovered a job interrupted by a stopped service"
+        );
+    }
+    if let (Some(node), 1..) = (&settings.node, settings.workers) {
+        let adopted = catalog.adopt_unassigned_servers(node).await?;
+        if adopted > 0 {
+            tracing::info!(adopted, node = %node, "servers on no node now on this one");
+        }
+    }
+    Ok(())
+}
+
+/// Every [`LEASE_RENEW_EVERY`] until `stop` turns true: requeues (or fails
+/// with a reason) the running jobs whose lease ran out, whoever held them,
+/// and wakes `runner`'s workers when it requeued any. Every process runs
+/// one; the catalog hands each expired job to one sweeper.
+pub async fn sweep_leases(
+    catalog: Arc<dyn Catalog>,
+    clock: Arc<dyn Clock>,
+    runner: Option<Arc<JobRunner>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match catalog
+            .expire_leases(OffsetDateTime::now_utc(), clock.now())
+            .await
+        {
+            Ok(recovered) => {
+                for job in &recovered {
+                    tracing::warn!(
+                        job = job.job.0,
+                        backup = job.backup_id.0,
+                        requeued = job.requeued,
+                        "a job's lease ran out (its process died or lost the catalog)"
+                    );
+                }
+                if recovered.iter().any(|j| j.requeued) {
+                    if let Some(r) = &runner {
+                        r.wake();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for expired leases"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_RENEW_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -95,6 +95,11 @@ pub struct Settings {
     /// VPSBACKUP_PASSPHRASE environment variable (never in this file). A
     /// new, empty store is created encrypted when either is set.
     pub store_key_file: Option<PathBuf>,
+    /// The hypervisor node this process's workers run jobs for: only jobs
+    /// of servers on it are claimed. `vpsbackup serve` and `agent` set it
+    /// (`--node`, default the hostname); `None` (embedding, tests): every
+    /// server's jobs.
+    pub node: Option<String>,
 }
 
 /// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
@@ -208,6 +213,7 @@ impl Default for Settings {
             s3_endpoint: None,
             s3_region: None,
             store_key_file: None,
+            node: None,
         }
     }
 }

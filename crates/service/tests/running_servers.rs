@@ -151,6 +151,7 @@ async fn a_running_servers_backup_is_its_disks_at_the_point_in_time() {
                     qmp_socket: guest.qmp.to_string_lossy().into_owned(),
                     guest_agent: None,
                 },
+                node: None,
             },
             TestApp::now(),
         )

@@ -183,6 +183,7 @@ impl Sim {
                     )],
                     hooks,
                     runtime: Default::default(),
+                    node: None,
                 },
                 self.clock.now(),
             )
@@ -633,6 +634,7 @@ async fn damaged_backup_is_reported_by_verify_and_marked_in_the_api() {
                     )],
                     hooks: Hooks::default(),
                     runtime: Default::default(),
+                    node: None,
                 },
                 now,
             )
@@ -918,6 +920,7 @@ async fn the_service_schedules_and_catches_up_once_after_a_restart() {
                 )],
                 hooks: Hooks::default(),
                 runtime: Default::default(),
+                node: None,
             },
             clock.now(),
         )

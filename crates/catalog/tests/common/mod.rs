@@ -85,6 +85,21 @@ impl TestCatalog {
     pub fn is_postgres(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))
     }
+
+    /// Another handle on the same catalog, with its own connections, as a
+    /// second process would open it.
+    pub async fn another_handle(&self) -> Arc<dyn CatalogAndSchedule> {
+        match &*self._keep {
+            Keep::Dir(dir) => Arc::new(
+                SqliteCatalog::open(&dir.path().join("catalog.db"))
+                    .await
+                    .unwrap(),
+            ),
+            Keep::Database(db) => {
+                Arc::new(PgCatalog::open_with_connections(&db.url, 4).await.unwrap())
+            }
+        }
+    }
 }
 
 /// A new SQLite catalog in a fresh temp dir.
@@ -206,5 +221,6 @@ pub fn new_server(id: i64, account: AccountId, plan: PlanId) -> NewServer {
         )],
         hooks: Hooks::default(),
         runtime: Default::default(),
+        node: None,
     }
 }

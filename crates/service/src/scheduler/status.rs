@@ -1,7 +1,8 @@
 //! `vpsbackup status`: servers with their last and next backup and what is
 //! kept, the store's size and dedup ratio from the engine, and the nodes
-//! whose workers run the jobs (today: this machine), flagged when none of
-//! their workers is live.
+//! whose workers run the jobs (each `serve` or `agent` with workers, and
+//! every node servers are on), a node with servers flagged when none of its
+//! workers is live.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -60,8 +61,10 @@ pub struct NodeLine {
 pub struct StatusReport {
     pub now: OffsetDateTime,
     pub servers: Vec<ServerLine>,
-    /// Today one: this machine, which holds every server.
+    /// Every node with servers or a heartbeat record, by name.
     pub nodes: Vec<NodeLine>,
+    /// Servers on no node (added before nodes existed, not adopted yet).
+    pub unassigned_servers: u64,
     /// Bytes of packs in the store.
     pub stored_bytes: u64,
     /// Disk data of every backup in the store, before dedup and compression.
@@ -173,25 +176,42 @@ pub async fn status_report(
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
     let mut lines: Vec<ServerLine> = per_server.into_values().collect();
     lines.sort_by_key(|l| l.server_id);
-    // One node until agents exist: this machine runs every job and holds
-    // every server's disks.
-    let node = crate::metrics::node_name();
-    let record = schedule
-        .task_run(&format!("{}{node}", crate::node::TASK_PREFIX))
-        .await?
-        .as_ref()
-        .and_then(NodeRecord::from_task);
-    let nodes = vec![NodeLine {
-        live: record.as_ref().is_some_and(|r| r.live_at(now)),
-        record,
-        node,
-        jobs_running: schedule.job_counts(now).await?.running,
-        servers: lines.len(),
-    }];
+    // Every node that recorded a heartbeat, and every node holding servers
+    // (one with servers and no record yet is exactly the one to flag).
+    let mut nodes: std::collections::BTreeMap<String, NodeLine> = Default::default();
+    let blank = |node: &str| NodeLine {
+        node: node.to_owned(),
+        record: None,
+        live: false,
+        jobs_running: 0,
+        servers: 0,
+    };
+    for task in catalog.task_runs_prefixed(crate::node::TASK_PREFIX).await? {
+        if let Some(record) = NodeRecord::from_task(&task) {
+            let line = nodes
+                .entry(record.node.clone())
+                .or_insert_with(|| blank(&record.node));
+            line.live = record.live_at(now);
+            line.record = Some(record);
+        }
+    }
+    let mut unassigned_servers = 0;
+    for load in catalog.node_loads().await? {
+        match &load.node {
+            Some(node) => {
+                let line = nodes.entry(node.clone()).or_insert_with(|| blank(node));
+                line.servers += load.servers as usize;
+                line.jobs_running += load.running_jobs;
+            }
+            None => unassigned_servers += load.servers,
+        }
+    }
+    let nodes: Vec<NodeLine> = nodes.into_values().collect();
     Ok(StatusReport {
         now,
         servers: lines,
         nodes,
+        unassigned_servers,
         stored_bytes: stats.stored_bytes,
         logical_bytes: stats.logical_data_bytes,
         store_backups: stats.backups,
@@ -327,23 +347,29 @@ impl fmt::Display for StatusReport {
 }
 
 impl StatusReport {
-    /// The nodes table, then a line for each node with no live worker.
+    /// The nodes table, then a line for each node with servers and no
+    /// live worker.
     fn fmt_nodes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header = [
             "NODE",
             "STATE",
+            "ROLE",
             "LAST HEARTBEAT",
             "LIVE WORKERS",
             "JOBS RUNNING",
             "SERVERS",
         ];
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .nodes
             .iter()
             .map(|n| {
                 [
                     n.node.clone(),
                     if n.live { "live" } else { "NO LIVE WORKER" }.to_owned(),
+                    n.record
+                        .as_ref()
+                        .and_then(|r| r.role.clone())
+                        .unwrap_or_else(|| "-".into()),
                     n.record
                         .as_ref()
                         .map_or_else(|| "never".into(), |r| rfc3339(r.last_heartbeat)),
@@ -358,12 +384,14 @@ impl StatusReport {
             })
             .collect();
         table(f, &header, &rows)?;
-        for n in self.nodes.iter().filter(|n| !n.live) {
+        for n in self.nodes.iter().filter(|n| !n.live && n.servers > 0) {
             let why = match &n.record {
                 None => "no worker ever ran there".to_owned(),
-                Some(r) if r.workers.is_none() => {
-                    format!("its serve stopped at {}", rfc3339(r.last_heartbeat))
-                }
+                Some(r) if r.workers.is_none() => format!(
+                    "its {} stopped at {}",
+                    r.role.as_deref().unwrap_or("serve"),
+                    rfc3339(r.last_heartbeat)
+                ),
                 Some(r) => format!(
                     "no worker heartbeat since {} ({}s ago)",
                     rfc3339(r.last_heartbeat),
@@ -372,8 +400,15 @@ impl StatusReport {
             };
             writeln!(
                 f,
-                "Node {} has no live worker: {why}. Its servers' backups and restores wait until `vpsbackup serve` runs there.",
-                n.node
+                "Node {} has no live worker: {why}. Its servers' backups and restores wait until `vpsbackup serve` or `vpsbackup agent --node {}` runs there.",
+                n.node, n.node
+            )?;
+        }
+        if self.unassigned_servers > 0 {
+            writeln!(
+                f,
+                "{} server(s) are on no node: the next `vpsbackup serve` with workers takes them, or set one with `vpsbackup server set ID --node NAME`.",
+                self.unassigned_servers
             )?;
         }
         Ok(())

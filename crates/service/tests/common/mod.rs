@@ -182,6 +182,7 @@ impl TestApp {
                     )],
                     hooks,
                     runtime: Default::default(),
+                    node: None,
                 },
                 Self::now(),
             )
