@@ -422,15 +422,13 @@ impl JobRunner {
                 };
                 let via = match &server.runtime {
                     ServerRuntime::Offline => None,
-                    ServerRuntime::Qemu { .. } => {
-                        server
-                            .runtime
-                            .qmp_socket()
-                            .map(|qmp| crate::running::Via::Qmp {
-                                socket: PathBuf::from(qmp),
-                                guest_agent: server.runtime.guest_agent().map(PathBuf::from),
-                            })
-                    }
+                    ServerRuntime::Qemu {
+                        qmp_socket,
+                        guest_agent,
+                    } => Some(crate::running::Via::Qmp {
+                        socket: PathBuf::from(qmp_socket),
+                        guest_agent: guest_agent.as_ref().map(PathBuf::from),
+                    }),
                     ServerRuntime::Libvirt { domain } => Some(crate::running::Via::Libvirt {
                         domain: domain.clone(),
                     }),
@@ -457,7 +455,7 @@ impl JobRunner {
                         .map_err(|e| engine_failure(JobKind::Backup, e))?;
                     let before = repo.storage().request_counts();
                     // A libvirt domain that is shut off is read from its
-                        // files, like an offline server.
+                    // files, like an offline server.
                     let res = match running.filter(crate::running::Running::is_up) {
                         None => repo
                             .backup_labelled(&req, &labels, &control)
