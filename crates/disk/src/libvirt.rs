@@ -487,7 +487,10 @@ impl LibvirtPointInTime {
         checkpoint += "  </disks>\n</domaincheckpoint>\n";
         let with_checkpoint = new.is_some() && formats.contains(&DiskFormat::Qcow2);
 
-        let io = |e| VirshError::Spawn(e);
+        let io = |e: std::io::Error| VirshError::Failed {
+            command: "backup-begin".into(),
+            stderr: format!("cannot write its XML files: {e}"),
+        };
         let backup_xml = self.scratch.join("backup.xml");
         let checkpoint_xml = self.scratch.join("checkpoint.xml");
         fs::write(&backup_xml, backup).map_err(io)?;
