@@ -408,15 +408,17 @@ async fn a_running_vms_backup_under_guest_writes_is_its_point_in_time() {
         assert!(Instant::now() < deadline, "no pre_backup hook");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let held = models.lock().unwrap();
-    let reference = held.clone();
-    std::fs::write(dir.join("go"), b"").unwrap();
-    let nbd = app.settings.data_dir.join("scratch/server-51/nbd.sock");
-    while !nbd.exists() {
-        assert!(Instant::now() < deadline, "no point in time was taken");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    drop(held);
+    // The guest is held from the reference until the point in time exists.
+    let reference = {
+        let held = models.lock().unwrap();
+        std::fs::write(dir.join("go"), b"").unwrap();
+        let nbd = app.settings.data_dir.join("scratch/server-51/nbd.sock");
+        while !nbd.exists() {
+            assert!(Instant::now() < deadline, "no point in time was taken");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        held.clone()
+    };
     let at_pit = writes.load(Ordering::Relaxed);
     let done = app
         .wait_done(&format!("/api/v1/backups/{}/", b["id"]), &token)
