@@ -271,8 +271,9 @@ pub enum ServerRuntime {
         qmp_socket: String,
         guest_agent: Option<String>,
     },
-    /// A libvirt domain (recorded; backups through libvirtd are not
-    /// supported yet).
+    /// A libvirt domain: the point in time is libvirt's pull-mode backup
+    /// with its checkpoints (`virsh`), disks matched by file path; the
+    /// guest is frozen through libvirt when its agent answers.
     Libvirt { domain: String },
 }
 

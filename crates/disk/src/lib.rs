@@ -16,6 +16,7 @@
 //! [`open_writer_as`] instead of the detecting variants.
 
 mod aligned;
+pub mod libvirt;
 mod lock;
 mod nbd;
 pub mod nbd_export;

@@ -478,7 +478,7 @@ impl PointInTime {
 }
 
 /// Consecutive runs as merged extents.
-fn merge_runs<'a>(runs: impl Iterator<Item = &'a StatusRun>) -> Vec<Extent> {
+pub(crate) fn merge_runs<'a>(runs: impl Iterator<Item = &'a StatusRun>) -> Vec<Extent> {
     runs.fold(Vec::<Extent>::new(), |mut v, r| {
         match v.last_mut() {
             Some(l) if l.offset + l.len == r.offset => l.len += r.len,
@@ -511,7 +511,7 @@ fn overlay_bytes(scratch: &Path) -> u64 {
 }
 
 /// Free bytes on the filesystem holding `dir`.
-fn free_space(dir: &Path) -> Option<u64> {
+pub(crate) fn free_space(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: an all-zero statvfs is a valid value for the call to fill.
@@ -525,7 +525,7 @@ fn free_space(dir: &Path) -> Option<u64> {
 
 /// Measures the overlays until `stop`; past `limit` sets `overran`, which
 /// makes every read of the point in time fail.
-fn watch_scratch(
+pub(crate) fn watch_scratch(
     scratch: PathBuf,
     limit: u64,
     overran: Arc<AtomicBool>,
@@ -543,7 +543,7 @@ fn watch_scratch(
 }
 
 /// Deletes the overlay files in `scratch` (ours or a crashed job's).
-fn remove_overlays(scratch: &Path) {
+pub(crate) fn remove_overlays(scratch: &Path) {
     for entry in fs::read_dir(scratch).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -620,7 +620,7 @@ pub struct NbdExportReader {
     data: Vec<Extent>,
     socket: PathBuf,
     /// Set by the point in time's scratch watchdog: stop reading.
-    overran: Option<Arc<AtomicBool>>,
+    pub(crate) overran: Option<Arc<AtomicBool>>,
 }
 
 impl NbdExportReader {

@@ -49,6 +49,7 @@ pub use storage::{
     StoreLocation,
 };
 pub use verify::{VerifySession, DEFAULT_VERIFY_MEMORY_CHUNKS};
+pub use vpsbackup_disk::libvirt::{self, LibvirtOptions, LibvirtPointInTime};
 pub use vpsbackup_disk::point_in_time::{Checkpoint, PointInTime, TakeOptions};
 pub use vpsbackup_disk::qmp;
 pub use vpsbackup_disk::{

@@ -448,11 +448,6 @@ impl JobRunner {
         let repo = self.repo.clone();
         let control = control.clone();
         let engine_id = engine_backup_id(job.backup_id);
-        if job.kind == JobKind::Backup {
-            if let Some(reason) = unsupported_runtime(&server.runtime) {
-                return Err(JobFailure::new(reason));
-            }
-        }
         let disks = self.disk_images(server).await.map_err(JobFailure::new)?;
         let span = tracing::Span::current();
         match job.kind {
@@ -470,11 +465,23 @@ impl JobRunner {
                     disks,
                     read_limit: self.settings.read_limit_mb_per_s.map(|mb| mb * 1_000_000),
                 };
-                let running = match server.runtime.qmp_socket() {
+                let via = match &server.runtime {
+                    ServerRuntime::Offline => None,
+                    ServerRuntime::Qemu {
+                        qmp_socket,
+                        guest_agent,
+                    } => Some(crate::running::Via::Qmp {
+                        socket: PathBuf::from(qmp_socket),
+                        guest_agent: guest_agent.as_ref().map(PathBuf::from),
+                    }),
+                    ServerRuntime::Libvirt { domain } => Some(crate::running::Via::Libvirt {
+                        domain: domain.clone(),
+                    }),
+                };
+                let running = match via {
                     None => None,
-                    Some(qmp) => Some(crate::running::Running {
-                        qmp: PathBuf::from(qmp),
-                        guest_agent: server.runtime.guest_agent().map(PathBuf::from),
+                    Some(via) => Some(crate::running::Running {
+                        via,
                         scratch: self
                             .settings
                             .data_dir
@@ -492,7 +499,9 @@ impl JobRunner {
                     repo.delete_backup(&engine_id)
                         .map_err(|e| engine_failure(JobKind::Backup, e))?;
                     let before = repo.storage().request_counts();
-                    let res = match running {
+                    // A libvirt domain that is shut off is read from its
+                    // files, like an offline server.
+                    let res = match running.filter(crate::running::Running::is_up) {
                         None => repo
                             .backup_labelled(&req, &labels, &control)
                             .map(|s| {
@@ -571,19 +580,6 @@ impl JobRunner {
                 "the catalog could not name the previous backup ({e})"
             )),
         }
-    }
-}
-
-/// Runtimes recorded but not backed up yet: refused with the reason, before
-/// any disk is opened.
-fn unsupported_runtime(runtime: &ServerRuntime) -> Option<String> {
-    match runtime {
-        ServerRuntime::Offline => None,
-        ServerRuntime::Qemu { .. } => None,
-        ServerRuntime::Libvirt { .. } => Some(
-            "Backups of servers with the libvirt runtime are not supported yet; the disks were not touched."
-                .to_owned(),
-        ),
     }
 }
 

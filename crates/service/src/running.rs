@@ -1,25 +1,37 @@
-//! Backups of running servers (runtime `qemu`): the disks are read from a
-//! point in time taken through the server's QMP socket
-//! ([`vpsbackup_engine::PointInTime`]), not from their files, through the
-//! engine's usual pipeline. The point in time is torn down on every path:
-//! here after the read, on an error or a cancel by its drop, and after a
-//! crash by the next job's `take`, which removes what it finds by name.
+//! Backups of running servers (runtimes `qemu` and `libvirt`): the disks are
+//! read from a point in time taken through the server's QMP socket
+//! ([`vpsbackup_engine::PointInTime`]) or through libvirtd's pull-mode
+//! backup ([`vpsbackup_engine::LibvirtPointInTime`]), not from their files,
+//! through the engine's usual pipeline. The point in time is torn down on
+//! every path: here after the read, on an error or a cancel by its drop,
+//! and after a crash by the next job's `take`, which removes what it finds
+//! by name.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use vpsbackup_catalog::{BackupRead, Consistency, JobKind};
 use vpsbackup_engine::{
-    BackupRequest, BackupSummary, ChangedSince, Checkpoint, DiskFormat, DiskReader, JobControl,
-    PointInTime, Repository, TakeOptions,
+    BackupRequest, BackupSummary, ChangedSince, Checkpoint, DiskError, DiskFormat, DiskReader,
+    Extent, JobControl, LibvirtOptions, LibvirtPointInTime, PointInTime, Repository, TakeOptions,
 };
 
 use crate::runner::{engine_failure, JobFailure};
 
+/// How a running server's QEMU is reached.
+pub(crate) enum Via {
+    /// Its QMP socket, and the host end of its guest agent's channel.
+    Qmp {
+        socket: PathBuf,
+        guest_agent: Option<PathBuf>,
+    },
+    /// libvirtd, by the domain's name (the agent is libvirt's to reach).
+    Libvirt { domain: String },
+}
+
 /// Where a running server is reached.
 pub(crate) struct Running {
-    pub qmp: PathBuf,
-    pub guest_agent: Option<PathBuf>,
+    pub via: Via,
     /// Scratch overlays of this server's point in time.
     pub scratch: PathBuf,
     /// The earlier backup whose dirty bitmaps tell what changed (an
@@ -27,6 +39,29 @@ pub(crate) struct Running {
     pub base: Result<String, String>,
     /// Bytes the scratch overlays may take (`None`: the default).
     pub scratch_limit: Option<u64>,
+}
+
+impl Running {
+    /// False for a libvirt domain that is shut off (nothing writes its
+    /// disks: they are read from their files). An unanswered question
+    /// counts as up: the point in time then says what went wrong.
+    pub(crate) fn is_up(&self) -> bool {
+        match &self.via {
+            Via::Qmp { .. } => true,
+            Via::Libvirt { domain } => match vpsbackup_engine::libvirt::domain_is_active(domain) {
+                Ok(active) => {
+                    if !active {
+                        tracing::info!(
+                            domain,
+                            "the libvirt domain is not running: its disks are read from their files"
+                        );
+                    }
+                    active
+                }
+                Err(_) => true,
+            },
+        }
+    }
 }
 
 /// Backs up `req`'s disks from a point in time of the running QEMU,
@@ -39,22 +74,50 @@ pub(crate) fn backup(
     control: &JobControl,
 ) -> Result<(BackupSummary, BackupRead), JobFailure> {
     let Running {
-        qmp,
-        guest_agent,
+        via,
         scratch,
         base,
         scratch_limit,
     } = running;
     let paths: Vec<_> = req.disks.iter().map(|d| d.path.clone()).collect();
-    let opts = TakeOptions {
-        checkpoint: Some(Checkpoint {
-            new: req.backup_id.clone(),
-            base: base.as_ref().ok().cloned(),
-        }),
-        guest_agent,
-        scratch_limit,
+    let checkpoint = Some(Checkpoint {
+        new: req.backup_id.clone(),
+        base: base.as_ref().ok().cloned(),
+    });
+    let (pit, how) = match via {
+        Via::Qmp {
+            socket,
+            guest_agent,
+        } => {
+            let opts = TakeOptions {
+                checkpoint,
+                guest_agent,
+                scratch_limit,
+            };
+            (
+                PointInTime::take(&socket, &paths, &scratch, &opts).map(Pit::Qmp),
+                "QMP",
+            )
+        }
+        Via::Libvirt { domain } => {
+            let opts = LibvirtOptions {
+                checkpoint,
+                scratch_limit,
+            };
+            // The guest view's format decides whether libvirt can keep a
+            // checkpoint of the disk (qcow2 only).
+            let disks: Vec<_> = req
+                .disks
+                .iter()
+                .map(|d| (d.path.clone(), d.format.unwrap_or(DiskFormat::Raw)))
+                .collect();
+            (
+                LibvirtPointInTime::take(&domain, &disks, &scratch, &opts).map(Pit::Libvirt),
+                "libvirt",
+            )
+        }
     };
-    let pit = PointInTime::take(&qmp, &paths, &scratch, &opts).map_err(|e| {
+    let pit = pit.map_err(|e| {
         JobFailure::detailed(
             "The point in time of the running server could not be taken; its disks were not read.",
             format!("Cannot take the point in time: {e}"),
@@ -65,7 +128,8 @@ pub(crate) fn backup(
             tracing::info!(
                 disks = paths.len(),
                 filesystems,
-                "point in time taken through QMP with the guest's filesystems frozen"
+                via = how,
+                "point in time taken with the guest's filesystems frozen"
             );
             Consistency::Frozen
         }
@@ -73,7 +137,8 @@ pub(crate) fn backup(
             tracing::info!(
                 disks = paths.len(),
                 reason = %why,
-                "point in time taken through QMP; the guest was not frozen, so the backup is crash-consistent"
+                via = how,
+                "point in time taken; the guest was not frozen, so the backup is crash-consistent"
             );
             Consistency::CrashConsistent
         }
@@ -83,12 +148,12 @@ pub(crate) fn backup(
         // The guest view is the same whatever the image's format; the
         // manifest records the one the server's disk has.
         let format = disk.format.unwrap_or(DiskFormat::Raw);
-        readers.push(Box::new(pit.reader(i, format).map_err(|e| {
+        readers.push(pit.reader(i, format).map_err(|e| {
             JobFailure::detailed(
                 "The point in time of the running server could not be read.",
                 format!("Cannot open the point-in-time export of disk {i}: {e}"),
             )
-        })?));
+        })?);
     }
     let changed = base.as_ref().ok().map(|b| ChangedSince {
         base: b.clone(),
@@ -131,4 +196,47 @@ pub(crate) fn backup(
         consistency,
     };
     Ok((summary, read))
+}
+
+/// A point in time, through QMP or libvirt: the same four questions.
+enum Pit {
+    Qmp(PointInTime),
+    Libvirt(LibvirtPointInTime),
+}
+
+impl Pit {
+    fn frozen(&self) -> Result<u64, String> {
+        match self {
+            Pit::Qmp(p) => p.frozen(),
+            Pit::Libvirt(p) => p.frozen(),
+        }
+    }
+
+    fn changes(&self, i: usize) -> Result<Vec<Extent>, String> {
+        match self {
+            Pit::Qmp(p) => p.changes(i),
+            Pit::Libvirt(p) => p.changes(i),
+        }
+    }
+
+    fn reader(&self, i: usize, format: DiskFormat) -> Result<Box<dyn DiskReader>, DiskError> {
+        Ok(match self {
+            Pit::Qmp(p) => Box::new(p.reader(i, format)?),
+            Pit::Libvirt(p) => Box::new(p.reader(i, format)?),
+        })
+    }
+
+    fn overran(&self) -> bool {
+        match self {
+            Pit::Qmp(p) => p.overran(),
+            Pit::Libvirt(p) => p.overran(),
+        }
+    }
+
+    fn finish(self, completed: bool) -> Result<(), DiskError> {
+        match self {
+            Pit::Qmp(p) => p.finish(completed),
+            Pit::Libvirt(p) => p.finish(completed),
+        }
+    }
 }

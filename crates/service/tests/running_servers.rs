@@ -47,7 +47,7 @@ async fn set_runtime(app: &TestApp, server: i64, runtime: ServerRuntime) {
 }
 
 #[tokio::test]
-async fn a_libvirt_server_is_refused_with_a_clear_reason() {
+async fn a_libvirt_server_whose_domain_is_missing_fails_with_a_plain_reason() {
     let app = TestApp::start().await;
     let (acc, token) = app.account("acme").await;
     app.server(7, acc, Hooks::default()).await;
@@ -63,7 +63,7 @@ async fn a_libvirt_server_is_refused_with_a_clear_reason() {
     assert_eq!(done["status"], "failed", "{done}");
     let err = done["error"].as_str().unwrap();
     assert!(
-        err.contains("libvirt") && err.contains("not supported yet"),
+        err.contains("point in time") && err.contains("not read"),
         "{err}"
     );
     assert!(!err.contains('/'), "no host path in a customer text: {err}");

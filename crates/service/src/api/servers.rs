@@ -219,17 +219,24 @@ pub async fn restore(
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
-/// True if a running QEMU holds any of the server's disks (its image locks).
+/// True if a running QEMU holds any of the server's disks (its image
+/// locks), or libvirt says the server's domain is running (a block device
+/// carries no image lock). An unanswered libvirt leaves the locks to tell.
 async fn running(server: &Server) -> bool {
     let paths: Vec<std::path::PathBuf> =
         server.disks.iter().map(|d| d.path.clone().into()).collect();
+    let domain = match &server.runtime {
+        vpsbackup_catalog::ServerRuntime::Libvirt { domain } => Some(domain.clone()),
+        _ => None,
+    };
     tokio::task::spawn_blocking(move || {
-        paths.iter().any(|p| {
-            matches!(
-                vpsbackup_engine::ensure_not_in_use(p),
-                Err(vpsbackup_engine::DiskError::InUse { .. })
-            )
-        })
+        domain.is_some_and(|d| vpsbackup_engine::libvirt::domain_is_active(&d).unwrap_or(false))
+            || paths.iter().any(|p| {
+                matches!(
+                    vpsbackup_engine::ensure_not_in_use(p),
+                    Err(vpsbackup_engine::DiskError::InUse { .. })
+                )
+            })
     })
     .await
     .unwrap_or(false)
