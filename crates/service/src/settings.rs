@@ -95,6 +95,11 @@ pub struct Settings {
     /// VPSBACKUP_PASSPHRASE environment variable (never in this file). A
     /// new, empty store is created encrypted when either is set.
     pub store_key_file: Option<PathBuf>,
+    /// This node's on-disk chunk index cache (one subdirectory per store):
+    /// backups and restores look chunks up there instead of loading the
+    /// store's whole index into memory. Default `<data_dir>/index-cache`;
+    /// losing it costs one rebuild from the store.
+    pub index_cache_dir: Option<PathBuf>,
 }
 
 /// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
@@ -208,6 +213,7 @@ impl Default for Settings {
             s3_endpoint: None,
             s3_region: None,
             store_key_file: None,
+            index_cache_dir: None,
         }
     }
 }
@@ -284,6 +290,11 @@ impl Settings {
         )?;
         let options = vpsbackup_engine::EngineOptions {
             gc_exclusion: vpsbackup_engine::GcExclusion::HostLock(self.data_dir.join("gc.lock")),
+            index_cache: Some(
+                self.index_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("index-cache")),
+            ),
             ..repo.options().clone()
         };
         Ok(repo.with_options(options))
