@@ -669,6 +669,11 @@ impl IndexCache {
                         .map(|(i, p)| (*p, i as u32))
                         .collect()
                 });
+                if batch.capacity() == 0 {
+                    // Headroom for one pack past the bound (thousands of entries when
+                    // chunks compress well), so the batch never doubles.
+                    batch.reserve_exact(SORT_BATCH + (1 << 16));
+                }
                 let source = state.head.next_source;
                 state.head.next_source += 1;
                 let mut n = 0u64;
@@ -689,13 +694,14 @@ impl IndexCache {
                         });
                         n += 1;
                     }
+                    // A large object (GC's consolidation) must not grow the batch past its bound.
+                    if batch.len() >= SORT_BATCH {
+                        new_runs.push(self.write_batch(&mut batch)?);
+                    }
                 }
                 state.head.sources.insert(key.clone(), (source, n));
                 report.objects_applied += 1;
                 report.records_added += n;
-                if batch.len() >= SORT_BATCH {
-                    new_runs.push(self.write_batch(&mut batch)?);
-                }
             }
         }
         if !batch.is_empty() {
