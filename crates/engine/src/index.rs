@@ -42,7 +42,7 @@ pub struct Location {
 #[derive(Debug)]
 enum Slots {
     Memory(Vec<Slot>),
-    Cached(crate::index_cache::Snapshot),
+    Cached(Box<crate::index_cache::Snapshot>),
 }
 
 impl Default for Slots {
@@ -178,7 +178,7 @@ impl ChunkIndex {
                 }
             }
         }
-        idx.slots = Slots::Cached(snap);
+        idx.slots = Slots::Cached(Box::new(snap));
         Ok(idx)
     }
 
