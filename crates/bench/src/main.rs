@@ -7,6 +7,7 @@
 //! `step` subcommand), so peak memory is measured per step with `wait4`.
 //! Errors: anyhow throughout (this is a binary).
 
+mod index;
 mod measure;
 mod peers;
 mod running;
@@ -73,6 +74,22 @@ enum StepCommand {
         #[arg(long, default_value_t = 25)]
         change_mib: u64,
     },
+    /// The on-disk chunk index cache at scale: a synthetic store of
+    /// `--chunks` index entries, its cold sync, warm start, lookups per
+    /// second, and a full backup of base.qcow2 into it (peak RSS).
+    Index {
+        /// Chunk entries in the synthetic store (50 M for the report;
+        /// fewer for a quick run).
+        #[arg(long, default_value_t = 50_000_000)]
+        chunks: u64,
+    },
+    #[command(hide = true)]
+    IndexStep {
+        store: PathBuf,
+        cache: PathBuf,
+        chunks: u64,
+        lookups: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +102,9 @@ enum EngineOp {
         /// The store's key file: an empty store is created encrypted.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Look chunks up through this on-disk index cache.
+        #[arg(long)]
+        index_cache: Option<PathBuf>,
     },
     Restore {
         store: PathBuf,
@@ -114,6 +134,23 @@ fn main() -> anyhow::Result<()> {
                 runs: cli.runs,
             })
         }
+        Some(StepCommand::Index { chunks }) => {
+            return index::run(&index::Args {
+                images: cli
+                    .images
+                    .clone()
+                    .context("--images DIR is required (see bench/make-images.sh)")?,
+                work: cli.work.clone(),
+                chunks,
+                keep: cli.keep,
+            })
+        }
+        Some(StepCommand::IndexStep {
+            ref store,
+            ref cache,
+            chunks,
+            lookups,
+        }) => return index::step(store, cache, chunks, lookups),
         None => {}
     }
     let images = cli
@@ -142,8 +179,13 @@ fn run_engine_step(op: EngineOp) -> anyhow::Result<()> {
             server,
             disks,
             key_file,
+            index_cache,
         } => {
             let repo = Repository::open_local_keyed(&store, &key(key_file))?;
+            let repo = repo.with_options(vpsbackup_engine::EngineOptions {
+                index_cache,
+                ..repo.options().clone()
+            });
             let s = repo.backup(
                 &BackupRequest {
                     backup_id: id,

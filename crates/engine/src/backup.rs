@@ -28,7 +28,7 @@ use crate::storage::Storage;
 use crate::{manifest_key, validate_backup_id, BackupRequest, BackupSummary, EngineError};
 use crate::{JobControl, RepoInner};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vpsbackup_disk::{is_zero, AlignedBuf, DiskReader};
@@ -155,27 +155,52 @@ pub(crate) fn run_readers(
     // Register before reading the index: from here on GC keeps everything
     // this backup may reference or write.
     let guard = WriterGuard::register(inner, &req.backup_id)?;
-    let (condemned, _) = crate::fence::load_pending(storage)?;
-    let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
-    // The base is read after the index: its chunks are reused only where
-    // the index (which excludes what GC condemned) still offers them.
-    let base_manifest = changed.map(|c| incremental::load_manifest(inner, c));
-    let bases = incremental::bases(inner, &index, changed, base_manifest.as_ref(), &readers);
-    let full_reasons = bases.full_reasons;
+    let mut base_manifest: Option<Result<crate::format::Manifest, String>> = None;
+    let mut full_reasons;
+    let mut attempt = 0;
+    let out = loop {
+        // Each attempt registers with the other backups of this process
+        // (see [`crate::inflight`]); a retry borrows nothing.
+        let share = inner.inflight.join(attempt == 0);
+        let (condemned, _) = crate::fence::load_pending(storage)?;
+        let index = inner.load_index(&condemned.keys().copied().collect())?;
+        // The base is read after the index: its chunks are reused only where
+        // the index (which excludes what GC condemned) still offers them.
+        if base_manifest.is_none() {
+            base_manifest = changed.map(|c| incremental::load_manifest(inner, c));
+        }
+        let bases = incremental::bases(inner, &index, changed, base_manifest.as_ref(), &readers);
+        full_reasons = bases.full_reasons;
 
-    let pipeline = Pipeline {
-        inner,
-        fence: &guard,
-        index: &index,
-        job,
-        claimed: Mutex::new(HashSet::new()),
-        abort: AtomicBool::new(false),
-        spare_payloads: bounded(WINDOW),
-        spare_packs: bounded(SPARE_PACKS),
-        chunk_size: inner.config.chunk_size as usize,
-        block: BLOCK.max(inner.config.chunk_size as usize),
+        let pipeline = Pipeline {
+            inner,
+            fence: &guard,
+            index: &index,
+            job,
+            share: &share,
+            abort: AtomicBool::new(false),
+            spare_payloads: bounded(WINDOW),
+            spare_packs: bounded(SPARE_PACKS),
+            chunk_size: inner.config.chunk_size as usize,
+            block: BLOCK.max(inner.config.chunk_size as usize),
+        };
+        let out = pipeline.run(&readers, bases.disks, req.read_limit)?;
+        job.check()?;
+        share.indexed();
+        // Chunks taken from other running backups must be in the store
+        // before a manifest names them.
+        if share.wait_borrowed() {
+            break out;
+        }
+        // One of them failed: read again; what is missing is stored now.
+        attempt += 1;
+        job.restart();
+        if attempt > 2 {
+            return Err(EngineError::Internal(
+                "concurrent backups kept failing while this one used their chunks".into(),
+            ));
+        }
     };
-    let out = pipeline.run(&readers, bases.disks, req.read_limit)?;
     job.check()?;
 
     let header = ManifestHeader {
@@ -231,11 +256,12 @@ struct Pipeline<'a> {
     fence: &'a WriterGuard,
     index: &'a ChunkIndex,
     job: &'a JobControl,
-    /// New chunks some worker of this backup already took on. Capped at
-    /// [`CLAIMED_CAP`] entries so memory does not grow with the disk: past
-    /// the cap it starts afresh, and a chunk repeated far apart within one
-    /// huge backup may be stored twice (harmless: GC keeps one copy).
-    claimed: Mutex<HashSet<ChunkId>>,
+    /// New chunks this backup or another running one of this process
+    /// already took on ([`crate::inflight`]). Capped at [`CLAIMED_CAP`]
+    /// entries per backup so memory does not grow with the disk: past the
+    /// cap it starts afresh, and a chunk repeated far apart within one huge
+    /// backup may be stored twice (harmless: GC keeps one copy).
+    share: &'a crate::inflight::Share,
     abort: AtomicBool,
     /// Buffers handed back for reuse (payloads by the writer, packs by the
     /// uploader), so the steady state allocates nothing large: fresh large
@@ -265,12 +291,7 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T, EngineError>>) -> Resu
 impl Pipeline<'_> {
     /// True if this caller is the first in this backup to take on chunk `id`.
     fn claim(&self, id: ChunkId) -> bool {
-        let mut set = self.claimed.lock().expect("claimed lock");
-        if set.len() >= CLAIMED_CAP {
-            set.clear();
-            set.shrink_to_fit();
-        }
-        set.insert(id)
+        self.share.claim(id, CLAIMED_CAP) == crate::inflight::Claim::Store
     }
 
     fn fail<T>(&self, e: EngineError) -> Result<T, EngineError> {

@@ -13,8 +13,9 @@
 //!    only when no writer that started before its condemnation still runs,
 //!    and after re-reading manifests that appeared meanwhile (a writer that
 //!    finished may reference it). Otherwise a later GC deletes it.
-//! 5. The index objects read are consolidated into one without the deleted
-//!    packs (written before the old ones are removed).
+//! 5. The index objects read are consolidated into as few as possible
+//!    (4096 packs each) without the deleted packs (written before the old
+//!    ones are removed).
 //!
 //! A damaged manifest, chunk list or index object stops GC: it cannot know
 //! what that backup references (or where an unindexed pack's chunks are
@@ -38,6 +39,9 @@ use crate::storage::ObjectMeta;
 use crate::{EngineError, GcReport, RepoInner};
 use std::collections::{HashMap, HashSet};
 use std::time::UNIX_EPOCH;
+
+/// Packs per index object GC's consolidation writes.
+const CONSOLIDATED_PACKS: usize = 4096;
 
 /// See where `tc` is taken.
 const CONDEMN_MARGIN_MS: u64 = 10_000;
@@ -238,8 +242,16 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
             packs: by_pack.into_iter().collect(),
         };
         file.packs.sort_by_key(|(p, _)| *p);
-        if !file.packs.is_empty() {
-            write_index(storage, &file)?;
+        // In objects of at most CONSOLIDATED_PACKS packs (~1 M entries,
+        // 48 MiB): a reader (a node's index cache catching up) never has
+        // to hold a whole large store's index as one object.
+        for part in file.packs.chunks(CONSOLIDATED_PACKS) {
+            write_index(
+                storage,
+                &IndexFile {
+                    packs: part.to_vec(),
+                },
+            )?;
         }
         for k in &sources {
             storage.delete(k)?;

@@ -2,22 +2,53 @@
 //! the `index/` objects at the start of each operation, with the store's
 //! quarantine (copies found corrupt or missing, see [`crate::quarantine`]).
 //!
-//! Memory: a sorted vector of 52-byte records (id 32, then pack number,
-//! offset, stored length, raw length and flags, 4 bytes each), so about
-//! 52 bytes per unique stored chunk: ~0.8 GiB per TiB of unique data at
-//! 64 KiB chunks. It grows with the store's unique data, not with the size
-//! of the disk backed up.
+//! Two forms with the same lookups:
+//! - loaded whole ([`ChunkIndex::load`], GC and verify): a sorted vector of
+//!   52-byte records (id 32, then pack number, offset, stored length, raw
+//!   length and flags, 4 bytes each), so about 52 bytes per unique stored
+//!   chunk: ~0.8 GiB per TiB of unique data at 64 KiB chunks;
+//! - over the node's on-disk cache ([`ChunkIndex::load_cached`], backups
+//!   and restores when a cache directory is configured, see
+//!   [`crate::index_cache`]): memory holds the pack table (16 bytes per
+//!   pack) and the runs' fences (~0.13 bytes per chunk); a lookup is one
+//!   positioned read of a 3.6 KiB block per run.
 
 use crate::format::{ChunkId, IndexFile, PackEntry, PackId};
 use crate::storage::Storage;
 use crate::EngineError;
+use std::borrow::Cow;
 use std::collections::HashSet;
+
+impl From<&crate::index_cache::Rec> for Slot {
+    fn from(r: &crate::index_cache::Rec) -> Slot {
+        Slot {
+            id: r.id,
+            pack: r.pack,
+            offset: r.offset,
+            stored_len: r.stored_len,
+            raw_len: r.raw_len,
+            flags: r.flags,
+        }
+    }
+}
 
 /// Where a chunk is: a pack and its entry in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Location {
     pub pack: PackId,
     pub entry: PackEntry,
+}
+
+#[derive(Debug)]
+enum Slots {
+    Memory(Vec<Slot>),
+    Cached(Box<crate::index_cache::Snapshot>),
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::Memory(Vec::new())
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +68,7 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct ChunkIndex {
     packs: Vec<PackId>,
-    slots: Vec<Slot>,
+    slots: Slots,
     /// Packs condemned by GC (indexes into `packs`): not used for dedup.
     condemned: HashSet<u32>,
     /// Quarantined copies (pack index, chunk): never used for dedup, tried
@@ -61,6 +92,7 @@ impl ChunkIndex {
     /// object is skipped and listed in `damaged_sources`.
     pub fn load(storage: &dyn Storage, condemned: &HashSet<PackId>) -> Result<Self, EngineError> {
         let mut idx = ChunkIndex::default();
+        let mut slots = Vec::new();
         let mut pack_nums = std::collections::HashMap::new();
         for meta in storage.list("index/")? {
             let obj = match storage.get(&meta.key) {
@@ -74,7 +106,7 @@ impl ChunkIndex {
                 }
                 Err(e) => return Err(e.into()),
             };
-            idx.add_object(meta.key, &obj, &mut pack_nums);
+            idx.add_object(meta.key, &obj, &mut slots, &mut pack_nums);
         }
         // Index objects deleted by a concurrent GC are consolidated into one
         // written before the deletion; a second listing catches it.
@@ -87,7 +119,7 @@ impl ChunkIndex {
         for meta in storage.list("index/")? {
             if !seen.contains(&meta.key) {
                 if let Ok(obj) = storage.get(&meta.key) {
-                    idx.add_object(meta.key, &obj, &mut pack_nums);
+                    idx.add_object(meta.key, &obj, &mut slots, &mut pack_nums);
                 }
             }
         }
@@ -104,19 +136,70 @@ impl ChunkIndex {
                 idx.quarantined.insert((*n, *chunk));
             }
         }
-        idx.slots.sort_unstable_by_key(|s| s.id);
+        slots.sort_unstable_by_key(|s| s.id);
+        idx.slots = Slots::Memory(slots);
         Ok(idx)
+    }
+
+    /// [`Self::load`] through the node's on-disk cache: brings it up to
+    /// date with the store's index objects (reading only those not applied
+    /// yet) and looks chunks up there, so memory does not grow with the
+    /// store.
+    pub(crate) fn load_cached(
+        storage: &dyn Storage,
+        condemned: &HashSet<PackId>,
+        cache: &crate::index_cache::IndexCache,
+    ) -> Result<Self, EngineError> {
+        let mut snap = cache.sync(storage)?;
+        let mut idx = ChunkIndex {
+            packs: std::mem::take(&mut snap.packs),
+            sources: std::mem::take(&mut snap.sources),
+            damaged_sources: std::mem::take(&mut snap.damaged),
+            ..ChunkIndex::default()
+        };
+        for (i, p) in idx.packs.iter().enumerate() {
+            if condemned.contains(p) {
+                idx.condemned.insert(i as u32);
+            }
+        }
+        idx.quarantine = crate::quarantine::load(storage)?;
+        if !idx.quarantine.copies.is_empty() {
+            let wanted: HashSet<PackId> = idx.quarantine.copies.iter().map(|(_, p)| *p).collect();
+            let nums: std::collections::HashMap<PackId, u32> = idx
+                .packs
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| wanted.contains(p))
+                .map(|(i, p)| (*p, i as u32))
+                .collect();
+            for (chunk, pack) in &idx.quarantine.copies {
+                if let Some(n) = nums.get(pack) {
+                    idx.quarantined.insert((*n, *chunk));
+                }
+            }
+        }
+        idx.slots = Slots::Cached(Box::new(snap));
+        Ok(idx)
+    }
+
+    /// What the cache sync did, for a cached index.
+    pub fn cache_report(&self) -> Option<crate::index_cache::SyncReport> {
+        match &self.slots {
+            Slots::Memory(_) => None,
+            Slots::Cached(s) => Some(s.report.clone()),
+        }
     }
 
     fn add_object(
         &mut self,
         key: String,
         obj: &[u8],
+        slots: &mut Vec<Slot>,
         pack_nums: &mut std::collections::HashMap<PackId, u32>,
     ) {
         match IndexFile::decode(&key, obj) {
             Ok(file) => {
-                self.add_file(&file, pack_nums);
+                self.add_file(&file, slots, pack_nums);
                 self.sources.push(key);
             }
             Err(e) => self.damaged_sources.push((key, e.to_string())),
@@ -126,6 +209,7 @@ impl ChunkIndex {
     fn add_file(
         &mut self,
         file: &IndexFile,
+        slots: &mut Vec<Slot>,
         pack_nums: &mut std::collections::HashMap<PackId, u32>,
     ) {
         for (pack, entries) in &file.packs {
@@ -133,7 +217,7 @@ impl ChunkIndex {
                 self.packs.push(*pack);
                 (self.packs.len() - 1) as u32
             });
-            self.slots.extend(entries.iter().map(|e| Slot {
+            slots.extend(entries.iter().map(|e| Slot {
                 id: e.id,
                 pack: n,
                 offset: e.offset,
@@ -144,10 +228,15 @@ impl ChunkIndex {
         }
     }
 
-    fn range(&self, id: &ChunkId) -> &[Slot] {
-        let start = self.slots.partition_point(|s| s.id < *id);
-        let end = start + self.slots[start..].partition_point(|s| s.id == *id);
-        &self.slots[start..end]
+    fn range(&self, id: &ChunkId) -> Cow<'_, [Slot]> {
+        match &self.slots {
+            Slots::Memory(slots) => {
+                let start = slots.partition_point(|s| s.id < *id);
+                let end = start + slots[start..].partition_point(|s| s.id == *id);
+                Cow::Borrowed(&slots[start..end])
+            }
+            Slots::Cached(snap) => Cow::Owned(snap.find(id).iter().map(Slot::from).collect()),
+        }
     }
 
     fn location(&self, s: &Slot) -> Location {
@@ -193,9 +282,9 @@ impl ChunkIndex {
     /// Every known location of `id`: good copies in live packs first, then
     /// in condemned packs, quarantined copies last.
     pub fn locations(&self, id: &ChunkId) -> Vec<Location> {
-        let mut v: Vec<&Slot> = self.range(id).iter().collect();
+        let mut v: Vec<Slot> = self.range(id).into_owned();
         v.sort_by_key(|s| self.rank(s));
-        v.into_iter().map(|s| self.location(s)).collect()
+        v.into_iter().map(|s| self.location(&s)).collect()
     }
 
     /// Whether this copy is quarantined.
@@ -217,12 +306,17 @@ impl ChunkIndex {
         self.packs.iter().position(|p| p == pack).map(|n| n as u32)
     }
 
+    /// Entries (in a cached index, records in its runs, including those
+    /// of index objects removed since the last merge).
     pub fn len(&self) -> usize {
-        self.slots.len()
+        match &self.slots {
+            Slots::Memory(s) => s.len(),
+            Slots::Cached(s) => s.len() as usize,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.len() == 0
     }
 
     pub fn packs(&self) -> &[PackId] {
@@ -230,7 +324,10 @@ impl ChunkIndex {
     }
 
     /// Every (pack, entry) pair.
-    pub fn iter(&self) -> impl Iterator<Item = Location> + '_ {
-        self.slots.iter().map(|s| self.location(s))
+    pub fn iter(&self) -> Box<dyn Iterator<Item = Location> + '_> {
+        match &self.slots {
+            Slots::Memory(slots) => Box::new(slots.iter().map(|s| self.location(s))),
+            Slots::Cached(snap) => Box::new(snap.records().map(|r| self.location(&Slot::from(&r)))),
+        }
     }
 }

@@ -50,6 +50,11 @@ impl JobControl {
         self.total.store(total, Ordering::Relaxed);
     }
 
+    /// A backup reading its disks again starts its count afresh.
+    pub(crate) fn restart(&self) {
+        self.done.store(0, Ordering::Relaxed);
+    }
+
     pub(crate) fn add_done(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
     }

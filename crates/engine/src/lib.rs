@@ -30,6 +30,8 @@ pub mod format;
 mod gc;
 mod incremental;
 pub mod index;
+mod index_cache;
+mod inflight;
 mod job;
 mod keys;
 mod quarantine;
@@ -40,6 +42,7 @@ mod verify;
 
 pub use error::EngineError;
 pub use incremental::ChangedSince;
+pub use index_cache::SyncReport;
 pub use job::JobControl;
 pub use keys::{generate_key_file, KeyInfo, StoreKey};
 pub use rebuild::RebuildReport;
@@ -88,6 +91,11 @@ pub struct EngineOptions {
     /// How GC keeps a second GC out on a store whose server ignores
     /// conditional writes (where the store's own lock object cannot).
     pub gc_exclusion: GcExclusion,
+    /// This node's on-disk chunk index cache (one subdirectory per store,
+    /// see [`index_cache`]): backups and restores look chunks up there
+    /// instead of loading the whole index into memory. `None`: load it
+    /// whole (memory grows with the store's unique data).
+    pub index_cache: Option<PathBuf>,
 }
 
 /// What keeps two GCs of one store apart when `locks/gc` cannot: on an
@@ -119,6 +127,7 @@ impl Default for EngineOptions {
                 .clamp(1, 8),
             repack_below: 0.5,
             gc_exclusion: GcExclusion::StoreLock,
+            index_cache: None,
         }
     }
 }
@@ -140,6 +149,9 @@ pub(crate) struct RepoInner {
     pub(crate) crypt: crypt::Crypt,
     /// The data key of an encrypted store (to wrap it for new keys).
     data_key: Option<Arc<keys::DataKey>>,
+    /// New chunks this handle's running backups are storing (shared by
+    /// every handle made from it with [`Repository::with_options`]).
+    pub(crate) inflight: Arc<inflight::Registry>,
 }
 
 /// What to back up.
@@ -509,6 +521,7 @@ impl Repository {
                 options,
                 crypt,
                 data_key,
+                inflight: Arc::default(),
             }),
         })
     }
@@ -549,6 +562,14 @@ impl Repository {
         keys::remove(&*self.inner.storage, id)
     }
 
+    /// The chunk index as a backup sees it: through this node's cache when
+    /// [`EngineOptions::index_cache`] is set (brought up to date first;
+    /// [`index::ChunkIndex::cache_report`] says what that took), else
+    /// loaded whole.
+    pub fn chunk_index(&self) -> Result<index::ChunkIndex, EngineError> {
+        self.inner.load_index(&Default::default())
+    }
+
     /// Same store, other tunables.
     pub fn with_options(&self, options: EngineOptions) -> Repository {
         Repository {
@@ -558,6 +579,7 @@ impl Repository {
                 options,
                 crypt: self.inner.crypt.clone(),
                 data_key: self.inner.data_key.clone(),
+                inflight: self.inner.inflight.clone(),
             }),
         }
     }
@@ -973,6 +995,22 @@ pub(crate) fn info_of(m: &Manifest) -> BackupInfo {
 }
 
 impl RepoInner {
+    /// The chunk index for a backup or a restore: through this node's
+    /// cache when one is configured, else loaded whole.
+    pub(crate) fn load_index(
+        &self,
+        condemned: &std::collections::HashSet<format::PackId>,
+    ) -> Result<index::ChunkIndex, EngineError> {
+        match &self.options.index_cache {
+            Some(dir) => index::ChunkIndex::load_cached(
+                &*self.storage,
+                condemned,
+                &index_cache::IndexCache::new(dir, &self.config.store_id),
+            ),
+            None => index::ChunkIndex::load(&*self.storage, condemned),
+        }
+    }
+
     pub(crate) fn manifest(&self, backup_id: &str) -> Result<Manifest, EngineError> {
         validate_backup_id(backup_id)?;
         let key = manifest_key(backup_id);

@@ -85,7 +85,7 @@ fn run_noting(
     }
     // Registered before the index is read: GC keeps every pack it may name.
     let _guard = crate::fence::WriterGuard::register(inner, &format!("restore:{backup_id}"))?;
-    let index = ChunkIndex::load(&*inner.storage, &Default::default())?;
+    let index = inner.load_index(&Default::default())?;
     job.set_total(disks.iter().map(|d| manifest.header.disks[*d].size).sum());
     let mut summary = RestoreSummary::default();
     // Files this restore made: a failed restore removes them all, since a

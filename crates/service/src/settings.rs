@@ -100,6 +100,11 @@ pub struct Settings {
     /// (`--node`, default the hostname); `None` (embedding, tests): every
     /// server's jobs.
     pub node: Option<String>,
+    /// This node's on-disk chunk index cache (one subdirectory per store):
+    /// backups and restores look chunks up there instead of loading the
+    /// store's whole index into memory. Default `<data_dir>/index-cache`;
+    /// losing it costs one rebuild from the store.
+    pub index_cache_dir: Option<PathBuf>,
 }
 
 /// Where the operational endpoints (`/healthz`, `/readyz`, `/metrics`)
@@ -214,6 +219,7 @@ impl Default for Settings {
             s3_region: None,
             store_key_file: None,
             node: None,
+            index_cache_dir: None,
         }
     }
 }
@@ -290,6 +296,11 @@ impl Settings {
         )?;
         let options = vpsbackup_engine::EngineOptions {
             gc_exclusion: vpsbackup_engine::GcExclusion::HostLock(self.data_dir.join("gc.lock")),
+            index_cache: Some(
+                self.index_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("index-cache")),
+            ),
             ..repo.options().clone()
         };
         Ok(repo.with_options(options))

@@ -77,11 +77,14 @@ pub fn to_raw(src: &Path, dst: &Path) {
         .arg(dst));
 }
 
-/// Test options: small packs so tests exercise many packs, no GC grace.
+/// Test options: small packs so tests exercise many packs, no GC grace,
+/// backups and restores through the on-disk index cache (one directory
+/// per store id under a shared temp dir, so every test store has its own).
 pub fn test_options() -> EngineOptions {
     EngineOptions {
         pack_target: 2 << 20,
         gc_grace: std::time::Duration::ZERO,
+        index_cache: Some(std::env::temp_dir().join("vpsbackup-engine-tests-index-cache")),
         ..EngineOptions::default()
     }
 }
