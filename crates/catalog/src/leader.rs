@@ -43,7 +43,7 @@ enum Kind {
     /// A catalog no other process shares: always the leader.
     Local,
     Postgres {
-        options: PgConnectOptions,
+        options: Box<PgConnectOptions>,
         conn: Option<PgConnection>,
         held: bool,
     },
@@ -66,7 +66,7 @@ impl LeaderLock {
     pub(crate) fn postgres(options: PgConnectOptions) -> LeaderLock {
         LeaderLock {
             kind: Kind::Postgres {
-                options,
+                options: Box::new(options),
                 conn: None,
                 held: false,
             },

@@ -82,7 +82,7 @@ enum Command {
     Plan(admin::PlanCommand),
     /// Servers and their disks.
     #[command(subcommand)]
-    Server(admin::ServerCommand),
+    Server(Box<admin::ServerCommand>),
     /// The catalog itself: rebuild it from the store after it was lost.
     #[command(subcommand)]
     Catalog(catalog::CatalogCommand),
@@ -124,7 +124,7 @@ fn main() -> anyhow::Result<()> {
         Command::Account(cmd) => admin::block_on(admin::account(global, cmd)),
         Command::Token(cmd) => admin::block_on(admin::token(global, cmd)),
         Command::Plan(cmd) => admin::block_on(admin::plan(global, cmd)),
-        Command::Server(cmd) => admin::block_on(admin::server(global, cmd)),
+        Command::Server(cmd) => admin::block_on(admin::server(global, *cmd)),
         Command::Catalog(cmd) => admin::block_on(catalog::run(global, cmd)),
         Command::Gc => admin::block_on(maintenance::gc(global)),
         Command::Verify(args) => admin::block_on(maintenance::verify(global, args)),

@@ -249,6 +249,7 @@ async fn add_running(
                     qmp_socket: qmp.to_string_lossy().into_owned(),
                     guest_agent: agent.map(|a| a.to_string_lossy().into_owned()),
                 },
+                node: None,
             },
             TestApp::now(),
         )

@@ -74,6 +74,7 @@ async fn add_server(
                     .collect(),
                 hooks,
                 runtime,
+                node: None,
             },
             TestApp::now(),
         )
