@@ -1,9 +1,11 @@
 //! `vpsbackup` on a store in S3 (real Garage and Ceph radosgw servers):
 //! the bare-store disaster-recovery commands, `serve` with the store in
-//! config.toml and the admin commands beside it, and the GC lock raced by
-//! real processes.
+//! config.toml and the admin commands beside it, a backup whose upload
+//! fails for good, and the GC lock raced by real processes.
 
 mod common;
+#[path = "../../engine/tests/common/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "../../engine/tests/common/s3.rs"]
 mod s3;
 
@@ -313,4 +315,108 @@ fn serve_backs_up_to_garage_and_the_admin_commands_follow() {
         .unwrap()
         .success());
     assert!(child.wait().unwrap().success());
+}
+
+/// `serve`'s backup loses its link to the store part-way through the
+/// upload, for good: the job ends failed with the plain reason the customer
+/// sees (the operator gets the detail), and no manifest is left.
+#[test]
+fn a_backup_whose_upload_fails_for_good_ends_failed_with_a_plain_reason() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("data");
+    let srv = s3::garage();
+    let cfg = srv.config("upload-fails");
+    let url = format!("s3://{}/{}", cfg.bucket, cfg.prefix);
+    let proxy = fault_proxy::FaultProxy::start(&srv.endpoint, 17);
+    // Every request held a while: the backup is still uploading when the
+    // link goes down.
+    proxy.set_faults(0, 1000);
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID".to_owned(), srv.access_key_id.clone()),
+        (
+            "AWS_SECRET_ACCESS_KEY".to_owned(),
+            srv.secret_access_key.clone(),
+        ),
+    ];
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!(
+            "store = \"{url}\"\ns3_endpoint = \"{}\"\ns3_region = \"{}\"\n[schedule]\ntick_secs = 1\nverify_interval_days = 0\n",
+            proxy.endpoint(),
+            srv.region
+        ),
+    )
+    .unwrap();
+    let d = p(&dir);
+    ok(&env, &["--data-dir", d, "account", "create", "acme"]);
+    let disk = t.path().join("vps1.img");
+    incompressible_disk(&disk, 48, 9);
+    ok(
+        &env,
+        &[
+            "--data-dir",
+            d,
+            "server",
+            "add",
+            "--id",
+            "1",
+            "--name",
+            "vps-1",
+            "--account",
+            "acme",
+            "--disk",
+            p(&disk),
+        ],
+    );
+    let direct = vpsbackup_engine::S3Storage::open(cfg.clone()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The link goes down for good once the first pack is stored.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vpsbackup_engine::Storage::list(&direct, "packs/")
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "no pack was ever uploaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.set_down(true);
+    let failures = loop {
+        let f = ok(&env, &["--data-dir", d, "failures"]);
+        if f.contains("customer sees") {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "the backup never failed: {f}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        failures.contains("customer sees: The backup store could not be read or written."),
+        "{failures}"
+    );
+    // The operator's detail names the store operation that gave up.
+    assert!(
+        failures.contains("detail:") && !failures.contains("(none recorded)"),
+        "{failures}"
+    );
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    child.wait().unwrap();
+    proxy.set_down(false);
+    // No manifest: the store lists no backup, though packs were uploaded.
+    assert!(vpsbackup_engine::Storage::list(&direct, "backups/")
+        .unwrap()
+        .is_empty());
+    assert!(!vpsbackup_engine::Storage::list(&direct, "packs/")
+        .unwrap()
+        .is_empty());
 }
