@@ -53,16 +53,20 @@ pub fn add_server(dir: &Path, id: &str, disk: &Path, extra: &[&str]) -> String {
 /// An 8 MiB ext4 image holding `mib` MiB of incompressible data
 /// (xorshift64 from `seed`) in one file.
 pub fn incompressible_disk(path: &Path, mib: usize, seed: u64) {
+    ext4_image(path, "data.bin", &incompressible_bytes(mib, seed));
+}
+
+/// `mib` MiB of xorshift bytes from `seed`: nothing for zstd to squeeze.
+pub fn incompressible_bytes(mib: usize, seed: u64) -> Vec<u8> {
     let mut x = seed;
-    let data: Vec<u8> = (0..mib * 1024 * 1024 / 8)
+    (0..mib * 1024 * 1024 / 8)
         .flat_map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x.to_le_bytes()
         })
-        .collect();
-    ext4_image(path, "data.bin", &data);
+        .collect()
 }
 
 /// An 8 MiB ext4 image at `path` holding one file `name` with `content`.
