@@ -42,6 +42,28 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `vpsbackup serve` on data dir `d`, on a free port, output discarded.
+fn serve(env: &[(String, String)], d: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM to `child` (a graceful stop); waits for it.
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    child.wait().unwrap()
+}
+
 #[test]
 fn bare_store_commands_round_trip_on_garage() {
     let t = tempfile::tempdir().unwrap();
@@ -263,13 +285,7 @@ fn serve_backs_up_to_garage_and_the_admin_commands_follow() {
     );
 
     // serve's scheduler takes the (catch-up) automatic backup at once.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = serve(&env, d);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let s = ok(&env, &["--data-dir", d, "status"]);
@@ -308,13 +324,7 @@ fn serve_backs_up_to_garage_and_the_admin_commands_follow() {
     let ls = ok_json(&bare, &["store", "ls", &url, "--json"]);
     assert_eq!(ls["backups"].as_array().unwrap().len(), 1, "{ls}");
 
-    assert!(Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success());
-    assert!(child.wait().unwrap().success());
+    assert!(terminate(child).success());
 }
 
 /// `serve`'s backup loses its link to the store part-way through the
@@ -371,13 +381,7 @@ fn a_backup_whose_upload_fails_for_good_ends_failed_with_a_plain_reason() {
         ],
     );
     let direct = vpsbackup_engine::S3Storage::open(cfg.clone()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = serve(&env, d);
     // The link goes down for good once the first pack is stored.
     let deadline = Instant::now() + Duration::from_secs(120);
     while vpsbackup_engine::Storage::list(&direct, "packs/")
@@ -405,13 +409,7 @@ fn a_backup_whose_upload_fails_for_good_ends_failed_with_a_plain_reason() {
         failures.contains("detail:") && !failures.contains("(none recorded)"),
         "{failures}"
     );
-    assert!(Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success());
-    child.wait().unwrap();
+    terminate(child);
     proxy.set_down(false);
     // No manifest: the store lists no backup, though packs were uploaded.
     assert!(vpsbackup_engine::Storage::list(&direct, "backups/")
