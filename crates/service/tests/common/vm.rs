@@ -57,9 +57,15 @@ fn virsh(args: &[&str]) -> String {
 static DAEMONS: Mutex<()> = Mutex::new(());
 
 /// Starts virtlogd and libvirtd by hand (there is no systemd here) unless
-/// libvirtd answers already; returns once it does.
+/// each answers already; returns once both do. A socket file alone proves
+/// nothing: a machine image or a killed daemon leaves stale ones behind
+/// (CI's fresh machine had `/run/libvirt/virtlogd-sock` with no virtlogd,
+/// and every domain start failed with "Connection refused").
 pub fn libvirtd() {
     let _one = DAEMONS.lock().unwrap_or_else(|p| p.into_inner());
+    std::fs::create_dir_all("/var/log/libvirt/qemu").unwrap();
+    daemon("virtlogd", "/run/libvirt/virtlogd-sock");
+    daemon("libvirtd", "/run/libvirt/libvirt-sock");
     let answers = || {
         Command::new("virsh")
             .args(["-q", "uri"])
@@ -68,18 +74,33 @@ pub fn libvirtd() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if answers() {
-        return;
-    }
-    std::fs::create_dir_all("/var/log/libvirt/qemu").unwrap();
-    if !Path::new("/run/libvirt/virtlogd-sock").exists() {
-        run(Command::new("virtlogd").arg("-d"));
-    }
-    let _ = Command::new("libvirtd").arg("-d").status();
     let deadline = Instant::now() + Duration::from_secs(90);
     while !answers() {
-        assert!(Instant::now() < deadline, "libvirtd did not start");
+        assert!(
+            Instant::now() < deadline,
+            "libvirtd does not answer `virsh uri`"
+        );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `name -d` unless something accepts connections on `socket`;
+/// a stale socket file is removed first (the daemon would not bind over
+/// it). Returns once the socket accepts.
+fn daemon(name: &str, socket: &str) {
+    let accepts = || std::os::unix::net::UnixStream::connect(socket).is_ok();
+    if accepts() {
+        return;
+    }
+    let _ = std::fs::remove_file(socket);
+    run(Command::new(name).arg("-d"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !accepts() {
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not listen on {socket}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
