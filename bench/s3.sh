@@ -11,6 +11,12 @@
 # memory: it is sized to RUNS x 1.5 GiB + 1 GiB (MEMSTORE_BYTES overrides).
 # Builds the release binary (or uses $VPSBACKUP_BIN), starts both servers
 # (.ci/s3/test-servers.sh) and stops them at the end.
+#
+# PIN=1 gives the servers the last CPU and vpsbackup the others, for every
+# row (the local one too): a storage cluster runs on its own machines, and
+# on a 2-core box the servers' own hashing (Garage: MD5 for the ETag, BLAKE2
+# per block; radosgw: MD5 and the memstore copy) otherwise takes the cores a
+# backup uses. Without PIN every process shares every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 images=${BENCH_IMAGES:-/work/bench-images}
@@ -28,6 +34,15 @@ work=$(mktemp -d)
 trap '.ci/s3/test-servers.sh stop "$work/srv" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 export MEMSTORE_BYTES=${MEMSTORE_BYTES:-$((runs * 3 * 512 * 1024 * 1024 + (1 << 30)))}
 eval "$(.ci/s3/test-servers.sh start "$work/srv" garage ceph)"
+run=()
+if [[ -n ${PIN:-} ]]; then
+  last=$(($(nproc) - 1))
+  ((last > 0)) || { echo "PIN needs 2 CPUs or more" >&2; exit 1; }
+  for name in garage radosgw ceph-osd ceph-mon; do
+    for pid in $(pgrep -x "$name"); do taskset -a -c -p "$last" "$pid" >/dev/null; done
+  done
+  run=(taskset -c "0-$((last - 1))")
+fi
 
 # backup then restore of $img into store $2 ($1 names the row); prints
 # "seconds_backup seconds_restore backup_PUTs restore_GETs".
@@ -36,9 +51,9 @@ one() {
   local b r
   # The image in the page cache for every row alike.
   cat "$img" >/dev/null
-  b=$(env "$@" "$bin" store backup "$store" --id b1 --server-id s --disk "$img" --json)
+  b=$(env "$@" "${run[@]}" "$bin" store backup "$store" --id b1 --server-id s --disk "$img" --json)
   rm -f "$work/out.raw"
-  r=$(env "$@" "$bin" store restore "$store" b1 --to "$work/out.raw" --json)
+  r=$(env "$@" "${run[@]}" "$bin" store restore "$store" b1 --to "$work/out.raw" --json)
   cmp "$img" "$work/out.raw" || { echo "$name: restore differs" >&2; exit 1; }
   rm -f "$work/out.raw"
   python3 -c 'import json,sys; b=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); q=b.get("requests",{}); g=r.get("requests",{}); print(b["seconds"], r["seconds"], q.get("put",0), g.get("get",0))' "$b" "$r"
@@ -58,13 +73,13 @@ for i in $(seq "$runs"); do
 done
 
 python3 - "$img" "${rows[local]}" "${rows[GARAGE]}" "${rows[CEPH]}" <<'EOF'
-import statistics, sys
+import os, statistics, sys
 img = sys.argv[1]
 def med(text):
     rows = [list(map(float, l.split())) for l in text.strip().splitlines()]
     return [statistics.median(c) for c in zip(*rows)], len(rows)
 (lb, lr, _, _), n = med(sys.argv[2])
-print(f"image {img}, median of {n} runs, load {open('/proc/loadavg').read().split()[0]}")
+print(f"image {img}, median of {n} runs, {'servers pinned to the last CPU' if os.environ.get('PIN') else 'all CPUs shared'}, load {open('/proc/loadavg').read().split()[0]}")
 print(f"{'store':<8} {'backup s':>9} {'x local':>8} {'restore s':>10} {'x local':>8} {'PUTs':>6} {'GETs':>6}  (PUTs of the backup, GETs of the restore)")
 print(f"{'local':<8} {lb:>9.2f} {1:>8.2f} {lr:>10.2f} {1:>8.2f} {'-':>6} {'-':>6}")
 for name, text in (("garage", sys.argv[3]), ("ceph", sys.argv[4])):

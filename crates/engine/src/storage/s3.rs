@@ -199,6 +199,11 @@ impl S3Storage {
             // One DELETE per key: the trait deletes one object at a time,
             // and a bulk request would need Content-MD5 support everywhere.
             .with_disable_bulk_delete(true)
+            // No SHA-256 of every body on either side (the server checks
+            // it too): what we store is checksummed or sealed end to end and
+            // checked at every read, so a body changed on the wire is found
+            // anyway. Measured on Garage: 7% of its CPU for a backup.
+            .with_unsigned_payload(true)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
