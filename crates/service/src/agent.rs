@@ -11,14 +11,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use vpsbackup_catalog::{Catalog, CatalogError};
 
 use crate::clock::Clock;
 use crate::settings::Settings;
-use crate::{connect_catalog, metrics, node, ops, runner, JobRunner, ServiceError};
+use crate::{connect_catalog, metrics, ops, workers, ServiceError};
 
 /// Runs the agent until `shutdown` completes; running jobs are then handed
 /// back to the queue (as `serve` does).
@@ -43,60 +42,36 @@ pub async fn run_agent(
         )
         .into());
     }
-    let for_store = settings.clone();
-    let repo = tokio::task::spawn_blocking(move || for_store.open_store())
-        .await
-        .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
+    let repo = workers::open_store(&settings).await?;
     let schedule = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
-    runner::recover_at_start(&*catalog, true, &*clock, &settings).await?;
-
-    let jobs = Arc::new(JobRunner::new(
-        catalog.clone(),
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = workers::Workers::start(
+        catalog,
+        schedule.clone(),
         clock.clone(),
         repo.clone(),
         settings.clone(),
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = jobs.start(stop_rx.clone());
-    let sweeper = tokio::spawn(runner::sweep_leases(
-        catalog.clone(),
-        clock.clone(),
-        Some(jobs.clone()),
-        stop_rx.clone(),
-    ));
-    let node_task = tokio::spawn(node::record_heartbeats(
-        schedule.clone(),
-        jobs.clone(),
-        clock.clone(),
-        (settings.workers, "agent"),
-        stop_rx.clone(),
-    ));
-    let ops_task = match ops_listener {
-        Some(l) => {
+        (true, "agent"),
+        &stop_rx,
+    )
+    .await?;
+    let ops_task = ops_listener
+        .map(|l| {
             let state = ops::OpsState::new(
                 schedule,
                 repo,
                 clock,
                 Arc::new(metrics::Metrics::new(
-                    jobs.metrics().clone(),
+                    workers.jobs.metrics().clone(),
                     metrics::HttpMetrics::default(),
                 )),
                 None,
                 None,
             );
-            tracing::info!(addr = %l.local_addr()?, "serving /healthz, /readyz and /metrics");
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(l, ops::router(state))
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-            }))
-        }
-        None => None,
-    };
+            workers::serve_ops(l, state, &stop_rx)
+        })
+        .transpose()?;
     tracing::info!(
         node = settings.node.as_deref().unwrap_or("(any)"),
         workers = settings.workers,
@@ -105,23 +80,10 @@ pub async fn run_agent(
     shutdown.await;
 
     tracing::info!("stopping: handing running jobs back to the queue");
-    jobs.stop();
+    workers.hand_back();
     let _ = stop_tx.send(true);
-    for w in workers {
-        if tokio::time::timeout(Duration::from_secs(60), w)
-            .await
-            .is_err()
-        {
-            tracing::warn!("a worker did not stop in time");
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), sweeper).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), node_task).await;
-    if let Some(task) = ops_task {
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), task).await {
-            tracing::warn!(error = %e, "the operational listener failed");
-        }
-    }
+    workers.join().await;
+    workers::join_ops(ops_task).await;
     opened.close().await;
     Ok(())
 }

@@ -27,6 +27,7 @@ mod running;
 pub mod scheduler;
 pub mod settings;
 pub mod webhooks;
+mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -145,41 +146,21 @@ pub async fn run_with_ops(
     })?;
     let opened = connect_catalog(&settings, settings.catalog_readers).await?;
     let data_dir_lock = claim_data_dir(&settings.data_dir)?;
-    let for_store = settings.clone();
-    let repo = tokio::task::spawn_blocking(move || for_store.open_store())
-        .await
-        .map_err(|e| ServiceError::Http(std::io::Error::other(e)))??;
+    let repo = workers::open_store(&settings).await?;
     let schedule_catalog = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
-
-    runner::recover_at_start(&*catalog, opened.is_shared(), &*clock, &settings).await?;
-
-    let jobs = Arc::new(JobRunner::new(
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = workers::Workers::start(
         catalog.clone(),
+        schedule_catalog.clone(),
         clock.clone(),
         repo.clone(),
         settings.clone(),
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = jobs.start(stop_rx.clone());
-    // Jobs whose lease ran out (their process died), whoever held them.
-    let sweeper = tokio::spawn(runner::sweep_leases(
-        catalog.clone(),
-        clock.clone(),
-        Some(jobs.clone()),
-        stop_rx.clone(),
-    ));
-    // This node's heartbeat in the catalog, for `vpsbackup status` (an
-    // API-only replica runs no node's jobs and records none).
-    let node_task = (settings.workers > 0).then(|| {
-        tokio::spawn(node::record_heartbeats(
-            schedule_catalog.clone(),
-            jobs.clone(),
-            clock.clone(),
-            (settings.workers, "serve"),
-            stop_rx.clone(),
-        ))
-    });
+        (opened.is_shared(), "serve"),
+        &stop_rx,
+    )
+    .await?;
+    let jobs = workers.jobs.clone();
     // Automatic backups, expiry, scheduled GC and verification (issue 4),
     // run by one process among those sharing the catalog: the leader. A
     // replica with the scheduler off never takes the lock.
@@ -236,21 +217,9 @@ pub async fn run_with_ops(
             _ => None,
         },
     );
-    let ops_task = match ops_listener {
-        Some(l) => {
-            tracing::info!(addr = %l.local_addr()?, "serving /healthz, /readyz and /metrics");
-            let app = ops::router(ops_state.clone());
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-            }))
-        }
-        None => None,
-    };
+    let ops_task = ops_listener
+        .map(|l| workers::serve_ops(l, ops_state.clone(), &stop_rx))
+        .transpose()?;
     let state = AppState {
         catalog: catalog.clone(),
         schedule: schedule_catalog,
@@ -281,7 +250,7 @@ pub async fn run_with_ops(
     .await;
 
     tracing::info!("stopping: handing running jobs back to the queue");
-    jobs.stop();
+    workers.hand_back();
     if let Some(s) = &scheduler {
         s.stop();
     }
@@ -312,30 +281,8 @@ pub async fn run_with_ops(
             tracing::warn!("webhook delivery did not stop in time");
         }
     }
-    for w in workers {
-        if tokio::time::timeout(Duration::from_secs(60), w)
-            .await
-            .is_err()
-        {
-            tracing::warn!("a worker did not stop in time");
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), sweeper).await;
-    if let Some(node_task) = node_task {
-        if tokio::time::timeout(Duration::from_secs(5), node_task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the node heartbeat did not stop in time");
-        }
-    }
-    if let Some(task) = ops_task {
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the operational listener failed"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("the operational listener did not stop in time"),
-        }
-    }
+    workers.join().await;
+    workers::join_ops(ops_task).await;
     drop(data_dir_lock);
     served?;
     Ok(())
