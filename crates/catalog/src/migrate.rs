@@ -267,6 +267,16 @@ pub async fn sqlite_to_postgres(from: &SqliteCatalog, to: &PgCatalog) -> Result<
         }
     }
     tx.commit().await?;
+    // A bulk copy leaves the planner with no statistics and the count rows
+    // (updated by a trigger per backup copied) with one dead version per
+    // backup: the first listing plans walked every backup of the account
+    // and read through the dead versions (2,480 req/s on the API bench
+    // before, 3,580 after). VACUUM cannot run inside a transaction.
+    let mut vacuumed: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+    vacuumed.extend(["backup_counts", "account_backup_counts"]);
+    sqlx::query(&format!("VACUUM (ANALYZE) {}", vacuumed.join(", ")))
+        .execute(to.pool())
+        .await?;
     Ok(MigrateReport { tables })
 }
 
