@@ -41,9 +41,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::nbd_export::{NbdExport, STATE_DIRTY};
+use crate::nbd_export::NbdExport;
 use crate::point_in_time::{
-    free_space, merge_runs, remove_overlays, watch_scratch, Checkpoint, NbdExportReader,
+    dirty_extents, export_reader, free_space, no_disk, remove_overlays, watch_scratch, Checkpoint,
+    NbdExportReader,
 };
 use crate::{DiskError, DiskFormat, Extent};
 
@@ -543,23 +544,16 @@ impl LibvirtPointInTime {
     pub fn changes(&self, i: usize) -> Result<Vec<Extent>, String> {
         let d = self.disks.get(i).ok_or("no such disk")?;
         let context = d.changes.as_ref().map_err(Clone::clone)?;
-        let runs = NbdExport::connect(&self.nbd_socket, &d.target, &[context])
-            .and_then(|mut c| c.status_map(context))
-            .map_err(|e| format!("its dirty bitmap cannot be read ({e})"))?;
-        Ok(merge_runs(
-            runs.iter().filter(|r| r.flags & STATE_DIRTY != 0),
-        ))
+        dirty_extents(&self.nbd_socket, &d.target, context)
     }
 
     /// A reader of disk `i` as it was at the point in time.
     pub fn reader(&self, i: usize, format: DiskFormat) -> Result<NbdExportReader, DiskError> {
-        let d = self.disks.get(i).ok_or_else(|| DiskError::Unsupported {
-            path: self.nbd_socket.clone(),
-            reason: format!("no disk {i} in the point in time"),
-        })?;
-        let mut r = NbdExportReader::open(&self.nbd_socket, &d.target, d.size, format)?;
-        r.overran = Some(self.overran.clone());
-        Ok(r)
+        let d = self
+            .disks
+            .get(i)
+            .ok_or_else(|| no_disk(&self.nbd_socket, i))?;
+        export_reader(&self.nbd_socket, &d.target, d.size, format, &self.overran)
     }
 
     /// True when the guest overwrote more during the backup than the

@@ -395,25 +395,21 @@ impl PointInTime {
     pub fn changes(&self, i: usize) -> Result<Vec<Extent>, String> {
         let d = self.disks.get(i).ok_or("no such disk")?;
         let bitmap = d.changes.as_ref().map_err(Clone::clone)?;
-        let context = format!("qemu:dirty-bitmap:{bitmap}");
-        let runs = NbdExport::connect(&self.nbd_socket, &d.export, &[&context])
-            .and_then(|mut c| c.status_map(&context))
-            .map_err(|e| format!("its dirty bitmap cannot be read ({e})"))?;
-        Ok(merge_runs(
-            runs.iter().filter(|r| r.flags & STATE_DIRTY != 0),
-        ))
+        dirty_extents(
+            &self.nbd_socket,
+            &d.export,
+            &format!("qemu:dirty-bitmap:{bitmap}"),
+        )
     }
 
     /// A reader of disk `i` as it was at the point in time, reporting
     /// `format` (the disk's recorded one: the guest view is the same).
     pub fn reader(&self, i: usize, format: DiskFormat) -> Result<NbdExportReader, DiskError> {
-        let d = self.disks.get(i).ok_or_else(|| DiskError::Unsupported {
-            path: self.qmp_socket.clone(),
-            reason: format!("no disk {i} in the point in time"),
-        })?;
-        let mut r = NbdExportReader::open(&self.nbd_socket, &d.export, d.size, format)?;
-        r.overran = Some(self.overran.clone());
-        Ok(r)
+        let d = self
+            .disks
+            .get(i)
+            .ok_or_else(|| no_disk(&self.qmp_socket, i))?;
+        export_reader(&self.nbd_socket, &d.export, d.size, format, &self.overran)
     }
 
     /// True when the guest overwrote more during the backup than the
@@ -474,6 +470,43 @@ impl PointInTime {
             }
         }
         Ok(())
+    }
+}
+
+/// The extents of export `name` that meta context `context` (a dirty
+/// bitmap) flags as changed, merged; or why they cannot be read.
+pub(crate) fn dirty_extents(
+    nbd_socket: &Path,
+    name: &str,
+    context: &str,
+) -> Result<Vec<Extent>, String> {
+    let runs = NbdExport::connect(nbd_socket, name, &[context])
+        .and_then(|mut c| c.status_map(context))
+        .map_err(|e| format!("its dirty bitmap cannot be read ({e})"))?;
+    Ok(merge_runs(
+        runs.iter().filter(|r| r.flags & STATE_DIRTY != 0),
+    ))
+}
+
+/// A reader of export `name` that stops once `overran` is set (the scratch
+/// watchdog's flag).
+pub(crate) fn export_reader(
+    nbd_socket: &Path,
+    name: &str,
+    size: u64,
+    format: DiskFormat,
+    overran: &Arc<AtomicBool>,
+) -> Result<NbdExportReader, DiskError> {
+    let mut r = NbdExportReader::open(nbd_socket, name, size, format)?;
+    r.overran = Some(overran.clone());
+    Ok(r)
+}
+
+/// The error for a disk index the point in time does not have.
+pub(crate) fn no_disk(what: &Path, i: usize) -> DiskError {
+    DiskError::Unsupported {
+        path: what.to_owned(),
+        reason: format!("no disk {i} in the point in time"),
     }
 }
 
