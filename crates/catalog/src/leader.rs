@@ -30,6 +30,41 @@ use crate::{CatalogError, Result};
 /// it).
 pub const SCHEDULER_LOCK_KEY: i64 = 0x7670_7362_7363_6864;
 
+/// The advisory lock every GC of the store takes when the catalog is
+/// shared ("vpsb" and "gclk" in ASCII): see [`crate::ScheduleCatalog::claim_gc_turn`].
+pub const GC_LOCK_KEY: i64 = 0x7670_7362_6763_6c6b;
+
+/// The store-wide turn to collect garbage, held until dropped. On
+/// PostgreSQL a session advisory lock on a connection of its own (out of
+/// the pool, so nothing else runs on it or returns it to the pool still
+/// locked): dropping the connection ends the session and the lock, and so
+/// does the holder's death, however it dies.
+pub struct GcTurn {
+    _session: Option<PgConnection>,
+}
+
+impl GcTurn {
+    /// The turn on a catalog no other process shares (SQLite): one host,
+    /// whose GCs the store's host lock keeps apart.
+    pub fn local() -> GcTurn {
+        GcTurn { _session: None }
+    }
+
+    pub(crate) fn held_by(session: PgConnection) -> GcTurn {
+        GcTurn {
+            _session: Some(session),
+        }
+    }
+}
+
+impl std::fmt::Debug for GcTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcTurn")
+            .field("shared", &self._session.is_some())
+            .finish()
+    }
+}
+
 /// How long a leadership query may take before the connection is given up.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -29,7 +29,7 @@ mod webhook;
 
 pub use error::CatalogError;
 pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
-pub use leader::{LeaderLock, SCHEDULER_LOCK_KEY};
+pub use leader::{GcTurn, LeaderLock, GC_LOCK_KEY, SCHEDULER_LOCK_KEY};
 pub use model::*;
 pub use open::{redact, AnyCatalog, CatalogUrl};
 pub use postgres::PgCatalog;

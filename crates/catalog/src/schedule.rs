@@ -171,4 +171,11 @@ pub trait ScheduleCatalog: Send + Sync {
 
     /// Records a run of a periodic task.
     async fn record_task_run(&self, name: &str, at: OffsetDateTime, summary: &str) -> Result<()>;
+
+    /// Claims the turn to collect garbage in the store across every process
+    /// on this catalog, other hosts' included; `None` while another holds
+    /// it. Where the store's server ignores conditional writes (Garage) its
+    /// own lock object cannot keep two GCs apart, and a file lock only
+    /// covers one host: this does, through the shared catalog.
+    async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>>;
 }

@@ -1,6 +1,6 @@
 //! The scheduler's catalog queries ([`ScheduleCatalog`]) against both
 //! backends (`common::catalog_tests!`): latest slots and their attempts, retries, expiry that never
-//! touches manual backups, verification results and task runs.
+//! touches manual backups, verification results, task runs and the store-wide GC turn.
 
 use time::{Duration, OffsetDateTime};
 use vpsbackup_catalog::*;
@@ -463,5 +463,31 @@ catalog_tests! {
         let stats = cat.queue_stats(now).await.unwrap();
         assert_eq!(count(&stats, JobKind::Backup, JobState::Running), 0);
         assert_eq!(count(&stats, JobKind::Restore, JobState::Queued), 0);
+    }
+
+    async fn one_gc_turn_at_a_time_across_processes_sharing_the_catalog(cat) {
+        let other = cat.another_handle().await;
+        let first = cat.claim_gc_turn().await.unwrap();
+        assert!(first.is_some());
+        let second = other.claim_gc_turn().await.unwrap();
+        if !cat.is_postgres() {
+            // One box: the engine's host lock keeps its GCs apart.
+            assert!(second.is_some());
+            return;
+        }
+        assert!(second.is_none(), "a second process took the GC turn while the first held it");
+        assert!(cat.claim_gc_turn().await.unwrap().is_none(), "nor the same process twice");
+        drop(first);
+        // The holder's session ends with its connection; the server may take
+        // a moment to notice.
+        let mut again = None;
+        for _ in 0..100 {
+            again = other.claim_gc_turn().await.unwrap();
+            if again.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(again.is_some(), "the turn was not released with its holder");
     }
 }

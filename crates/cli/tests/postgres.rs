@@ -255,3 +255,52 @@ fn catalog_migrate_copies_a_box_to_postgres_with_ids_intact() {
     assert!(err.contains("not empty"), "{err}");
     assert_eq!(admin(Some(&db.url))[0], admin_before[0]);
 }
+
+/// Hosts sharing one catalog (issue 11, part 2): while another process
+/// holds the store's GC turn in the catalog (here a psql session holding
+/// the advisory lock, as the leader's GC on another node would), `vpsbackup
+/// gc` is refused with a plain reason and deletes nothing; once that
+/// session ends, GC runs.
+#[test]
+fn a_gc_while_another_host_collects_is_refused_through_the_catalog() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let db = PgDatabase::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node-a");
+    ok_pg(&dir, &db.url, &["account", "create", "acme"]);
+
+    let mut holder = Command::new("psql")
+        .arg(&db.url)
+        .args(["-q", "-X", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let mut stdin = holder.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "SELECT pg_advisory_lock({});\n\\echo held",
+        vpsbackup_catalog::GC_LOCK_KEY
+    )
+    .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "held" {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "psql ended early");
+    }
+
+    let refused = vpsbackup(&dir, &["--database-url", &db.url, "gc"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another garbage collection of this store is running"),
+        "{stderr}"
+    );
+
+    drop(stdin); // psql exits, its session and lock with it
+    holder.wait().unwrap();
+    let done = ok_pg(&dir, &db.url, &["gc"]);
+    assert!(!done.trim().is_empty());
+}

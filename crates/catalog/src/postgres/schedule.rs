@@ -212,6 +212,20 @@ impl ScheduleCatalog for PgCatalog {
         .await?;
         Ok(())
     }
+
+    async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>> {
+        // A session of its own, never the pool's: the pool would hand it to
+        // other queries, or close it, lock and all.
+        let mut session =
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.pool.connect_options())
+                .await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(crate::GC_LOCK_KEY)
+            .fetch_one(&mut session)
+            .await?;
+        // Not ours: the connection closes here, with nothing held.
+        Ok(got.then(|| crate::GcTurn::held_by(session)))
+    }
 }
 
 impl PgCatalog {

@@ -209,6 +209,10 @@ impl ScheduleCatalog for SqliteCatalog {
         .await?;
         Ok(())
     }
+
+    async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>> {
+        Ok(Some(crate::GcTurn::local()))
+    }
 }
 
 impl SqliteCatalog {

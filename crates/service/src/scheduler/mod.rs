@@ -453,6 +453,14 @@ impl Scheduler {
     /// Safe beside running backups (the engine fences their packs).
     pub async fn gc_now(&self) -> Result<GcOutcome, SchedulerError> {
         let _turn = self.maintenance.lock().await;
+        // Across hosts sharing the catalog (an admin's `vpsbackup gc` on one
+        // node while the leader's scheduled GC runs on another).
+        let Some(_store_turn) = self.schedule.claim_gc_turn().await? else {
+            return Err(CatalogError::Conflict(
+                "another garbage collection of this store is running (in another process on this catalog); try again when it has finished".into(),
+            )
+            .into());
+        };
         let orphans = self.remove_orphans().await?;
         let repo = self.repo.clone();
         let (report, stats) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
