@@ -459,6 +459,140 @@ impl Snapshot {
             .filter(move |r| !self.dead.contains(&r.source))
         })
     }
+
+    /// Every live record in id order (the runs merged, one block buffer
+    /// each). Unlike [`Self::records`], a damaged block is an error: GC
+    /// must never take a record it could not read for an absent one.
+    pub(crate) fn sorted_records(&self) -> SortedRecords<'_> {
+        SortedRecords {
+            snap: self,
+            readers: Vec::new(),
+            heap: BinaryHeap::new(),
+            started: false,
+            failed: false,
+        }
+    }
+
+    /// Whether a lookup met a damaged block (and read it as absent).
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+/// See [`Snapshot::sorted_records`].
+pub(crate) struct SortedRecords<'a> {
+    snap: &'a Snapshot,
+    readers: Vec<RunReader>,
+    heap: BinaryHeap<std::cmp::Reverse<(Rec, usize)>>,
+    started: bool,
+    failed: bool,
+}
+
+impl SortedRecords<'_> {
+    fn damaged(&mut self, why: String) -> EngineError {
+        self.failed = true;
+        self.snap.mark_broken();
+        EngineError::Internal(format!(
+            "the chunk index cache in {} is damaged ({why}); it is rebuilt on the next run",
+            self.snap.dir.display()
+        ))
+    }
+
+    fn step(&mut self) -> Result<Option<Rec>, Damage> {
+        if !self.started {
+            self.started = true;
+            for run in &self.snap.runs {
+                self.readers.push(RunReader {
+                    file: run.file.try_clone()?,
+                    pos: 0,
+                    left: run.count,
+                    block: Vec::new(),
+                    at: 0,
+                });
+            }
+            for i in 0..self.readers.len() {
+                if let Some(r) = self.readers[i].next()? {
+                    self.heap.push(std::cmp::Reverse((r, i)));
+                }
+            }
+        }
+        loop {
+            let Some(std::cmp::Reverse((r, i))) = self.heap.pop() else {
+                return Ok(None);
+            };
+            if let Some(next) = self.readers[i].next()? {
+                self.heap.push(std::cmp::Reverse((next, i)));
+            }
+            if !self.snap.dead.contains(&r.source) {
+                return Ok(Some(r));
+            }
+        }
+    }
+}
+
+impl Iterator for SortedRecords<'_> {
+    type Item = Result<Rec, EngineError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.step() {
+            Ok(r) => r.map(Ok),
+            Err(Damage::Stale(why)) => Some(Err(self.damaged(why))),
+            Err(Damage::Io(e)) => Some(Err(self.damaged(e.to_string()))),
+        }
+    }
+}
+
+/// The index for GC and verify (see [`crate::RepoInner::bounded_index`]):
+/// the node's cache, or a private one in a temporary directory that
+/// lives as long as this.
+#[derive(Debug)]
+pub(crate) struct BoundedIndex {
+    cache: IndexCache,
+    /// Where sorted runs of GC and verify go.
+    spill_dir: PathBuf,
+    _private: Option<tempfile::TempDir>,
+}
+
+impl BoundedIndex {
+    pub(crate) fn new(configured: Option<&Path>, store_id: &str) -> Result<Self, EngineError> {
+        match configured {
+            Some(base) => {
+                std::fs::create_dir_all(base).map_err(|e| cache_error(base, e))?;
+                Ok(BoundedIndex {
+                    cache: IndexCache::new(base, store_id),
+                    spill_dir: base.to_owned(),
+                    _private: None,
+                })
+            }
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("vpsbackup-index-")
+                    .tempdir()
+                    .map_err(|e| cache_error(&std::env::temp_dir(), e))?;
+                Ok(BoundedIndex {
+                    cache: IndexCache::new(tmp.path(), store_id),
+                    spill_dir: tmp.path().to_owned(),
+                    _private: Some(tmp),
+                })
+            }
+        }
+    }
+
+    /// The cache brought up to date, as an index (see
+    /// [`crate::index::ChunkIndex::load_cached`]).
+    pub(crate) fn load(
+        &self,
+        storage: &dyn Storage,
+        condemned: &HashSet<PackId>,
+    ) -> Result<crate::index::ChunkIndex, EngineError> {
+        crate::index::ChunkIndex::load_cached(storage, condemned, &self.cache)
+    }
+
+    pub(crate) fn spill_dir(&self) -> &Path {
+        &self.spill_dir
+    }
 }
 
 impl IndexCache {
