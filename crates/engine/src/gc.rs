@@ -108,38 +108,37 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     // chunk leaves the old pack whole dead, so this run finishes the work
     // (a mixed choice would keep both alive, or repack again).
     let quarantined = &index.quarantine.copies;
-    let mut canonical = Sorter::new(spill_dir, run_bytes, false);
+    let condemned_at_mark: HashSet<PackId> = condemned.keys().copied().collect();
+    let choose = |copies: &[Location]| -> Option<Location> {
+        copies
+            .iter()
+            .filter(|l| packs.contains_key(&l.pack))
+            .max_by_key(|l| {
+                (
+                    quarantined.is_empty() || !quarantined.contains(&(l.entry.id, l.pack)),
+                    !condemned_at_mark.contains(&l.pack),
+                    ms_of(&packs[&l.pack]),
+                    l.pack,
+                )
+            })
+            .copied()
+    };
+    let live = live.finish_rewindable()?;
+    report.sort_runs += live.runs_written() as u64;
     let mut live_bytes: HashMap<PackId, u64> = HashMap::new();
     let mut pack_bytes: HashMap<PackId, u64> = HashMap::new();
     // Index entries per pack whose chunk is not live (the report's
     // `chunks_removed` for the packs deleted).
     let mut unlive_entries: HashMap<PackId, u64> = HashMap::new();
-    let live = live.finish()?;
-    report.sort_runs += live.runs_written() as u64;
-    join(index.sorted(), live, |copies, is_live| {
+    join(index.sorted(), live.iter(), |copies, is_live| {
         for l in copies {
             *pack_bytes.entry(l.pack).or_default() += l.entry.stored_len as u64;
             if !is_live {
                 *unlive_entries.entry(l.pack).or_default() += 1;
             }
         }
-        if !is_live {
-            return Ok(());
-        }
-        if let Some(loc) = copies
-            .iter()
-            .filter(|l| packs.contains_key(&l.pack))
-            .max_by_key(|l| {
-                (
-                    quarantined.is_empty() || !quarantined.contains(&(l.entry.id, l.pack)),
-                    !condemned.contains_key(&l.pack),
-                    ms_of(&packs[&l.pack]),
-                    l.pack,
-                )
-            })
-        {
+        if let Some(loc) = choose(copies).filter(|_| is_live) {
             *live_bytes.entry(loc.pack).or_default() += loc.entry.stored_len as u64;
-            canonical.push(ByPackOffset(*loc))?;
         }
         Ok(())
     })?;
@@ -178,6 +177,19 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
     let repacked = if to_repack.is_empty() {
         Ok(Repacked::default())
     } else {
+        // A second walk takes the canonical copies in the packs to repack
+        // (the same choice: `condemned_at_mark`), ordered by pack.
+        let mut canonical = Sorter::new(spill_dir, run_bytes, false);
+        join(
+            index.sorted(),
+            live.iter(),
+            |copies, is_live| match choose(copies)
+                .filter(|l| is_live && to_repack.contains(&l.pack))
+            {
+                Some(loc) => canonical.push(ByPackOffset(loc)),
+                None => Ok(()),
+            },
+        )?;
         let canonical = canonical.finish()?;
         report.sort_runs += canonical.runs_written() as u64;
         repack(
@@ -189,6 +201,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
             &mut found_bad,
         )
     };
+    drop(live);
     record_found(storage, &index, found_bad)?;
     let repacked = repacked?;
     for p in &repacked.old {

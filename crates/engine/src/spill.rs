@@ -249,6 +249,100 @@ impl<T: Record> Sorter<T> {
     }
 }
 
+impl<T: Record> Sorter<T> {
+    /// Every record pushed, in order, as often as wanted: kept in memory
+    /// when they fitted, else merged once into one file read back with
+    /// positioned reads.
+    pub(crate) fn finish_rewindable(self) -> Result<Rewindable<T>, EngineError> {
+        let dir = self.dir.clone();
+        let mut sorted = self.finish()?;
+        let mut runs_written = sorted.runs_written;
+        let inner = match std::mem::replace(
+            &mut sorted.inner,
+            SortedInner::Memory(Vec::new().into_iter()),
+        ) {
+            SortedInner::Memory(it) => RewindInner::Memory(it.collect()),
+            SortedInner::Merge(merge) => {
+                let mut out = BufWriter::with_capacity(
+                    READ_BUF,
+                    tempfile::tempfile_in(&dir).map_err(|e| spill_error(&dir, e))?,
+                );
+                let mut rec = Vec::with_capacity(T::LEN);
+                let mut n = 0u64;
+                for t in merge {
+                    rec.clear();
+                    t.map_err(|e| spill_error(&dir, e))?.put(&mut rec);
+                    out.write_all(&rec).map_err(|e| spill_error(&dir, e))?;
+                    n += 1;
+                }
+                let file = out
+                    .into_inner()
+                    .map_err(|e| spill_error(&dir, e.into_error()))?;
+                runs_written += 1;
+                RewindInner::File(file, n)
+            }
+        };
+        Ok(Rewindable {
+            inner,
+            dir,
+            runs_written,
+        })
+    }
+}
+
+/// See [`Sorter::finish_rewindable`].
+pub(crate) struct Rewindable<T: Record> {
+    inner: RewindInner<T>,
+    dir: PathBuf,
+    runs_written: usize,
+}
+
+enum RewindInner<T> {
+    Memory(Vec<T>),
+    File(File, u64),
+}
+
+impl<T: Record> Rewindable<T> {
+    pub(crate) fn runs_written(&self) -> usize {
+        self.runs_written
+    }
+
+    /// The records from the first.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = Result<T, EngineError>> + '_> {
+        match &self.inner {
+            RewindInner::Memory(v) => Box::new(v.iter().map(|t| Ok(*t))),
+            RewindInner::File(file, n) => {
+                let mut buf = Vec::new();
+                let (mut at, mut pos, mut left) = (0usize, 0u64, *n);
+                let mut failed = false;
+                Box::new(std::iter::from_fn(move || {
+                    use std::os::unix::fs::FileExt;
+                    if failed {
+                        return None;
+                    }
+                    if at == buf.len() {
+                        if left == 0 {
+                            return None;
+                        }
+                        let recs = left.min((READ_BUF / T::LEN) as u64);
+                        buf.resize(recs as usize * T::LEN, 0);
+                        if let Err(e) = file.read_exact_at(&mut buf, pos) {
+                            failed = true;
+                            return Some(Err(spill_error(&self.dir, e)));
+                        }
+                        pos += buf.len() as u64;
+                        left -= recs;
+                        at = 0;
+                    }
+                    let t = T::get(&buf[at..at + T::LEN]);
+                    at += T::LEN;
+                    Some(Ok(t))
+                }))
+            }
+        }
+    }
+}
+
 /// The sorted records of a [`Sorter`]; an error ends the walk.
 pub(crate) struct Sorted<T: Record> {
     inner: SortedInner<T>,
@@ -399,6 +493,27 @@ mod tests {
             0,
             "runs are unnamed files"
         );
+    }
+
+    #[test]
+    fn a_rewindable_sort_reads_the_same_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = ids(5_000, 3_000);
+        let mut want = input.clone();
+        want.sort();
+        want.dedup();
+        for run_bytes in [32 * 100, 1 << 30] {
+            let mut s = Sorter::new(dir.path(), run_bytes, true);
+            for id in &input {
+                s.push(*id).unwrap();
+            }
+            let r = s.finish_rewindable().unwrap();
+            assert_eq!(r.runs_written() > 0, run_bytes < 1 << 20);
+            for _ in 0..2 {
+                let got: Vec<ChunkId> = r.iter().map(Result::unwrap).collect();
+                assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]
