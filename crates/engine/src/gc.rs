@@ -21,6 +21,17 @@
 //! what that backup references (or where an unindexed pack's chunks are
 //! needed), so it deletes nothing.
 //!
+//! Memory does not grow with the number of chunks (see [`crate::spill`]):
+//! the index is read through the node's on-disk cache (a private one in a
+//! temporary directory when none is configured), walked in chunk id
+//! order; the live chunk ids go through sorted runs on disk and are
+//! walked beside it (a merge join), which gives each pack its live bytes
+//! and each live chunk its canonical copy. What stays in memory is per
+//! pack (sizes, live bytes, condemnations), one pack's chunks while
+//! repacking, and one consolidated index object (at most
+//! [`CONSOLIDATED_PACKS`] packs) at a time. A block of the cache that
+//! cannot be read stops GC (never a record taken for absent).
+//!
 //! Quarantine (see [`crate::quarantine`]): a quarantined copy is no live
 //! copy. A live chunk's canonical copy is a good one when one exists (its
 //! quarantined copies may then go with their packs); only a chunk with no
