@@ -205,3 +205,24 @@ fn a_damaged_index_cache_stops_gc_before_it_deletes_anything() {
     restore(&repo, "keep2", &[&o]);
     cmp(&changed, &o);
 }
+
+#[test]
+fn a_damaged_index_cache_makes_verify_rebuild_it_not_report_damage() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, _) = store_with_garbage(t.path());
+    let cache = t.path().join("cache");
+    let repo = open(&store, in_memory(&cache));
+    repo.chunk_index().unwrap();
+    damage_cache(&cache, &repo.config().store_id);
+    let v = repo.verify(None, &JobControl::new()).unwrap();
+    assert!(v.is_ok(), "a cache block is no chunk of the store: {v:?}");
+    assert!(
+        repo.chunk_index()
+            .unwrap()
+            .cache_report()
+            .unwrap()
+            .rebuilt
+            .is_none(),
+        "verify rebuilt the cache already"
+    );
+}
