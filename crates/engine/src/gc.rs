@@ -98,10 +98,21 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         )));
     }
     let mut found_bad = Vec::new();
-    let packs: HashMap<PackId, ObjectMeta> = storage
+    // Per pack its size and age only (not its key): a few tens of bytes each.
+    let packs: HashMap<PackId, PackMeta> = storage
         .list("packs/")?
         .into_iter()
-        .filter_map(|m| PackId::from_key(&m.key).map(|p| (p, m)))
+        .filter_map(|m| {
+            PackId::from_key(&m.key).map(|p| {
+                (
+                    p,
+                    PackMeta {
+                        size: m.size,
+                        ms: ms_of(&m),
+                    },
+                )
+            })
+        })
         .collect();
 
     let mut live = Sorter::new(spill_dir, run_bytes, true);
@@ -128,7 +139,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
                 (
                     quarantined.is_empty() || !quarantined.contains(&(l.entry.id, l.pack)),
                     !condemned_at_mark.contains(&l.pack),
-                    ms_of(&packs[&l.pack]),
+                    packs[&l.pack].ms,
                     l.pack,
                 )
             })
@@ -171,7 +182,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
 
     let mut to_repack = HashSet::new();
     for (pack, meta) in &packs {
-        if ms_of(meta) >= fence || condemned.contains_key(pack) {
+        if meta.ms >= fence || condemned.contains_key(pack) {
             continue;
         }
         let live = live_bytes.get(pack).copied().unwrap_or(0);
@@ -398,6 +409,13 @@ fn consolidate_quarantine(
         storage.delete(key)?;
     }
     Ok(())
+}
+
+/// What GC needs of a listed pack.
+struct PackMeta {
+    size: u64,
+    /// Modification time, ms since the epoch.
+    ms: u64,
 }
 
 fn ms_of(meta: &ObjectMeta) -> u64 {
