@@ -14,7 +14,7 @@
 //!    and after re-reading manifests that appeared meanwhile (a writer that
 //!    finished may reference it). Otherwise a later GC deletes it.
 //! 5. The index objects read are consolidated into as few as possible
-//!    (4096 packs each) without the deleted packs (written before the old
+//!    (4096 packs or 512 Ki entries each) without the deleted packs (written before the old
 //!    ones are removed).
 //!
 //! A damaged manifest, chunk list or index object stops GC: it cannot know
@@ -29,7 +29,7 @@
 //! and each live chunk its canonical copy. What stays in memory is per
 //! pack (sizes, live bytes, condemnations), one pack's chunks while
 //! repacking, and one consolidated index object (at most
-//! [`CONSOLIDATED_PACKS`] packs) at a time. A block of the cache that
+//! [`CONSOLIDATED_PACKS`] packs or [`CONSOLIDATED_ENTRIES`] entries) at a time. A block of the cache that
 //! cannot be read stops GC (never a record taken for absent).
 //!
 //! Quarantine (see [`crate::quarantine`]): a quarantined copy is no live
@@ -55,6 +55,10 @@ use std::time::UNIX_EPOCH;
 
 /// Packs per index object GC's consolidation writes.
 const CONSOLIDATED_PACKS: usize = 4096;
+/// Index entries past which GC starts another index object (at a pack's
+/// end): 512 Ki entries are 24 MiB held (and about as much encoded),
+/// whatever the packs hold.
+const CONSOLIDATED_ENTRIES: usize = 1 << 19;
 
 /// See where `tc` is taken.
 const CONDEMN_MARGIN_MS: u64 = 10_000;
@@ -308,11 +312,12 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
                 consolidated.push(ByPackId(loc))?;
             }
         }
-        // In objects of at most CONSOLIDATED_PACKS packs (~1 M entries,
-        // 48 MiB): a reader (a node's index cache catching up) never has
-        // to hold a whole large store's index as one object, nor GC to
-        // hold more than one such object.
+        // In objects of at most CONSOLIDATED_PACKS packs or
+        // CONSOLIDATED_ENTRIES entries (and one pack more): a reader (a
+        // node's index cache catching up) never has to hold a whole large
+        // store's index as one object, nor GC more than one such object.
         let mut file = IndexFile::default();
+        let mut in_file = 0usize;
         let mut last: Option<(PackId, ChunkId)> = None;
         let consolidated = consolidated.finish()?;
         report.sort_runs += consolidated.runs_written() as u64;
@@ -325,13 +330,15 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
             match file.packs.last_mut() {
                 Some((p, entries)) if *p == loc.pack => entries.push(loc.entry),
                 _ => {
-                    if file.packs.len() == CONSOLIDATED_PACKS {
+                    if index_full(&file, in_file) {
                         write_index(storage, &file)?;
                         file.packs.clear();
+                        in_file = 0;
                     }
                     file.packs.push((loc.pack, vec![loc.entry]));
                 }
             }
+            in_file += 1;
         }
         if !file.packs.is_empty() {
             write_index(storage, &file)?;
@@ -409,6 +416,11 @@ fn consolidate_quarantine(
         storage.delete(key)?;
     }
     Ok(())
+}
+
+/// Whether an index object being written holds enough to be stored.
+fn index_full(file: &IndexFile, entries: usize) -> bool {
+    file.packs.len() >= CONSOLIDATED_PACKS || entries >= CONSOLIDATED_ENTRIES
 }
 
 /// What GC needs of a listed pack.
@@ -547,7 +559,8 @@ struct Repacked {
 
 /// Copies the canonical live chunks of the packs in `packs` into new
 /// packs (payloads verified, stored as they were) and indexes them, an
-/// index object per [`CONSOLIDATED_PACKS`] new packs. `canonical` holds
+/// index object per [`CONSOLIDATED_PACKS`] new packs or
+/// [`CONSOLIDATED_ENTRIES`] entries. `canonical` holds
 /// every canonical copy ordered by pack and offset, so one pack's copies
 /// are in memory at a time; the new copies go to `consolidated`.
 fn repack(
@@ -583,7 +596,8 @@ fn repack(
             }))?;
         }
         file.packs.push((id, entries));
-        if file.packs.len() >= CONSOLIDATED_PACKS {
+        let in_file = file.packs.iter().map(|(_, e)| e.len()).sum();
+        if index_full(file, in_file) {
             // New packs are durable; index them before their old copies go.
             out.index_keys.push(write_index(storage, file)?);
             file.packs.clear();
