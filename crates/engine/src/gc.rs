@@ -163,7 +163,7 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
                 *unlive_entries.entry(l.pack).or_default() += 1;
             }
         }
-        if let Some(loc) = choose(copies).filter(|_| is_live) {
+        if let Some(loc) = is_live.then(|| choose(copies)).flatten() {
             *live_bytes.entry(loc.pack).or_default() += loc.entry.stored_len as u64;
         }
         Ok(())
