@@ -552,8 +552,16 @@ pub(crate) struct BoundedIndex {
     cache: IndexCache,
     /// Where sorted runs of GC and verify go.
     spill_dir: PathBuf,
-    _private: Option<tempfile::TempDir>,
+    /// A private cache's directory and its `owner.lock`, locked while this
+    /// lives (declared after the directory: unlocked once it is gone).
+    _private: Option<(tempfile::TempDir, File)>,
 }
+
+/// Private caches start with this, in the system's temporary directory.
+const PRIVATE_PREFIX: &str = "vpsbackup-index-";
+/// A private cache whose owner lock nobody holds is removed once its lock
+/// file is this old (younger ones may be between creation and locking).
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl BoundedIndex {
     pub(crate) fn new(configured: Option<&Path>, store_id: &str) -> Result<Self, EngineError> {
@@ -566,20 +574,29 @@ impl BoundedIndex {
                     _private: None,
                 })
             }
-            None => {
-                let tmp = tempfile::Builder::new()
-                    .prefix("vpsbackup-index-")
-                    .tempdir()
-                    .map_err(|e| cache_error(&std::env::temp_dir(), e))?;
-                Ok(BoundedIndex {
-                    cache: IndexCache::new(tmp.path(), store_id),
-                    spill_dir: tmp.path().to_owned(),
-                    _private: Some(tmp),
-                })
-            }
+            None => Self::private(&std::env::temp_dir(), store_id),
         }
     }
 
+    /// A cache of its own in a new directory under `base`, which goes when
+    /// this is dropped; one a killed process left behind is removed by the
+    /// next one made (its owner lock is free).
+    fn private(base: &Path, store_id: &str) -> Result<Self, EngineError> {
+        remove_abandoned(base);
+        let tmp = tempfile::Builder::new()
+            .prefix(PRIVATE_PREFIX)
+            .tempdir_in(base)
+            .map_err(|e| cache_error(base, e))?;
+        let owner =
+            File::create(tmp.path().join("owner.lock")).map_err(|e| cache_error(tmp.path(), e))?;
+        rustix::fs::flock(&owner, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| cache_error(tmp.path(), e.into()))?;
+        Ok(BoundedIndex {
+            cache: IndexCache::new(tmp.path(), store_id),
+            spill_dir: tmp.path().to_owned(),
+            _private: Some((tmp, owner)),
+        })
+    }
     /// The cache brought up to date, as an index (see
     /// [`crate::index::ChunkIndex::load_cached`]).
     pub(crate) fn load(
@@ -907,6 +924,35 @@ impl IndexCache {
     }
 }
 
+/// Removes private caches under `base` whose owner died (a GC or verify
+/// killed before it could remove its own): its lock is free and old.
+/// Best effort; another user's directories are not ours to open.
+fn remove_abandoned(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(PRIVATE_PREFIX) {
+            continue;
+        }
+        let lock = e.path().join("owner.lock");
+        let Ok(f) = File::open(&lock) else {
+            continue;
+        };
+        let old = f
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= ABANDONED_AFTER);
+        if old
+            && rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl PartialOrd for Rec {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -921,5 +967,46 @@ impl Ord for Rec {
             other.pack,
             other.offset,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftover(base: &Path, name: &str, age_s: u64) -> (PathBuf, File) {
+        let dir = base.join(format!("{PRIVATE_PREFIX}{name}"));
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        std::fs::write(dir.join("store").join("run-x"), b"records").unwrap();
+        let f = File::create(dir.join("owner.lock")).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age_s))
+            .unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn a_private_cache_whose_owner_died_is_removed_by_the_next() {
+        let base = tempfile::tempdir().unwrap();
+        let (dead, f) = leftover(base.path(), "dead", 120);
+        drop(f);
+        let (fresh, f) = leftover(base.path(), "fresh", 0);
+        drop(f);
+        let (alive, held) = leftover(base.path(), "alive", 120);
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let other = base.path().join("not-ours");
+        std::fs::create_dir(&other).unwrap();
+
+        let b = BoundedIndex::private(base.path(), "store").unwrap();
+        let own = b.spill_dir().to_owned();
+        assert!(!dead.exists(), "its owner's lock was free and old");
+        assert!(fresh.exists(), "a new one may not be locked yet");
+        assert!(alive.exists(), "its owner holds the lock");
+        assert!(other.exists());
+        // Another process making its own cache leaves this one alone.
+        let b2 = BoundedIndex::private(base.path(), "store").unwrap();
+        assert!(own.exists());
+        drop((b, b2));
+        assert!(!own.exists(), "removed when dropped");
+        drop(held);
     }
 }
