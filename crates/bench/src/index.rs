@@ -7,7 +7,16 @@
 //! 2. the warm start (index ready from the cache) and lookups per second,
 //!    of chunks present and absent;
 //! 3. a full backup of base.qcow2 into the store through the warm cache
-//!    (wall time, peak RSS).
+//!    (wall time, peak RSS);
+//! 4. a verify of that backup through the warm cache (its chunks are real);
+//! 5. a GC of the whole store. For GC to have real work, the synthetic
+//!    packs exist as sparse files of their indexed size (listed, never
+//!    read), and a synthetic backup references three chunks of every four
+//!    through real chunk lists stored in real packs: GC reads those lists,
+//!    sorts the live ids, walks the whole index beside them and
+//!    consolidates every index object;
+//! 6. for contrast, the whole index loaded into memory, as GC and verify
+//!    did before they went through the cache (`--whole`).
 //!
 //! Prints the figures and the cache's size on disk per million chunks.
 
@@ -18,7 +27,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use vpsbackup_engine::format::{ChunkId, IndexFile, PackEntry, PackId};
+use vpsbackup_engine::format::{
+    encode_chunk_list, now_ms, ChunkId, IndexFile, Manifest, ManifestDisk, ManifestHeader,
+    PackBuilder, PackEntry, PackId,
+};
 use vpsbackup_engine::{EngineOptions, LocalStorage, Repository};
 
 use crate::measure::{dir_usage, run_measured};
@@ -32,7 +44,14 @@ pub struct Args {
     pub work: Option<PathBuf>,
     pub chunks: u64,
     pub keep: bool,
+    /// Also load the whole index into memory (GC's and verify's way before).
+    pub whole: bool,
 }
+
+/// One chunk in this many is referenced by no backup (GC's garbage).
+const UNREFERENCED_EVERY: u64 = 4;
+/// Chunk ids per chunk list, as backups write them.
+const LIST_FANOUT: usize = vpsbackup_engine::DEFAULT_LIST_FANOUT as usize;
 
 /// splitmix64: deterministic ids, so the lookup step can ask for chunks
 /// the store holds without storing the list.
@@ -94,6 +113,10 @@ fn generate(store: &Path, cache: &Path, chunks: u64) -> anyhow::Result<u64> {
                     e
                 })
                 .collect();
+            // Listed by GC like a real pack (sparse: no data is ever read).
+            let path = store.join(PackId(pack).key());
+            std::fs::create_dir_all(path.parent().context("pack dir")?)?;
+            std::fs::File::create(&path)?.set_len(u64::from(offset))?;
             file.packs.push((PackId(pack), entries));
             k += in_pack;
         }
@@ -103,7 +126,105 @@ fn generate(store: &Path, cache: &Path, chunks: u64) -> anyhow::Result<u64> {
         )?;
         n += 1;
     }
+    synthetic_backup(&*storage, chunks)?;
     Ok(n)
+}
+
+/// The backup `synthetic`: every chunk but one in [`UNREFERENCED_EVERY`],
+/// through chunk lists stored (raw, as backups store them) in real packs
+/// of 16 MiB, indexed by one object.
+fn synthetic_backup(storage: &dyn vpsbackup_engine::Storage, chunks: u64) -> anyhow::Result<()> {
+    let mut lists = Vec::new();
+    let mut index = IndexFile::default();
+    let mut builder = PackBuilder::new(17 << 20);
+    let mut ids = Vec::with_capacity(LIST_FANOUT);
+    let mut referenced = 0u64;
+    let flush = |builder: &mut PackBuilder, index: &mut IndexFile| -> anyhow::Result<()> {
+        let b = std::mem::replace(builder, PackBuilder::new(17 << 20));
+        let id = PackId::random();
+        let (bytes, entries) = b.finish();
+        storage.put_if_absent(&id.key(), &bytes)?;
+        index.packs.push((id, entries));
+        Ok(())
+    };
+    for k in 0..chunks {
+        if k % UNREFERENCED_EVERY != 0 {
+            ids.push(synthetic_id(SEED, k));
+            referenced += 1;
+        }
+        if ids.len() == LIST_FANOUT || (k + 1 == chunks && !ids.is_empty()) {
+            let raw = encode_chunk_list(&ids);
+            let id = ChunkId::of(&raw);
+            builder.add(id, &raw, raw.len() as u32, 0);
+            lists.push(id);
+            ids.clear();
+            if builder.len() >= 16 << 20 {
+                flush(&mut builder, &mut index)?;
+            }
+        }
+    }
+    if !builder.is_empty() {
+        flush(&mut builder, &mut index)?;
+    }
+    storage.put_if_absent(
+        &format!("index/{:013}-synthetic-lists", 2_000_000),
+        &index.encode(),
+    )?;
+    let size = referenced * u64::from(vpsbackup_engine::DEFAULT_CHUNK_SIZE);
+    let m = Manifest {
+        header: ManifestHeader {
+            backup_id: "synthetic".into(),
+            server_id: "synthetic".into(),
+            server_name: "synthetic".into(),
+            created_at_ms: now_ms(),
+            chunk_size: vpsbackup_engine::DEFAULT_CHUNK_SIZE,
+            list_fanout: LIST_FANOUT as u32,
+            disks: vec![ManifestDisk {
+                source_path: "synthetic".into(),
+                format: "raw".into(),
+                size,
+                data_bytes: size,
+            }],
+            labels: Default::default(),
+        },
+        lists: vec![lists],
+    };
+    storage.put_if_absent("backups/synthetic", &m.encode())?;
+    Ok(())
+}
+
+/// Child side of steps 4 to 6: `verify` (backup b1), `gc`, `whole`.
+pub fn maintain(op: &str, store: &Path, cache: &Path) -> anyhow::Result<()> {
+    let repo = open(store, cache)?;
+    let t = Instant::now();
+    let out = match op {
+        "verify" => {
+            let r = repo.verify(Some("b1"), &vpsbackup_engine::JobControl::new())?;
+            if !r.is_ok() {
+                bail!("backup b1 did not verify: {:?}", r.backups);
+            }
+            json!({"chunks_checked": r.chunks_checked})
+        }
+        "gc" => {
+            let r = repo.gc()?;
+            json!({
+                "packs_deleted": r.packs_deleted,
+                "packs_rewritten": r.packs_rewritten,
+                "chunks_removed": r.chunks_removed,
+                "sort_runs": r.sort_runs,
+            })
+        }
+        "whole" => {
+            let index =
+                vpsbackup_engine::index::ChunkIndex::load(&**repo.storage(), &Default::default())?;
+            json!({"entries": index.len()})
+        }
+        _ => bail!("unknown step {op}"),
+    };
+    let mut out = out;
+    out["wall_s"] = json!(t.elapsed().as_secs_f64());
+    println!("{out}");
+    Ok(())
 }
 
 /// Child side: `sync` (cold or warm start) and lookups.
@@ -190,6 +311,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .arg("--index-cache")
         .arg(&cache);
     let b = run_measured(&mut backup, &log("backup"))?;
+    let maint = |op: &str| -> anyhow::Result<(crate::measure::Measured, serde_json::Value)> {
+        eprintln!("{op}");
+        let mut c = Command::new(&exe);
+        c.args(["index-maintain", op]).arg(&store).arg(&cache);
+        let m = run_measured(&mut c, &log(op))?;
+        let v = serde_json::from_str(m.stdout.trim())?;
+        Ok((m, v))
+    };
+    let verify = maint("verify")?;
+    let whole = if args.whole {
+        Some(maint("whole")?)
+    } else {
+        None
+    };
+    let gc = maint("gc")?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let per_m = args.chunks as f64 / 1e6;
     println!("Index cache benchmark: {} chunk entries ({objects} index objects, {:.0} MiB of index objects)", args.chunks, mib(index_bytes));
@@ -219,6 +355,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         b.wall.as_secs_f64(),
         mib(b.max_rss),
         b.stdout.trim()
+    );
+    println!(
+        "| verify of b1 (warm cache) | {:.1} s | {:.0} MiB | {} |",
+        verify.0.wall.as_secs_f64(),
+        mib(verify.0.max_rss),
+        verify.1
+    );
+    if let Some((m, v)) = &whole {
+        println!(
+            "| the whole index loaded into memory (GC's and verify's way before) | {:.1} s | {:.0} MiB | {v} |",
+            m.wall.as_secs_f64(),
+            mib(m.max_rss)
+        );
+    }
+    println!(
+        "| GC: {} live chunk ids from the synthetic backup's lists, the whole index walked and consolidated | {:.1} s | {:.0} MiB | {} |",
+        args.chunks - args.chunks.div_ceil(UNREFERENCED_EVERY),
+        gc.0.wall.as_secs_f64(),
+        mib(gc.0.max_rss),
+        gc.1
     );
     println!(
         "cache on disk: {:.0} MiB, {:.1} MiB per million chunks",

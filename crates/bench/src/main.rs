@@ -82,6 +82,10 @@ enum StepCommand {
         /// fewer for a quick run).
         #[arg(long, default_value_t = 50_000_000)]
         chunks: u64,
+        /// Also measure the whole index loaded into memory (how GC and
+        /// verify held it before; ~52 bytes per chunk).
+        #[arg(long)]
+        whole: bool,
     },
     #[command(hide = true)]
     IndexStep {
@@ -89,6 +93,12 @@ enum StepCommand {
         cache: PathBuf,
         chunks: u64,
         lookups: u64,
+    },
+    #[command(hide = true)]
+    IndexMaintain {
+        op: String,
+        store: PathBuf,
+        cache: PathBuf,
     },
 }
 
@@ -134,7 +144,7 @@ fn main() -> anyhow::Result<()> {
                 runs: cli.runs,
             })
         }
-        Some(StepCommand::Index { chunks }) => {
+        Some(StepCommand::Index { chunks, whole }) => {
             return index::run(&index::Args {
                 images: cli
                     .images
@@ -143,6 +153,7 @@ fn main() -> anyhow::Result<()> {
                 work: cli.work.clone(),
                 chunks,
                 keep: cli.keep,
+                whole,
             })
         }
         Some(StepCommand::IndexStep {
@@ -151,6 +162,11 @@ fn main() -> anyhow::Result<()> {
             chunks,
             lookups,
         }) => return index::step(store, cache, chunks, lookups),
+        Some(StepCommand::IndexMaintain {
+            ref op,
+            ref store,
+            ref cache,
+        }) => return index::maintain(op, store, cache),
         None => {}
     }
     let images = cli

@@ -14,12 +14,23 @@
 //!    and after re-reading manifests that appeared meanwhile (a writer that
 //!    finished may reference it). Otherwise a later GC deletes it.
 //! 5. The index objects read are consolidated into as few as possible
-//!    (4096 packs each) without the deleted packs (written before the old
+//!    (4096 packs or 512 Ki entries each) without the deleted packs (written before the old
 //!    ones are removed).
 //!
 //! A damaged manifest, chunk list or index object stops GC: it cannot know
 //! what that backup references (or where an unindexed pack's chunks are
 //! needed), so it deletes nothing.
+//!
+//! Memory does not grow with the number of chunks (see [`crate::spill`]):
+//! the index is read through the node's on-disk cache (a private one in a
+//! temporary directory when none is configured), walked in chunk id
+//! order; the live chunk ids go through sorted runs on disk and are
+//! walked beside it (a merge join), which gives each pack its live bytes
+//! and each live chunk its canonical copy. What stays in memory is per
+//! pack (sizes, live bytes, condemnations), one pack's chunks while
+//! repacking, and one consolidated index object (at most
+//! [`CONSOLIDATED_PACKS`] packs or [`CONSOLIDATED_ENTRIES`] entries) at a time. A block of the cache that
+//! cannot be read stops GC (never a record taken for absent).
 //!
 //! Quarantine (see [`crate::quarantine`]): a quarantined copy is no live
 //! copy. A live chunk's canonical copy is a good one when one exists (its
@@ -35,6 +46,8 @@ use crate::format::{
     decode_chunk_list, now_ms, ChunkId, IndexFile, PackBuilder, PackEntry, PackId,
 };
 use crate::index::{ChunkIndex, Location};
+use crate::index_cache::BoundedIndex;
+use crate::spill::{ByPackId, ByPackOffset, Sorter};
 use crate::storage::ObjectMeta;
 use crate::{EngineError, GcReport, RepoInner};
 use std::collections::{HashMap, HashSet};
@@ -42,6 +55,10 @@ use std::time::UNIX_EPOCH;
 
 /// Packs per index object GC's consolidation writes.
 const CONSOLIDATED_PACKS: usize = 4096;
+/// Index entries past which GC starts another index object (at a pack's
+/// end): 512 Ki entries are 24 MiB held (and about as much encoded),
+/// whatever the packs hold.
+const CONSOLIDATED_ENTRIES: usize = 1 << 19;
 
 /// See where `tc` is taken.
 const CONDEMN_MARGIN_MS: u64 = 10_000;
@@ -74,7 +91,10 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         .unwrap_or(0);
 
     let (mut condemned, pending_keys) = load_pending(storage)?;
-    let index = ChunkIndex::load(storage, &condemned.keys().copied().collect())?;
+    let source = inner.bounded_index()?;
+    let spill_dir = source.spill_dir();
+    let run_bytes = opts.spill_run_bytes;
+    let index = source.load(storage, &condemned.keys().copied().collect())?;
     if let Some((key, why)) = index.damaged_sources.first() {
         // Its packs would look unindexed, hence dead.
         return Err(EngineError::InvalidRequest(format!(
@@ -82,81 +102,132 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         )));
     }
     let mut found_bad = Vec::new();
-    let packs: HashMap<PackId, ObjectMeta> = storage
+    // Per pack its size and age only (not its key): a few tens of bytes each.
+    let packs: HashMap<PackId, PackMeta> = storage
         .list("packs/")?
         .into_iter()
-        .filter_map(|m| PackId::from_key(&m.key).map(|p| (p, m)))
+        .filter_map(|m| {
+            PackId::from_key(&m.key).map(|p| {
+                (
+                    p,
+                    PackMeta {
+                        size: m.size,
+                        ms: ms_of(&m),
+                    },
+                )
+            })
+        })
         .collect();
 
-    let mut live = HashSet::new();
-    let marked = mark(inner, &index, None, &mut live, &mut found_bad);
+    let mut live = Sorter::new(spill_dir, run_bytes, true);
+    let marked = mark(inner, &source, &index, None, &mut live, &mut found_bad);
     // Quarantined even when a damaged backup stops this GC.
     record_found(storage, &index, std::mem::take(&mut found_bad))?;
     let manifests_seen = marked?;
 
-    // Canonical copy of each live chunk, and live bytes per pack. A good
-    // copy before a quarantined one; then, among copies in packs not
-    // condemned, the newest pack's: after a GC killed
+    // One walk of the index in id order beside the sorted live ids gives
+    // the canonical copy of each live chunk and the bytes per pack.
+    // Canonical: a good copy before a quarantined one; then, among copies
+    // in packs not condemned, the newest pack's: after a GC killed
     // between writing a repacked pack (and its index) and condemning the
     // old one, the copies are in both, and choosing the new one for every
     // chunk leaves the old pack whole dead, so this run finishes the work
     // (a mixed choice would keep both alive, or repack again).
-    let mut canonical: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    for id in &live {
-        if let Some(loc) = index
-            .locations(id)
-            .into_iter()
+    let quarantined = &index.quarantine.copies;
+    let condemned_at_mark: HashSet<PackId> = condemned.keys().copied().collect();
+    let choose = |copies: &[Location]| -> Option<Location> {
+        copies
+            .iter()
             .filter(|l| packs.contains_key(&l.pack))
             .max_by_key(|l| {
                 (
-                    !index.quarantined(l),
-                    !condemned.contains_key(&l.pack),
-                    ms_of(&packs[&l.pack]),
+                    quarantined.is_empty() || !quarantined.contains(&(l.entry.id, l.pack)),
+                    !condemned_at_mark.contains(&l.pack),
+                    packs[&l.pack].ms,
                     l.pack,
                 )
             })
-        {
-            canonical.entry(loc.pack).or_default().push(loc.entry);
-        }
-    }
+            .copied()
+    };
+    let live = live.finish_rewindable()?;
+    report.sort_runs += live.runs_written() as u64;
+    let mut live_bytes: HashMap<PackId, u64> = HashMap::new();
     let mut pack_bytes: HashMap<PackId, u64> = HashMap::new();
-    for loc in index.iter() {
-        *pack_bytes.entry(loc.pack).or_default() += loc.entry.stored_len as u64;
-    }
+    // Index entries per pack whose chunk is not live (the report's
+    // `chunks_removed` for the packs deleted).
+    let mut unlive_entries: HashMap<PackId, u64> = HashMap::new();
+    join(index.sorted(), live.iter(), |copies, is_live| {
+        for l in copies {
+            *pack_bytes.entry(l.pack).or_default() += l.entry.stored_len as u64;
+            if !is_live {
+                *unlive_entries.entry(l.pack).or_default() += 1;
+            }
+        }
+        if let Some(loc) = is_live.then(|| choose(copies)).flatten() {
+            *live_bytes.entry(loc.pack).or_default() += loc.entry.stored_len as u64;
+        }
+        Ok(())
+    })?;
 
     // Previously condemned packs that are live again (a writer that started
     // before the condemnation used them) are dropped from the list. Packs
     // that are gone but still named by an index object (a GC stopped between
     // deleting them and consolidating the index) stay condemned until this
     // run's consolidation drops their entries, so no writer dedups against them.
-    let indexed_missing: HashSet<PackId> = index
-        .packs()
-        .iter()
+    let indexed_missing: HashSet<PackId> = pack_bytes
+        .keys()
         .filter(|p| !packs.contains_key(p))
         .copied()
         .collect();
-    condemned.retain(|p, _| packs.contains_key(p) && !canonical.contains_key(p));
+    condemned.retain(|p, _| packs.contains_key(p) && !live_bytes.contains_key(p));
     for p in &indexed_missing {
         condemned.entry(*p).or_insert(0);
     }
 
-    let mut to_repack = Vec::new();
+    let mut to_repack = HashSet::new();
     for (pack, meta) in &packs {
-        if ms_of(meta) >= fence || condemned.contains_key(pack) {
+        if meta.ms >= fence || condemned.contains_key(pack) {
             continue;
         }
-        let live_bytes: u64 = canonical
-            .get(pack)
-            .map(|v| v.iter().map(|e| e.stored_len as u64).sum())
-            .unwrap_or(0);
-        if live_bytes == 0 {
+        let live = live_bytes.get(pack).copied().unwrap_or(0);
+        if live == 0 {
             condemned.insert(*pack, 0);
-        } else if (live_bytes as f64) < opts.repack_below * pack_bytes[pack] as f64 {
-            to_repack.push(*pack);
+        } else if (live as f64) < opts.repack_below * pack_bytes[pack] as f64 {
+            to_repack.insert(*pack);
         }
     }
 
-    let repacked = repack(inner, &to_repack, &canonical, &mut report, &mut found_bad);
+    // The index as consolidated at the end: the copies repack writes go
+    // in as they are written, the old index's at the end.
+    let mut consolidated = Sorter::new(spill_dir, run_bytes, true);
+    let repacked = if to_repack.is_empty() {
+        Ok(Repacked::default())
+    } else {
+        // A second walk takes the canonical copies in the packs to repack
+        // (the same choice: `condemned_at_mark`), ordered by pack.
+        let mut canonical = Sorter::new(spill_dir, run_bytes, false);
+        join(
+            index.sorted(),
+            live.iter(),
+            |copies, is_live| match choose(copies)
+                .filter(|l| is_live && to_repack.contains(&l.pack))
+            {
+                Some(loc) => canonical.push(ByPackOffset(loc)),
+                None => Ok(()),
+            },
+        )?;
+        let canonical = canonical.finish()?;
+        report.sort_runs += canonical.runs_written() as u64;
+        repack(
+            inner,
+            canonical,
+            &to_repack,
+            &mut consolidated,
+            &mut report,
+            &mut found_bad,
+        )
+    };
+    drop(live);
     record_found(storage, &index, found_bad)?;
     let repacked = repacked?;
     for p in &repacked.old {
@@ -189,25 +260,33 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         .collect();
 
     // Backups finished since the mark may reference condemned packs.
-    let mut late = HashSet::new();
+    let mut late = Sorter::new(spill_dir, run_bytes, true);
     mark(
         inner,
+        &source,
         &index,
         Some(&manifests_seen),
         &mut late,
         &mut Vec::new(),
     )?;
-    for id in &late {
-        let locs: Vec<Location> = index
-            .locations(id)
-            .into_iter()
-            .filter(|l| packs.contains_key(&l.pack) || repacked.new.contains(&l.pack))
-            .collect();
-        if !locs.is_empty() && locs.iter().all(|l| deletable.contains(&l.pack)) {
-            for l in locs {
-                deletable.remove(&l.pack);
+    if late.pushed() > 0 && !deletable.is_empty() {
+        let late = late.finish()?;
+        report.sort_runs += late.runs_written() as u64;
+        join(index.sorted(), late, |copies, is_late| {
+            if !is_late {
+                return Ok(());
             }
-        }
+            let locs: Vec<&Location> = copies
+                .iter()
+                .filter(|l| packs.contains_key(&l.pack) || repacked.new.contains(&l.pack))
+                .collect();
+            if !locs.is_empty() && locs.iter().all(|l| deletable.contains(&l.pack)) {
+                for l in locs {
+                    deletable.remove(&l.pack);
+                }
+            }
+            Ok(())
+        })?;
     }
 
     for pack in &deletable {
@@ -216,42 +295,53 @@ pub(crate) fn run(inner: &RepoInner) -> Result<GcReport, EngineError> {
         report.bytes_freed += packs[pack].size;
         condemned.remove(pack);
     }
-    report.chunks_removed = index
-        .iter()
-        .filter(|l| deletable.contains(&l.pack) && !live.contains(&l.entry.id))
-        .count() as u64;
+    report.chunks_removed = deletable.iter().filter_map(|p| unlive_entries.get(p)).sum();
     report.bytes_freed = report.bytes_freed.saturating_sub(repacked.bytes_written);
     report.packs_pending = condemned
         .keys()
         .filter(|p| !indexed_missing.contains(p))
         .count() as u64;
 
-    // Consolidate the index objects read into one, without deleted packs.
+    // Consolidate the index objects read into few, without deleted packs.
     let mut sources = index.sources.clone();
-    sources.extend(repacked.index_key.clone());
+    sources.extend(repacked.index_keys.iter().cloned());
     if !deletable.is_empty() || sources.len() > 1 || !indexed_missing.is_empty() {
-        let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-        let mut seen = HashSet::new();
-        for loc in index.iter().chain(repacked.entries.iter().copied()) {
-            let exists = packs.contains_key(&loc.pack) || repacked.new.contains(&loc.pack);
-            if exists && !deletable.contains(&loc.pack) && seen.insert((loc.pack, loc.entry.id)) {
-                by_pack.entry(loc.pack).or_default().push(loc.entry);
+        for loc in index.sorted() {
+            let loc = loc?;
+            if packs.contains_key(&loc.pack) && !deletable.contains(&loc.pack) {
+                consolidated.push(ByPackId(loc))?;
             }
         }
-        let mut file = IndexFile {
-            packs: by_pack.into_iter().collect(),
-        };
-        file.packs.sort_by_key(|(p, _)| *p);
-        // In objects of at most CONSOLIDATED_PACKS packs (~1 M entries,
-        // 48 MiB): a reader (a node's index cache catching up) never has
-        // to hold a whole large store's index as one object.
-        for part in file.packs.chunks(CONSOLIDATED_PACKS) {
-            write_index(
-                storage,
-                &IndexFile {
-                    packs: part.to_vec(),
-                },
-            )?;
+        // In objects of at most CONSOLIDATED_PACKS packs or
+        // CONSOLIDATED_ENTRIES entries (and one pack more): a reader (a
+        // node's index cache catching up) never has to hold a whole large
+        // store's index as one object, nor GC more than one such object.
+        let mut file = IndexFile::default();
+        let mut in_file = 0usize;
+        let mut last: Option<(PackId, ChunkId)> = None;
+        let consolidated = consolidated.finish()?;
+        report.sort_runs += consolidated.runs_written() as u64;
+        for loc in consolidated {
+            let loc = loc?.0;
+            if last == Some((loc.pack, loc.entry.id)) {
+                continue;
+            }
+            last = Some((loc.pack, loc.entry.id));
+            match file.packs.last_mut() {
+                Some((p, entries)) if *p == loc.pack => entries.push(loc.entry),
+                _ => {
+                    if index_full(&file, in_file) {
+                        write_index(storage, &file)?;
+                        file.packs.clear();
+                        in_file = 0;
+                    }
+                    file.packs.push((loc.pack, vec![loc.entry]));
+                }
+            }
+            in_file += 1;
+        }
+        if !file.packs.is_empty() {
+            write_index(storage, &file)?;
         }
         for k in &sources {
             storage.delete(k)?;
@@ -328,6 +418,18 @@ fn consolidate_quarantine(
     Ok(())
 }
 
+/// Whether an index object being written holds enough to be stored.
+fn index_full(file: &IndexFile, entries: usize) -> bool {
+    file.packs.len() >= CONSOLIDATED_PACKS || entries >= CONSOLIDATED_ENTRIES
+}
+
+/// What GC needs of a listed pack.
+struct PackMeta {
+    size: u64,
+    /// Modification time, ms since the epoch.
+    ms: u64,
+}
+
 fn ms_of(meta: &ObjectMeta) -> u64 {
     meta.modified
         .duration_since(UNIX_EPOCH)
@@ -335,13 +437,59 @@ fn ms_of(meta: &ObjectMeta) -> u64 {
         .unwrap_or(0)
 }
 
+/// Walks the index (in chunk id order) beside `ids` (sorted, distinct):
+/// `f` gets every copy of one chunk at a time, and whether `ids` holds it.
+/// Ids the index lacks are passed over.
+fn join<J: Iterator<Item = Result<ChunkId, EngineError>>>(
+    index: impl Iterator<Item = Result<Location, EngineError>>,
+    ids: J,
+    mut f: impl FnMut(&[Location], bool) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let mut ids = ids.peekable();
+    let mut copies: Vec<Location> = Vec::new();
+    for loc in index {
+        let loc = loc?;
+        if let Some(c) = copies.first() {
+            if c.entry.id != loc.entry.id {
+                let held = advance_to(&mut ids, &c.entry.id)?;
+                f(&copies, held)?;
+                copies.clear();
+            }
+        }
+        copies.push(loc);
+    }
+    if let Some(c) = copies.first() {
+        let held = advance_to(&mut ids, &c.entry.id)?;
+        f(&copies, held)?;
+    }
+    Ok(())
+}
+
+/// Skips the ids before `id`; whether `id` comes next.
+fn advance_to<J: Iterator<Item = Result<ChunkId, EngineError>>>(
+    ids: &mut std::iter::Peekable<J>,
+    id: &ChunkId,
+) -> Result<bool, EngineError> {
+    loop {
+        match ids.peek() {
+            Some(Ok(next)) if next < id => {
+                ids.next();
+            }
+            Some(Ok(next)) => return Ok(next == id),
+            Some(Err(_)) => return Err(ids.next().and_then(Result::err).expect("peeked an error")),
+            None => return Ok(false),
+        }
+    }
+}
+
 /// Adds every chunk referenced by the manifests (those not in `skip`) to
 /// `live`; returns the manifest keys read.
 fn mark(
     inner: &RepoInner,
+    source: &BoundedIndex,
     index: &ChunkIndex,
     skip: Option<&HashSet<String>>,
-    live: &mut HashSet<ChunkId>,
+    live: &mut Sorter<ChunkId>,
     bad: &mut Vec<(Location, ChunkFault)>,
 ) -> Result<HashSet<String>, EngineError> {
     let mut seen = HashSet::new();
@@ -360,14 +508,16 @@ fn mark(
             if list_id.is_zero() {
                 continue;
             }
-            live.insert(*list_id);
+            live.push(*list_id)?;
             let mut found =
                 chunks::fetch_noting(&inner.crypt, &*inner.storage, index, list_id, bad)?;
             if found == Err(ChunkFault::Missing) {
                 // A backup that finished after the index was loaded: its index
-                // object was written before its manifest, so a fresh load has it.
+                // object was written before its manifest, so a fresh load has
+                // it. (A damaged block of the node's cache, read as absent,
+                // makes that load rebuild the cache.)
                 if fresh.is_none() {
-                    fresh = Some(ChunkIndex::load(&*inner.storage, &HashSet::new())?);
+                    fresh = Some(source.load(&*inner.storage, &HashSet::new())?);
                 }
                 let fresh = fresh.as_ref().expect("loaded above");
                 found = chunks::fetch_noting(&inner.crypt, &*inner.storage, fresh, list_id, bad)?;
@@ -382,7 +532,11 @@ fn mark(
                     EngineError::bad_object(list_id.to_hex(), "bad chunk list"),
                 )
             })?;
-            live.extend(ids.into_iter().filter(|c| !c.is_zero()));
+            for c in ids {
+                if !c.is_zero() {
+                    live.push(c)?;
+                }
+            }
         }
         seen.insert(meta.key);
     }
@@ -395,36 +549,36 @@ fn gc_stopped(backup: &str, e: EngineError) -> EngineError {
     ))
 }
 
+#[derive(Default)]
 struct Repacked {
     old: Vec<PackId>,
     new: HashSet<PackId>,
-    entries: Vec<Location>,
-    index_key: Option<String>,
+    index_keys: Vec<String>,
     bytes_written: u64,
 }
 
-/// Copies the canonical live chunks of `packs` into new packs (payloads
-/// verified, stored as they were) and indexes them.
+/// Copies the canonical live chunks of the packs in `packs` into new
+/// packs (payloads verified, stored as they were) and indexes them, an
+/// index object per [`CONSOLIDATED_PACKS`] new packs or
+/// [`CONSOLIDATED_ENTRIES`] entries. `canonical` holds
+/// every canonical copy ordered by pack and offset, so one pack's copies
+/// are in memory at a time; the new copies go to `consolidated`.
 fn repack(
     inner: &RepoInner,
-    packs: &[PackId],
-    canonical: &HashMap<PackId, Vec<PackEntry>>,
+    canonical: impl Iterator<Item = Result<ByPackOffset, EngineError>>,
+    packs: &HashSet<PackId>,
+    consolidated: &mut Sorter<ByPackId>,
     report: &mut GcReport,
     bad: &mut Vec<(Location, ChunkFault)>,
 ) -> Result<Repacked, EngineError> {
     let storage = &*inner.storage;
-    let mut out = Repacked {
-        old: Vec::new(),
-        new: HashSet::new(),
-        entries: Vec::new(),
-        index_key: None,
-        bytes_written: 0,
-    };
+    let mut out = Repacked::default();
     let mut file = IndexFile::default();
     let mut builder = PackBuilder::new(inner.options.pack_target + (4 << 20));
     let flush = |builder: &mut PackBuilder,
                  out: &mut Repacked,
-                 file: &mut IndexFile|
+                 file: &mut IndexFile,
+                 consolidated: &mut Sorter<ByPackId>|
      -> Result<(), EngineError> {
         let b = std::mem::replace(
             builder,
@@ -435,20 +589,43 @@ fn repack(
         storage.put_if_absent(&id.key(), &bytes)?;
         out.bytes_written += bytes.len() as u64;
         out.new.insert(id);
-        out.entries.extend(entries.iter().map(|e| Location {
-            pack: id,
-            entry: *e,
-        }));
+        for e in &entries {
+            consolidated.push(ByPackId(Location {
+                pack: id,
+                entry: *e,
+            }))?;
+        }
         file.packs.push((id, entries));
+        let in_file = file.packs.iter().map(|(_, e)| e.len()).sum();
+        if index_full(file, in_file) {
+            // New packs are durable; index them before their old copies go.
+            out.index_keys.push(write_index(storage, file)?);
+            file.packs.clear();
+        }
         Ok(())
     };
-    'packs: for pack in packs {
+    let mut canonical = canonical
+        .filter(|r| match r {
+            Ok(c) => packs.contains(&c.0.pack),
+            Err(_) => true,
+        })
+        .peekable();
+    let mut entries: Vec<PackEntry> = Vec::new();
+    'packs: while let Some(first) = canonical.next() {
+        let first = first?.0;
+        let pack = first.pack;
+        entries.clear();
+        entries.push(first.entry);
+        // An error is returned by the next turn's `first?`.
+        while let Some(Ok(next)) = canonical.peek() {
+            if next.0.pack != pack {
+                break;
+            }
+            entries.push(canonical.next().expect("peeked")?.0.entry);
+        }
         let mut moved = Vec::new();
-        for e in &canonical[pack] {
-            let loc = Location {
-                pack: *pack,
-                entry: *e,
-            };
+        for e in &entries {
+            let loc = Location { pack, entry: *e };
             let payload = match chunks::fetch_payload(&inner.crypt, storage, &loc)? {
                 Ok(p) => p,
                 Err(f) => {
@@ -466,18 +643,18 @@ fn repack(
         for (e, payload) in moved {
             builder.add(e.id, &payload, e.raw_len, e.flags);
             if builder.len() >= inner.options.pack_target {
-                flush(&mut builder, &mut out, &mut file)?;
+                flush(&mut builder, &mut out, &mut file, consolidated)?;
             }
         }
-        out.old.push(*pack);
+        out.old.push(pack);
         report.packs_rewritten += 1;
     }
     if !builder.is_empty() {
-        flush(&mut builder, &mut out, &mut file)?;
+        flush(&mut builder, &mut out, &mut file, consolidated)?;
     }
     if !file.packs.is_empty() {
         // New packs are durable; index them before their old copies go.
-        out.index_key = Some(write_index(storage, &file)?);
+        out.index_keys.push(write_index(storage, &file)?);
     }
     Ok(out)
 }

@@ -3,12 +3,14 @@
 //! quarantine (copies found corrupt or missing, see [`crate::quarantine`]).
 //!
 //! Two forms with the same lookups:
-//! - loaded whole ([`ChunkIndex::load`], GC and verify): a sorted vector of
+//! - loaded whole ([`ChunkIndex::load`], backups and restores with no
+//!   cache directory configured): a sorted vector of
 //!   52-byte records (id 32, then pack number, offset, stored length, raw
 //!   length and flags, 4 bytes each), so about 52 bytes per unique stored
 //!   chunk: ~0.8 GiB per TiB of unique data at 64 KiB chunks;
 //! - over the node's on-disk cache ([`ChunkIndex::load_cached`], backups
-//!   and restores when a cache directory is configured, see
+//!   and restores when a cache directory is configured, GC and verify
+//!   always, in a private temporary cache when none is, see
 //!   [`crate::index_cache`]): memory holds the pack table (16 bytes per
 //!   pack) and the runs' fences (~0.13 bytes per chunk); a lookup is one
 //!   positioned read of a 3.6 KiB block per run.
@@ -289,8 +291,11 @@ impl ChunkIndex {
 
     /// Whether this copy is quarantined.
     pub fn quarantined(&self, loc: &Location) -> bool {
-        self.pack_num(&loc.pack)
-            .is_some_and(|n| self.quarantined.contains(&(n, loc.entry.id)))
+        // Usually nothing is: skip the scan of the pack table.
+        !self.quarantined.is_empty()
+            && self
+                .pack_num(&loc.pack)
+                .is_some_and(|n| self.quarantined.contains(&(n, loc.entry.id)))
     }
 
     /// Quarantines a copy in this index only (the caller records it in the
@@ -321,6 +326,28 @@ impl ChunkIndex {
 
     pub fn packs(&self) -> &[PackId] {
         &self.packs
+    }
+
+    /// Every (pack, entry) pair in chunk id order, read as it goes (a
+    /// cached index merges its runs). A block of the cache that cannot be
+    /// read is an error, never a record left out.
+    pub(crate) fn sorted(&self) -> Box<dyn Iterator<Item = Result<Location, EngineError>> + '_> {
+        match &self.slots {
+            Slots::Memory(slots) => Box::new(slots.iter().map(|s| Ok(self.location(s)))),
+            Slots::Cached(snap) => Box::new(
+                snap.sorted_records()
+                    .map(|r| r.map(|r| self.location(&Slot::from(&r)))),
+            ),
+        }
+    }
+
+    /// Whether a lookup in the node's cache met a damaged block (and
+    /// answered "absent"): a fresh load rebuilds the cache.
+    pub(crate) fn cache_broken(&self) -> bool {
+        match &self.slots {
+            Slots::Memory(_) => false,
+            Slots::Cached(snap) => snap.broken(),
+        }
     }
 
     /// Every (pack, entry) pair.

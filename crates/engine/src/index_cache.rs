@@ -459,6 +459,157 @@ impl Snapshot {
             .filter(move |r| !self.dead.contains(&r.source))
         })
     }
+
+    /// Every live record in id order (the runs merged, one block buffer
+    /// each). Unlike [`Self::records`], a damaged block is an error: GC
+    /// must never take a record it could not read for an absent one.
+    pub(crate) fn sorted_records(&self) -> SortedRecords<'_> {
+        SortedRecords {
+            snap: self,
+            readers: Vec::new(),
+            heap: BinaryHeap::new(),
+            started: false,
+            failed: false,
+        }
+    }
+
+    /// Whether a lookup met a damaged block (and read it as absent).
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+/// See [`Snapshot::sorted_records`].
+pub(crate) struct SortedRecords<'a> {
+    snap: &'a Snapshot,
+    readers: Vec<RunReader>,
+    heap: BinaryHeap<std::cmp::Reverse<(Rec, usize)>>,
+    started: bool,
+    failed: bool,
+}
+
+impl SortedRecords<'_> {
+    fn damaged(&mut self, why: String) -> EngineError {
+        self.failed = true;
+        self.snap.mark_broken();
+        EngineError::Internal(format!(
+            "the chunk index cache in {} is damaged ({why}); it is rebuilt on the next run",
+            self.snap.dir.display()
+        ))
+    }
+
+    fn step(&mut self) -> Result<Option<Rec>, Damage> {
+        if !self.started {
+            self.started = true;
+            for run in &self.snap.runs {
+                self.readers.push(RunReader {
+                    file: run.file.try_clone()?,
+                    pos: 0,
+                    left: run.count,
+                    block: Vec::new(),
+                    at: 0,
+                });
+            }
+            for i in 0..self.readers.len() {
+                if let Some(r) = self.readers[i].next()? {
+                    self.heap.push(std::cmp::Reverse((r, i)));
+                }
+            }
+        }
+        loop {
+            let Some(std::cmp::Reverse((r, i))) = self.heap.pop() else {
+                return Ok(None);
+            };
+            if let Some(next) = self.readers[i].next()? {
+                self.heap.push(std::cmp::Reverse((next, i)));
+            }
+            if !self.snap.dead.contains(&r.source) {
+                return Ok(Some(r));
+            }
+        }
+    }
+}
+
+impl Iterator for SortedRecords<'_> {
+    type Item = Result<Rec, EngineError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.step() {
+            Ok(r) => r.map(Ok),
+            Err(Damage::Stale(why)) => Some(Err(self.damaged(why))),
+            Err(Damage::Io(e)) => Some(Err(self.damaged(e.to_string()))),
+        }
+    }
+}
+
+/// The index for GC and verify (see [`crate::RepoInner::bounded_index`]):
+/// the node's cache, or a private one in a temporary directory that
+/// lives as long as this.
+#[derive(Debug)]
+pub(crate) struct BoundedIndex {
+    cache: IndexCache,
+    /// Where sorted runs of GC and verify go.
+    spill_dir: PathBuf,
+    /// A private cache's directory and its `owner.lock`, locked while this
+    /// lives (declared after the directory: unlocked once it is gone).
+    _private: Option<(tempfile::TempDir, File)>,
+}
+
+/// Private caches start with this, in the system's temporary directory.
+const PRIVATE_PREFIX: &str = "vpsbackup-index-";
+/// A private cache whose owner lock nobody holds is removed once its lock
+/// file is this old (younger ones may be between creation and locking).
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl BoundedIndex {
+    pub(crate) fn new(configured: Option<&Path>, store_id: &str) -> Result<Self, EngineError> {
+        match configured {
+            Some(base) => {
+                std::fs::create_dir_all(base).map_err(|e| cache_error(base, e))?;
+                Ok(BoundedIndex {
+                    cache: IndexCache::new(base, store_id),
+                    spill_dir: base.to_owned(),
+                    _private: None,
+                })
+            }
+            None => Self::private(&std::env::temp_dir(), store_id),
+        }
+    }
+
+    /// A cache of its own in a new directory under `base`, which goes when
+    /// this is dropped; one a killed process left behind is removed by the
+    /// next one made (its owner lock is free).
+    fn private(base: &Path, store_id: &str) -> Result<Self, EngineError> {
+        remove_abandoned(base);
+        let tmp = tempfile::Builder::new()
+            .prefix(PRIVATE_PREFIX)
+            .tempdir_in(base)
+            .map_err(|e| cache_error(base, e))?;
+        let owner =
+            File::create(tmp.path().join("owner.lock")).map_err(|e| cache_error(tmp.path(), e))?;
+        rustix::fs::flock(&owner, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| cache_error(tmp.path(), e.into()))?;
+        Ok(BoundedIndex {
+            cache: IndexCache::new(tmp.path(), store_id),
+            spill_dir: tmp.path().to_owned(),
+            _private: Some((tmp, owner)),
+        })
+    }
+    /// The cache brought up to date, as an index (see
+    /// [`crate::index::ChunkIndex::load_cached`]).
+    pub(crate) fn load(
+        &self,
+        storage: &dyn Storage,
+        condemned: &HashSet<PackId>,
+    ) -> Result<crate::index::ChunkIndex, EngineError> {
+        crate::index::ChunkIndex::load_cached(storage, condemned, &self.cache)
+    }
+
+    pub(crate) fn spill_dir(&self) -> &Path {
+        &self.spill_dir
+    }
 }
 
 impl IndexCache {
@@ -773,6 +924,35 @@ impl IndexCache {
     }
 }
 
+/// Removes private caches under `base` whose owner died (a GC or verify
+/// killed before it could remove its own): its lock is free and old.
+/// Best effort; another user's directories are not ours to open.
+fn remove_abandoned(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(PRIVATE_PREFIX) {
+            continue;
+        }
+        let lock = e.path().join("owner.lock");
+        let Ok(f) = File::open(&lock) else {
+            continue;
+        };
+        let old = f
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= ABANDONED_AFTER);
+        if old
+            && rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl PartialOrd for Rec {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -787,5 +967,46 @@ impl Ord for Rec {
             other.pack,
             other.offset,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftover(base: &Path, name: &str, age_s: u64) -> (PathBuf, File) {
+        let dir = base.join(format!("{PRIVATE_PREFIX}{name}"));
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        std::fs::write(dir.join("store").join("run-x"), b"records").unwrap();
+        let f = File::create(dir.join("owner.lock")).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age_s))
+            .unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn a_private_cache_whose_owner_died_is_removed_by_the_next() {
+        let base = tempfile::tempdir().unwrap();
+        let (dead, f) = leftover(base.path(), "dead", 120);
+        drop(f);
+        let (fresh, f) = leftover(base.path(), "fresh", 0);
+        drop(f);
+        let (alive, held) = leftover(base.path(), "alive", 120);
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let other = base.path().join("not-ours");
+        std::fs::create_dir(&other).unwrap();
+
+        let b = BoundedIndex::private(base.path(), "store").unwrap();
+        let own = b.spill_dir().to_owned();
+        assert!(!dead.exists(), "its owner's lock was free and old");
+        assert!(fresh.exists(), "a new one may not be locked yet");
+        assert!(alive.exists(), "its owner holds the lock");
+        assert!(other.exists());
+        // Another process making its own cache leaves this one alone.
+        let b2 = BoundedIndex::private(base.path(), "store").unwrap();
+        assert!(own.exists());
+        drop((b, b2));
+        assert!(!own.exists(), "removed when dropped");
+        drop(held);
     }
 }

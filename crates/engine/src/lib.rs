@@ -37,6 +37,7 @@ mod keys;
 mod quarantine;
 mod rebuild;
 mod restore;
+mod spill;
 pub mod storage;
 mod verify;
 
@@ -96,6 +97,10 @@ pub struct EngineOptions {
     /// instead of loading the whole index into memory. `None`: load it
     /// whole (memory grows with the store's unique data).
     pub index_cache: Option<PathBuf>,
+    /// GC's and verify's sorts keep at most this many bytes of records in
+    /// memory; more go to sorted runs in temporary files (see [`spill`])
+    /// next to the index cache, or in the system's temporary directory.
+    pub spill_run_bytes: usize,
 }
 
 /// What keeps two GCs of one store apart when `locks/gc` cannot: on an
@@ -128,9 +133,13 @@ impl Default for EngineOptions {
             repack_below: 0.5,
             gc_exclusion: GcExclusion::StoreLock,
             index_cache: None,
+            spill_run_bytes: DEFAULT_SPILL_RUN_BYTES,
         }
     }
 }
+
+/// 64 MiB: 2 Mi chunk ids, or 1 Mi chunk locations, per sorted run.
+pub const DEFAULT_SPILL_RUN_BYTES: usize = 64 << 20;
 
 /// Handle on one store. Cheap to clone, Send + Sync.
 #[derive(Clone, Debug)]
@@ -308,6 +317,10 @@ pub struct GcReport {
     pub chunks_removed: u64,
     /// Packs condemned but kept because a writer that may use them still runs.
     pub packs_pending: u64,
+    /// Sorted runs GC wrote to temporary files because its sets (live
+    /// chunk ids, canonical copies, the index to consolidate) passed
+    /// [`EngineOptions::spill_run_bytes`]; 0 when they fitted in memory.
+    pub sort_runs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1009,6 +1022,13 @@ impl RepoInner {
             ),
             None => index::ChunkIndex::load(&*self.storage, condemned),
         }
+    }
+
+    /// Where GC and verify read the index from, in bounded memory: this
+    /// node's cache when one is configured, else a private cache in a
+    /// temporary directory (removed when the source is dropped).
+    pub(crate) fn bounded_index(&self) -> Result<index_cache::BoundedIndex, EngineError> {
+        index_cache::BoundedIndex::new(self.options.index_cache.as_deref(), &self.config.store_id)
     }
 
     pub(crate) fn manifest(&self, backup_id: &str) -> Result<Manifest, EngineError> {

@@ -11,7 +11,12 @@
 //!
 //! A session is registered as a writer for its whole life (see
 //! [`crate::fence`]): GC deletes no pack it may still read, whatever the
-//! index it loaded at the start names. Its in-memory index is reloaded only
+//! index it loaded at the start names. Its index is the node's on-disk
+//! cache (a private one in a temporary directory when none is configured,
+//! see [`crate::index_cache`]), so its memory does not grow with the
+//! store: the index costs ~0.13 bytes per chunk, the remembered verdicts
+//! are capped, and the rest is one backup's working set (one chunk list
+//! at a time, the ids found damaged). The index is reloaded only
 //! when a chunk is missing from it and the store's index objects changed
 //! (a backup that finished after the session began), and, while it knows
 //! damaged chunks, before each backup when the index objects changed: a
@@ -51,6 +56,9 @@ pub const DEFAULT_VERIFY_MEMORY_CHUNKS: usize = 3_670_016;
 pub struct VerifySession {
     inner: Arc<RepoInner>,
     index: ChunkIndex,
+    /// Where `index` is loaded from (dropped after it: a private cache's
+    /// directory goes last).
+    source: crate::index_cache::BoundedIndex,
     memory: Verdicts,
     /// Copies found bad during the current backup, quarantined at its end.
     found_bad: crate::quarantine::Found,
@@ -73,10 +81,12 @@ impl VerifySession {
         // Registered before the index is read: every pack it names is then
         // fenced from GC for as long as the session lives.
         let guard = WriterGuard::register(&inner, "verify")?;
-        let index = ChunkIndex::load(&*inner.storage, &Default::default())?;
+        let source = inner.bounded_index()?;
+        let index = source.load(&*inner.storage, &Default::default())?;
         Ok(VerifySession {
             inner,
             index,
+            source,
             memory: Verdicts::new(limit),
             found_bad: Default::default(),
             _guard: guard,
@@ -144,7 +154,7 @@ impl VerifySession {
         if !self.memory.bad.is_empty() && self.index_changed()? {
             // A backup stored since may hold good copies of the damaged
             // chunks, repairing this one: look again.
-            self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
+            self.index = self.load_index()?;
             self.memory.bad.clear();
         }
         let res = self.verify_lists(m, job, &mut v, &mut may_reload, &mut missing, &mut corrupt);
@@ -281,11 +291,17 @@ impl VerifySession {
             return Ok(false);
         }
         *may_reload = false;
-        if !self.index_changed()? {
+        // A damaged block of the node's cache read as absent: the reload
+        // rebuilds the cache, so the chunk is not reported missing for it.
+        if !self.index_changed()? && !self.index.cache_broken() {
             return Ok(false);
         }
-        self.index = ChunkIndex::load(&*self.inner.storage, &Default::default())?;
+        self.index = self.load_index()?;
         Ok(true)
+    }
+
+    fn load_index(&self) -> Result<ChunkIndex, EngineError> {
+        self.source.load(&*self.inner.storage, &Default::default())
     }
 
     /// Whether the store's index objects differ from those loaded.
