@@ -86,13 +86,42 @@ fn run_noting(
     // Registered before the index is read: GC keeps every pack it may name.
     let _guard = crate::fence::WriterGuard::register(inner, &format!("restore:{backup_id}"))?;
     let index = inner.load_index(&Default::default())?;
+    let attempt = |index: &ChunkIndex| {
+        restore_disks(
+            inner, index, &manifest, &disks, targets, &opts, job, found_bad,
+        )
+    };
+    let res = attempt(&index);
+    if !index.cache_broken() {
+        return res;
+    }
+    // A damaged block of this node's index cache answered "absent" for a
+    // chunk the store has (the restore failed, or wrote it as damaged):
+    // the reload rebuilds the cache; restore again from the start.
+    let index = inner.load_index(&Default::default())?;
+    attempt(&index)
+}
+
+/// Writes `disks` of the backup to `targets` with `index`; files it
+/// created are removed again if a disk fails.
+#[allow(clippy::too_many_arguments)]
+fn restore_disks(
+    inner: &RepoInner,
+    index: &ChunkIndex,
+    manifest: &Manifest,
+    disks: &[usize],
+    targets: &[DiskImage],
+    opts: &RestoreOptions,
+    job: &JobControl,
+    found_bad: &Mutex<crate::quarantine::Found>,
+) -> Result<RestoreSummary, EngineError> {
     job.set_total(disks.iter().map(|d| manifest.header.disks[*d].size).sum());
     let mut summary = RestoreSummary::default();
     // Files this restore made: a failed restore removes them all, since a
     // half-written new file would look like a restored disk. Existing
     // targets are left as the failure found them.
     let mut created = Vec::new();
-    for (d, target) in disks.into_iter().zip(targets) {
+    for (&d, target) in disks.iter().zip(targets) {
         let size = manifest.header.disks[d].size;
         let writer = match target.format {
             Some(format) => vpsbackup_disk::open_writer_as(&target.path, size, format)?,
@@ -104,8 +133,8 @@ fn run_noting(
         }
         let ctx = DiskRestore {
             inner,
-            index: &index,
-            manifest: &manifest,
+            index,
+            manifest,
             disk: d,
             writer: &*writer,
             fresh,

@@ -4,7 +4,8 @@
 //! consolidated index go through many sorted files on disk, merged, with
 //! the index in a private temporary cache). The results must be the same,
 //! and a damaged block of the node's index cache must stop GC, never make
-//! it delete what it could not read.
+//! it delete what it could not read, and must not fail a verify or a
+//! restore (they rebuild the cache and look again).
 
 mod common;
 
@@ -225,4 +226,19 @@ fn a_damaged_index_cache_makes_verify_rebuild_it_not_report_damage() {
             .is_none(),
         "verify rebuilt the cache already"
     );
+}
+
+#[test]
+fn a_damaged_index_cache_makes_restore_rebuild_it_not_fail() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, changed) = store_with_garbage(t.path());
+    let cache = t.path().join("cache");
+    let repo = open(&store, in_memory(&cache));
+    repo.chunk_index().unwrap();
+    damage_cache(&cache, &repo.config().store_id);
+    let o = t.path().join("o.raw");
+    // Neither an error nor zeros for the chunks the damaged block held.
+    let summary = restore(&repo, "keep2", &[&o]);
+    assert!(summary.damaged.is_empty(), "{:?}", summary.damaged);
+    cmp(&changed, &o);
 }
