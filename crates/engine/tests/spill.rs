@@ -179,15 +179,21 @@ fn damage_cache(cache: &Path, store_id: &str) {
     std::fs::write(&run, &bytes).unwrap();
 }
 
+/// [`store_with_garbage`] opened with a node cache brought up to date,
+/// then with one of its blocks broken.
+fn store_with_a_damaged_cache(dir: &Path) -> (Repository, PathBuf, PathBuf) {
+    let (store, changed) = store_with_garbage(dir);
+    let cache = dir.join("cache");
+    let repo = open(&store, in_memory(&cache));
+    repo.chunk_index().unwrap();
+    damage_cache(&cache, &repo.config().store_id);
+    (repo, store, changed)
+}
+
 #[test]
 fn a_damaged_index_cache_stops_gc_before_it_deletes_anything() {
     let t = tempfile::tempdir().unwrap();
-    let (store, changed) = store_with_garbage(t.path());
-    let cache = t.path().join("cache");
-    let repo = open(&store, in_memory(&cache));
-    // Brings the cache up to date, then breaks one of its blocks.
-    repo.chunk_index().unwrap();
-    damage_cache(&cache, &repo.config().store_id);
+    let (repo, store, changed) = store_with_a_damaged_cache(t.path());
     let packs = pack_files(&store);
     let index: Vec<_> = std::fs::read_dir(store.join("index")).unwrap().collect();
 
@@ -210,11 +216,7 @@ fn a_damaged_index_cache_stops_gc_before_it_deletes_anything() {
 #[test]
 fn a_damaged_index_cache_makes_verify_rebuild_it_not_report_damage() {
     let t = tempfile::tempdir().unwrap();
-    let (store, _) = store_with_garbage(t.path());
-    let cache = t.path().join("cache");
-    let repo = open(&store, in_memory(&cache));
-    repo.chunk_index().unwrap();
-    damage_cache(&cache, &repo.config().store_id);
+    let (repo, _, _) = store_with_a_damaged_cache(t.path());
     let v = repo.verify(None, &JobControl::new()).unwrap();
     assert!(v.is_ok(), "a cache block is no chunk of the store: {v:?}");
     assert!(
@@ -231,11 +233,7 @@ fn a_damaged_index_cache_makes_verify_rebuild_it_not_report_damage() {
 #[test]
 fn a_damaged_index_cache_makes_restore_rebuild_it_not_fail() {
     let t = tempfile::tempdir().unwrap();
-    let (store, changed) = store_with_garbage(t.path());
-    let cache = t.path().join("cache");
-    let repo = open(&store, in_memory(&cache));
-    repo.chunk_index().unwrap();
-    damage_cache(&cache, &repo.config().store_id);
+    let (repo, _, changed) = store_with_a_damaged_cache(t.path());
     let o = t.path().join("o.raw");
     // Neither an error nor zeros for the chunks the damaged block held.
     let summary = restore(&repo, "keep2", &[&o]);
