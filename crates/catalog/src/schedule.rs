@@ -178,4 +178,10 @@ pub trait ScheduleCatalog: Send + Sync {
     /// own lock object cannot keep two GCs apart, and a file lock only
     /// covers one host: this does, through the shared catalog.
     async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>>;
+
+    /// Whether processes on other hosts may share this catalog (PostgreSQL),
+    /// so [`Self::claim_gc_turn`] keeps their GCs apart: for `status`.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }

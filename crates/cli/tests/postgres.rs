@@ -260,7 +260,7 @@ fn catalog_migrate_copies_a_box_to_postgres_with_ids_intact() {
 /// holds the store's GC turn in the catalog (here a psql session holding
 /// the advisory lock, as the leader's GC on another node would), `vpsbackup
 /// gc` is refused with a plain reason and deletes nothing; once that
-/// session ends, GC runs.
+/// session ends, GC runs. `status` says GC is kept apart that way.
 #[test]
 fn a_gc_while_another_host_collects_is_refused_through_the_catalog() {
     use std::io::{BufRead, BufReader, Write};
@@ -269,6 +269,11 @@ fn a_gc_while_another_host_collects_is_refused_through_the_catalog() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("node-a");
     ok_pg(&dir, &db.url, &["account", "create", "acme"]);
+    let status = ok_pg(&dir, &db.url, &["status"]);
+    assert!(
+        status.contains("every GC through this catalog first takes its advisory lock"),
+        "{status}"
+    );
 
     let mut holder = Command::new("psql")
         .arg(&db.url)

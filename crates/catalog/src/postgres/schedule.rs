@@ -213,6 +213,10 @@ impl ScheduleCatalog for PgCatalog {
         Ok(())
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>> {
         // A session of its own, never the pool's: the pool would hand it to
         // other queries, or close it, lock and all.

@@ -166,7 +166,12 @@ pub async fn status_report(
             line.damaged += 1;
         }
     }
-    let store_location = repo.describe();
+    let mut store_location = repo.describe();
+    if schedule.is_shared() {
+        store_location.push_str(
+            "; across hosts, every GC through this catalog first takes its advisory lock",
+        );
+    }
     let repo = repo.clone();
     let (stats, health) =
         tokio::task::spawn_blocking(move || -> Result<_, vpsbackup_engine::EngineError> {
