@@ -7,7 +7,8 @@
 //! closed by the pool, silently dropping the lock). Why a lock and not a
 //! lease row renewed by the leader: the database itself ties the lock to the
 //! holder's session, so it goes the moment the holder's connection does
-//! (kill -9, a crash, power loss once the server notices the dead socket),
+//! (kill -9, a crash; power loss once the server's TCP keepalive, set to
+//! about 25 s on this connection by [`keep_alive`], finds the peer gone),
 //! with no renewal traffic, no expiry to tune and no trust in the replicas'
 //! clocks (which the scheduler may even simulate). The holder checks its
 //! connection on every [`LeaderLock::hold`]: a broken one means the lock is
@@ -101,7 +102,7 @@ impl LeaderLock {
     pub(crate) fn postgres(options: PgConnectOptions) -> LeaderLock {
         LeaderLock {
             kind: Kind::Postgres {
-                options: Box::new(options),
+                options: Box::new(keep_alive(options)),
                 conn: None,
                 held: false,
             },
@@ -188,6 +189,47 @@ impl LeaderLock {
                 .await;
                 let _ = tokio::time::timeout(QUERY_TIMEOUT, c.close()).await;
             }
+        }
+    }
+}
+
+/// Makes the server notice within about 25 s (10 s idle, then 3 probes 5 s
+/// apart) that the peer of a session vanished without closing its socket
+/// (power loss, a partition), rather than after the system's two hours: a
+/// lock the session holds is then released. Set as startup options of the
+/// lock sessions; they do not apply over a Unix socket.
+pub(crate) fn keep_alive(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock sessions' keepalive, as the server applies it (over TCP,
+    /// as the tests' PostgreSQL is reached).
+    #[tokio::test]
+    async fn a_lock_session_is_probed_within_seconds_not_hours() {
+        let url = std::env::var("VPSBACKUP_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://vpsbackup:vpsbackup@127.0.0.1/vpsbackup".into());
+        let options: PgConnectOptions = url.parse().unwrap();
+        let mut c = PgConnection::connect_with(&keep_alive(options))
+            .await
+            .unwrap();
+        for (name, want) in [
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ] {
+            let got: String = sqlx::query_scalar(&format!("SHOW {name}"))
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(got, want, "{name}");
         }
     }
 }

@@ -220,9 +220,8 @@ impl ScheduleCatalog for PgCatalog {
     async fn claim_gc_turn(&self) -> Result<Option<crate::GcTurn>> {
         // A session of its own, never the pool's: the pool would hand it to
         // other queries, or close it, lock and all.
-        let mut session =
-            <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.pool.connect_options())
-                .await?;
+        let options = crate::leader::keep_alive((*self.pool.connect_options()).clone());
+        let mut session = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(crate::GC_LOCK_KEY)
             .fetch_one(&mut session)
