@@ -445,6 +445,25 @@ catalog_tests! {
         let all = count(BackupFilter::default()).await;
         assert_eq!((all.count, all.items.len()), (7, 5));
         assert!(all.items.windows(2).all(|w| w[0].id > w[1].id));
+        // The last page, and one past the end: the count stays, items end.
+        for (number, items) in [(2, 2), (3, 0)] {
+            let p = cat
+                .list_backups(BackupFilter::default(), PageRequest { number, size: 5 })
+                .await
+                .unwrap();
+            assert_eq!((p.count, p.items.len()), (7, items), "page {number}");
+        }
+        let past = cat
+            .list_backups(
+                BackupFilter {
+                    scope: Some(b),
+                    ..Default::default()
+                },
+                PageRequest { number: 9, size: 5 },
+            )
+            .await
+            .unwrap();
+        assert_eq!((past.count, past.items.len()), (3, 0));
         assert_eq!(
             count(BackupFilter {
                 scope: Some(a),
