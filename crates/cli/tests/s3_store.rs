@@ -42,6 +42,29 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Account "acme" with its server 1 (`vps-1`) on `disk`, in data dir `d`.
+fn acme_with_server(env: &[(String, String)], d: &str, disk: &Path) {
+    ok(env, &["--data-dir", d, "account", "create", "acme"]);
+    let disk = p(disk);
+    ok(
+        env,
+        &[
+            "--data-dir",
+            d,
+            "server",
+            "add",
+            "--id",
+            "1",
+            "--name",
+            "vps-1",
+            "--account",
+            "acme",
+            "--disk",
+            disk,
+        ],
+    );
+}
+
 /// `vpsbackup serve` on data dir `d`, on a free port, output discarded.
 fn serve(env: &[(String, String)], d: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
@@ -258,26 +281,9 @@ fn serve_backs_up_to_garage_and_the_admin_commands_follow() {
     )
     .unwrap();
     let d = p(&dir);
-    ok(&env, &["--data-dir", d, "account", "create", "acme"]);
     let disk = t.path().join("vps1.img");
     incompressible_disk(&disk, 3, 5);
-    ok(
-        &env,
-        &[
-            "--data-dir",
-            d,
-            "server",
-            "add",
-            "--id",
-            "1",
-            "--name",
-            "vps-1",
-            "--account",
-            "acme",
-            "--disk",
-            p(&disk),
-        ],
-    );
+    acme_with_server(&env, d, &disk);
     let status = ok(&env, &["--data-dir", d, "status"]);
     assert!(
         status.contains(&format!("Store location: {url}")) && status.contains("lock file"),
@@ -359,27 +365,10 @@ fn a_backup_whose_upload_fails_for_good_ends_failed_with_a_plain_reason() {
     )
     .unwrap();
     let d = p(&dir);
-    ok(&env, &["--data-dir", d, "account", "create", "acme"]);
     // A raw disk of 48 MiB (several packs): past the first, the link is down.
     let disk = t.path().join("vps1.img");
     std::fs::write(&disk, common::incompressible_bytes(48, 9)).unwrap();
-    ok(
-        &env,
-        &[
-            "--data-dir",
-            d,
-            "server",
-            "add",
-            "--id",
-            "1",
-            "--name",
-            "vps-1",
-            "--account",
-            "acme",
-            "--disk",
-            p(&disk),
-        ],
-    );
+    acme_with_server(&env, d, &disk);
     let direct = vpsbackup_engine::S3Storage::open(cfg.clone()).unwrap();
     let child = serve(&env, d);
     // The link goes down for good once the first pack is stored.
