@@ -149,13 +149,19 @@ fn cache_is_rebuilt_when_lost_or_damaged() {
     assert!(v.is_ok(), "{v:?}");
 }
 
+/// The base image and a second one with other data (zoneinfo).
+fn two_images(dir: &Path) -> (PathBuf, PathBuf) {
+    let img = base_image(dir);
+    let img2 = dir.join("second.raw");
+    let tree = make_tree(dir, "tree2", &["/usr/share/zoneinfo"]);
+    make_ext4(&img2, &tree, "32M");
+    (img, img2)
+}
+
 #[test]
 fn cache_catches_up_with_what_another_process_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let img = base_image(dir.path());
-    let img2 = dir.path().join("second.raw");
-    let tree = make_tree(dir.path(), "tree2", &["/usr/share/zoneinfo"]);
-    make_ext4(&img2, &tree, "32M");
+    let (img, img2) = two_images(dir.path());
     let store = dir.path().join("store");
     let cache = dir.path().join("cache");
     let ours = open_cached(&store, &cache);
@@ -180,10 +186,7 @@ fn cache_catches_up_with_what_another_process_wrote() {
 #[test]
 fn cache_forgets_what_gc_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let img = base_image(dir.path());
-    let img2 = dir.path().join("second.raw");
-    let tree = make_tree(dir.path(), "tree2", &["/usr/share/zoneinfo"]);
-    make_ext4(&img2, &tree, "32M");
+    let (img, img2) = two_images(dir.path());
     let store = dir.path().join("store");
     let cache = dir.path().join("cache");
     let repo = open_cached(&store, &cache);
