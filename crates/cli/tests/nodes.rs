@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{add_server, ext4_image, free_port, ok, same, vpsbackup, wait_for, PgDatabase, Serve};
+use common::{
+    add_server, ext4_image, free_port, ok, psql_value, same, vpsbackup, wait_for, PgDatabase, Serve,
+};
 
 /// `vpsbackup --data-dir DIR --database-url URL --store STORE ARGS...`,
 /// which must succeed.
@@ -92,7 +94,7 @@ impl Place {
 
     /// One row of the jobs of `backup`: `state|attempts|node|claimed_by`.
     fn job_of(&self, backup: i64) -> String {
-        psql(
+        psql_value(
             &self.db.url,
             &format!(
                 "SELECT state || '|' || attempts || '|' || COALESCE(node, '') || '|' || COALESCE(claimed_by, '') \
@@ -100,21 +102,6 @@ impl Place {
             ),
         )
     }
-}
-
-/// One value from the database.
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .arg(url)
-        .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// A running `vpsbackup agent`; SIGKILLed on drop if still running.
@@ -294,7 +281,7 @@ fn two_replicas_and_two_agents_run_each_nodes_jobs() {
         );
     }
     let node_of_restore = |server: i64| {
-        psql(
+        psql_value(
             &p.db.url,
             &format!("SELECT node FROM jobs WHERE kind = 'restore' AND server_id = {server}"),
         )

@@ -273,9 +273,15 @@ impl Drop for PgDatabase {
 }
 
 fn psql(sql: &str) {
+    psql_value(&pg_admin_url(), sql);
+}
+
+/// Runs `sql` on the database at `url` (which must succeed) and returns
+/// its one value, unaligned.
+pub fn psql_value(url: &str, sql: &str) -> String {
     let out = Command::new("psql")
-        .arg(pg_admin_url())
-        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .arg(url)
+        .args(["-At", "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()
         .expect("psql is needed by the PostgreSQL tests");
     assert!(
@@ -283,4 +289,5 @@ fn psql(sql: &str) {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
