@@ -708,6 +708,56 @@ pub struct Job {
     pub lease_expires_at: Option<OffsetDateTime>,
 }
 
+impl Job {
+    /// Whether a job whose process died (its lease ran out, or the service
+    /// restarted) goes back to the queue: a backup with attempts left. A
+    /// restore is never run again unasked: the provider may have started
+    /// the guest on the half-written disk since, and a re-run would
+    /// overwrite what it wrote. It fails with [`Job::lost_reason`] instead.
+    pub fn requeued_when_lost(&self) -> bool {
+        self.kind == JobKind::Backup && self.attempts < self.max_attempts
+    }
+
+    /// The table and row of what the job makes (backup) or performs
+    /// (restore).
+    pub fn target(&self) -> (&'static str, Option<i64>) {
+        match self.kind {
+            JobKind::Restore => ("restores", self.restore_id.map(|r| r.0)),
+            JobKind::Backup => ("backups", Some(self.backup_id.0)),
+        }
+    }
+
+    /// Why a lost job that is not requeued failed, for the customer.
+    pub fn lost_reason(&self) -> String {
+        match self.kind {
+            JobKind::Restore => "The service stopped while this restore was running, so the server's disks may be \
+                 partly restored. It was not run again on its own, because the server may have been \
+                 started since. Start a new restore."
+                .to_owned(),
+            JobKind::Backup => format!(
+                "The service stopped while this backup was running, {} times; it was not tried again. \
+                 Start a new backup.",
+                self.attempts
+            ),
+        }
+    }
+
+    /// The webhook event the job's failure sends, if any.
+    pub fn failure_event(&self) -> Option<(crate::WebhookEventKind, crate::WebhookSubject)> {
+        use crate::{WebhookEventKind, WebhookSubject};
+        match (self.kind, self.restore_id) {
+            (JobKind::Restore, Some(r)) => {
+                Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
+            }
+            (JobKind::Backup, _) => Some((
+                WebhookEventKind::BackupFailed,
+                WebhookSubject::Backup(self.backup_id),
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// How long a claim holds a job unless renewed. The owner renews every
 /// [`LEASE_RENEW_EVERY`]; any process finding a lease past requeues the job.
 pub const LEASE: time::Duration = time::Duration::seconds(20);

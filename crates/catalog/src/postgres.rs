@@ -543,13 +543,8 @@ impl PgCatalog {
         let mut out = Vec::new();
         for r in &rows {
             let job = job_from_row(r)?;
-            // A restore is never run again unasked: the provider may have
-            // started the guest on the half-written disk since.
-            let requeue = job.kind == JobKind::Backup && job.attempts < job.max_attempts;
-            let (table, target) = match job.kind {
-                JobKind::Restore => ("restores", job.restore_id.map(|r| r.0)),
-                JobKind::Backup => ("backups", Some(job.backup_id.0)),
-            };
+            let (table, target) = job.target();
+            let requeue = job.requeued_when_lost();
             if requeue {
                 sqlx::query(
                     "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, lease_expires_at = NULL, run_after = $1 \
@@ -566,19 +561,7 @@ impl PgCatalog {
                 .execute(&mut *tx)
                 .await?;
             } else {
-                let what = job.kind.as_str();
-                let reason = if job.kind == JobKind::Restore {
-                    "The service stopped while this restore was running, so the server's disks may be \
-                     partly restored. It was not run again on its own, because the server may have been \
-                     started since. Start a new restore."
-                        .to_owned()
-                } else {
-                    format!(
-                        "The service stopped while this {what} was running, {} times; it was not tried again. \
-                         Start a new {what}.",
-                        job.attempts
-                    )
-                };
+                let reason = job.lost_reason();
                 sqlx::query(
                     "UPDATE jobs SET state = 'failed', error = $1, finished_at = $2 WHERE id = $3",
                 )
@@ -597,17 +580,7 @@ impl PgCatalog {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                let subject = match (job.kind, job.restore_id) {
-                    (JobKind::Restore, Some(r)) => {
-                        Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
-                    }
-                    (JobKind::Backup, _) => Some((
-                        WebhookEventKind::BackupFailed,
-                        WebhookSubject::Backup(job.backup_id),
-                    )),
-                    _ => None,
-                };
-                if let (1.., Some((event, subject))) = (failed, subject) {
+                if let (1.., Some((event, subject))) = (failed, job.failure_event()) {
                     Self::enqueue_event(&mut tx, event, subject, now).await?;
                 }
             }

@@ -456,10 +456,8 @@ impl SqliteCatalog {
         let mut out = Vec::new();
         for r in &rows {
             let job = job_from_row(r)?;
-            // A restore is never run again unasked: the provider may have
-            // started the guest on the half-written disk since, and a re-run
-            // would overwrite what it wrote. It fails with a reason instead.
-            let requeue = job.kind == JobKind::Backup && job.attempts < job.max_attempts;
+            let (table, target) = job.target();
+            let requeue = job.requeued_when_lost();
             if requeue {
                 sqlx::query(
                     "UPDATE jobs SET state = 'queued', claimed_by = NULL, heartbeat_at = NULL, lease_expires_at = NULL, run_after = ? \
@@ -469,15 +467,6 @@ impl SqliteCatalog {
                 .bind(job.id.0)
                 .execute(&mut *tx)
                 .await?;
-                let table = if job.kind == JobKind::Restore {
-                    "restores"
-                } else {
-                    "backups"
-                };
-                let target = match job.kind {
-                    JobKind::Restore => job.restore_id.map(|r| r.0),
-                    JobKind::Backup => Some(job.backup_id.0),
-                };
                 sqlx::query(&format!(
                     "UPDATE {table} SET progress = 0 WHERE id = ? AND status = 'in_progress'"
                 ))
@@ -485,23 +474,7 @@ impl SqliteCatalog {
                 .execute(&mut *tx)
                 .await?;
             } else {
-                let what = if job.kind == JobKind::Restore {
-                    "restore"
-                } else {
-                    "backup"
-                };
-                let reason = if job.kind == JobKind::Restore {
-                    "The service stopped while this restore was running, so the server's disks may be \
-                     partly restored. It was not run again on its own, because the server may have been \
-                     started since. Start a new restore."
-                        .to_owned()
-                } else {
-                    format!(
-                        "The service stopped while this {what} was running, {} times; it was not tried again. \
-                         Start a new {what}.",
-                        job.attempts
-                    )
-                };
+                let reason = job.lost_reason();
                 sqlx::query(
                     "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
                 )
@@ -510,10 +483,6 @@ impl SqliteCatalog {
                 .bind(job.id.0)
                 .execute(&mut *tx)
                 .await?;
-                let (table, target) = match job.kind {
-                    JobKind::Restore => ("restores", job.restore_id.map(|r| r.0)),
-                    JobKind::Backup => ("backups", Some(job.backup_id.0)),
-                };
                 let failed = sqlx::query(&format!(
                     "UPDATE {table} SET status = 'failed', error = ?, completed_at = ? \
                      WHERE id = ? AND status = 'in_progress'"
@@ -524,17 +493,7 @@ impl SqliteCatalog {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                let subject = match (job.kind, job.restore_id) {
-                    (JobKind::Restore, Some(r)) => {
-                        Some((WebhookEventKind::RestoreFailed, WebhookSubject::Restore(r)))
-                    }
-                    (JobKind::Backup, _) => Some((
-                        WebhookEventKind::BackupFailed,
-                        WebhookSubject::Backup(job.backup_id),
-                    )),
-                    _ => None,
-                };
-                if let (1.., Some((event, subject))) = (failed, subject) {
+                if let (1.., Some((event, subject))) = (failed, job.failure_event()) {
                     Self::enqueue_event(&mut tx, event, subject, now).await?;
                 }
             }
