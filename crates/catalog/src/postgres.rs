@@ -47,7 +47,29 @@ pub(crate) use import::move_sequence_past;
 #[derive(Clone, Debug)]
 pub struct PgCatalog {
     pool: PgPool,
+    /// The backup listings' own connections, whose sessions plan each
+    /// statement once and never sort: see [`LISTING_SESSION`].
+    listings: PgPool,
 }
+
+/// The session settings of the listing pool. A listing is the API's busiest
+/// statement; planned afresh at every execution (PostgreSQL's default for a
+/// statement with parameters) planning was a third of PostgreSQL's CPU under
+/// the API bench. A generic plan is made once per connection, but from column
+/// statistics rather than the values asked for: with one big account, the
+/// generic plan of "this account's backups, newest first" walked the primary
+/// key backwards, filtering, which for a small account reads the whole table.
+/// So each listing statement is written to leave its generic plan no choice
+/// (see [`listing_sql`]): its ORDER BY can only be given by the index that
+/// leads with its narrowest filter, and with sorting off no other plan is
+/// costed as viable. With sequential scans off too, the servers joined for
+/// their names are found through their primary key (a generic plan that
+/// expected one backup would otherwise scan the servers once per backup).
+const LISTING_SESSION: [(&str, &str); 3] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_sort", "off"),
+    ("enable_seqscan", "off"),
+];
 
 /// Connections per process unless the URL or caller says otherwise: the API's
 /// reads and the workers' writes share them.
@@ -74,18 +96,22 @@ fn secs(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
-const BACKUP_COLUMNS: &str = "b.id, b.server_id, s.name AS server_name, b.account_id, \
-     b.backup_type, b.status, b.description, b.created_at, b.expires_at, b.completed_at, \
-     b.size_mb, b.stored_bytes, b.progress, b.error, b.engine_backup_id, b.scheduled_for, \
-     b.verified_at, b.damaged, b.verify_error, b.incremental, b.bytes_read, b.full_reason, \
-     b.consistency";
+/// A backup's own columns, on `b`; with its server's name, `server_name`,
+/// they make the row [`backup_from_row`] reads.
+macro_rules! backup_columns {
+    () => {
+        "b.id, b.server_id, b.account_id, b.backup_type, b.status, b.description, \
+         b.created_at, b.expires_at, b.completed_at, b.size_mb, b.stored_bytes, b.progress, \
+         b.error, b.engine_backup_id, b.scheduled_for, b.verified_at, b.damaged, \
+         b.verify_error, b.incremental, b.bytes_read, b.full_reason, b.consistency"
+    };
+}
 
-const BACKUP_SELECT: &str = "SELECT b.id, b.server_id, s.name AS server_name, b.account_id, \
-     b.backup_type, b.status, b.description, b.created_at, b.expires_at, b.completed_at, \
-     b.size_mb, b.stored_bytes, b.progress, b.error, b.engine_backup_id, b.scheduled_for, \
-     b.verified_at, b.damaged, b.verify_error, b.incremental, b.bytes_read, b.full_reason, \
-     b.consistency \
-     FROM backups b JOIN servers s ON s.id = b.server_id";
+const BACKUP_SELECT: &str = concat!(
+    "SELECT ",
+    backup_columns!(),
+    ", s.name AS server_name FROM backups b JOIN servers s ON s.id = b.server_id"
+);
 
 fn backup_from_row(r: &PgRow) -> Result<Backup> {
     let id = BackupId(r.try_get("id")?);
@@ -304,6 +330,88 @@ fn bind_filter<'q>(
     q
 }
 
+/// A backup listing's statement (the count as a scalar subquery, then the
+/// page) and its count alone, for `filter`, binding the filter's values in
+/// [`bind_filter`]'s order, then the page's size and offset.
+///
+/// Only the conditions in use go into the SQL, one statement per filter
+/// shape, and each is written so that its generic plan (the listing pool's
+/// sessions use nothing else, see [`LISTING_SESSION`]) walks one index: the
+/// one that starts with the narrowest filter in use (server, then account,
+/// then type), then the type when it is filtered on, then the id. The
+/// filters on that index's columns are written as ranges of one value and
+/// make up the ORDER BY with the id: an equality would make PostgreSQL drop
+/// its column from the sort keys, and then the primary key (id order) or a
+/// shorter index would give the order too, and the estimates would choose.
+/// The account, when the server leads, is checked on the rows found.
+/// The count comes from the counts tables (kept exact by triggers); without
+/// a server filter from the per-account rows, at most two per account.
+fn listing_sql(filter: &BackupFilter) -> (String, String) {
+    let columns = [
+        ("account_id", filter.scope.is_some()),
+        ("server_id", filter.server_id.is_some()),
+        ("backup_type", filter.backup_type.is_some()),
+    ];
+    let lead = if filter.server_id.is_some() {
+        Some("server_id")
+    } else if filter.scope.is_some() {
+        Some("account_id")
+    } else if filter.backup_type.is_some() {
+        Some("backup_type")
+    } else {
+        None
+    };
+    // The index's columns (lead, then the type if filtered): sort keys.
+    let mut keys: Vec<&str> = lead.into_iter().collect();
+    if filter.backup_type.is_some() && lead != Some("backup_type") {
+        keys.push("backup_type");
+    }
+    let mut counted = Vec::new();
+    let mut paged = Vec::new();
+    let mut n = 0;
+    for (column, _) in columns.iter().filter(|(_, used)| *used) {
+        n += 1;
+        counted.push(format!("bc.{column} = ${n}"));
+        paged.push(if keys.contains(column) {
+            format!("b.{column} >= ${n} AND b.{column} <= ${n}")
+        } else {
+            format!("b.{column} = ${n}")
+        });
+    }
+    let where_of = |conds: &[String]| {
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    };
+    let counts = if filter.server_id.is_some() {
+        "backup_counts"
+    } else {
+        "account_backup_counts"
+    };
+    let count_sql = format!(
+        "SELECT COALESCE(SUM(n), 0)::BIGINT FROM {counts} bc{}",
+        where_of(&counted)
+    );
+    let order: Vec<String> = keys
+        .iter()
+        .chain(&["id"])
+        .map(|c| format!("b.{c} DESC"))
+        .collect();
+    let sql = format!(
+        "SELECT ({count_sql}) AS total, {}, s.name AS server_name \
+         FROM backups b LEFT JOIN servers s ON s.id = b.server_id{} \
+         ORDER BY {} LIMIT ${} OFFSET ${}",
+        backup_columns!(),
+        where_of(&paged),
+        order.join(", "),
+        n + 1,
+        n + 2,
+    );
+    (sql, count_sql)
+}
+
 fn offset(page: PageRequest) -> i64 {
     (page.number.max(1) as i64 - 1) * page.size as i64
 }
@@ -357,11 +465,16 @@ impl PgCatalog {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgCatalog { pool })
+        let listings = PgPoolOptions::new()
+            .max_connections(connections.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with((*pool.connect_options()).clone().options(LISTING_SESSION));
+        Ok(PgCatalog { pool, listings })
     }
 
-    /// Closes the pool.
+    /// Closes the pools.
     pub async fn close(&self) {
+        self.listings.close().await;
         self.pool.close().await;
     }
 
@@ -377,6 +490,38 @@ impl PgCatalog {
 
     async fn begin(&self) -> Result<PgTx> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// The plan a backup listing runs with on the listing pool, as EXPLAIN
+    /// ANALYZE prints it, the values written into the EXECUTE: what a
+    /// listing reads, for the tests and for an operator asking why one is
+    /// slow.
+    pub async fn explain_listing(
+        &self,
+        filter: &BackupFilter,
+        page: PageRequest,
+    ) -> Result<String> {
+        let (sql, _) = listing_sql(filter);
+        let mut values: Vec<String> = Vec::new();
+        values.extend(filter.scope.map(|a| a.0.to_string()));
+        values.extend(filter.server_id.map(|s| s.0.to_string()));
+        values.extend(filter.backup_type.map(|t| format!("'{}'", t.as_str())));
+        values.push(page.size.to_string());
+        values.push(offset(page).to_string());
+        let mut conn = self.listings.acquire().await?;
+        sqlx::raw_sql(&format!("PREPARE vpsbackup_explained AS {sql}"))
+            .execute(&mut *conn)
+            .await?;
+        let plan = sqlx::query_scalar::<_, String>(&format!(
+            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE vpsbackup_explained({})",
+            values.join(", ")
+        ))
+        .fetch_all(&mut *conn)
+        .await;
+        sqlx::raw_sql("DEALLOCATE vpsbackup_explained")
+            .execute(&mut *conn)
+            .await?;
+        Ok(plan?.join("\n"))
     }
 
     /// Runs raw SQL. For tests and the benchmark seeder, which need to put
@@ -1122,62 +1267,19 @@ impl Catalog for PgCatalog {
     }
 
     async fn list_backups(&self, filter: BackupFilter, page: PageRequest) -> Result<Paged<Backup>> {
-        // One statement, so the count and the page come from one snapshot:
-        // the count from the counts tables (kept exact by triggers) as a
-        // scalar subquery, the page walking an index in id order. Only the
-        // conditions in use go into the SQL, so each filter shape gets its
-        // own plan on its narrowest index. PostgreSQL plans it afresh at each
-        // execution (custom plans): this flat shape plans in 0.15 ms where
-        // the LATERAL join it replaced took 0.41 (EXPLAIN, warm), worth 4-6%
-        // on the API bench. A page past the end has no row to carry the
-        // count: then it is read on its own.
-        let mut conds: Vec<String> = Vec::new();
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            n
-        };
-        if filter.scope.is_some() {
-            conds.push(format!("{{p}}account_id = ${}", next()));
-        }
-        if filter.server_id.is_some() {
-            conds.push(format!("{{p}}server_id = ${}", next()));
-        }
-        if filter.backup_type.is_some() {
-            conds.push(format!("{{p}}backup_type = ${}", next()));
-        }
-        let (limit, skip) = (next(), next());
-        let where_sql = if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        };
-        // Without a server filter the per-account rows (migration 0004) are
-        // summed: at most two per account, however many servers it has.
-        let counts = if filter.server_id.is_some() {
-            "backup_counts"
-        } else {
-            "account_backup_counts"
-        };
-        let count_sql = format!(
-            "SELECT COALESCE(SUM(n), 0)::BIGINT FROM {counts} bc{}",
-            where_sql.replace("{p}", "bc.")
-        );
-        let sql = format!(
-            "SELECT ({count_sql}) AS total, {BACKUP_COLUMNS} \
-             FROM backups b LEFT JOIN servers s ON s.id = b.server_id{} \
-             ORDER BY b.id DESC LIMIT ${limit} OFFSET ${skip}",
-            where_sql.replace("{p}", "b."),
-        );
+        // One statement, so the count and the page come from one snapshot.
+        // A page past the end has no row to carry the count: then it is read
+        // on its own.
+        let (sql, count_sql) = listing_sql(&filter);
         let rows = bind_filter(sqlx::query(&sql), &filter)
             .bind(page.size as i64)
             .bind(offset(page))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.listings)
             .await?;
         let count = match rows.first() {
             Some(r) => r.try_get::<i64, _>("total")?,
             None => bind_filter(sqlx::query(&count_sql), &filter)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.listings)
                 .await?
                 .try_get::<i64, _>(0)?,
         };
