@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +39,8 @@ mod idempotency;
 mod import;
 // The scheduler's queries.
 mod schedule;
+// The cache of token lookups.
+mod tokens;
 // The webhook outbox.
 mod webhooks;
 
@@ -50,6 +53,8 @@ pub struct PgCatalog {
     /// The backup listings' own connections, whose sessions plan each
     /// statement once and never sort: see [`LISTING_SESSION`].
     listings: PgPool,
+    /// Token lookups, trusted while this process hears of every change.
+    tokens: Arc<tokens::TokenCache>,
 }
 
 /// The session settings of the listing pool. A listing is the API's busiest
@@ -469,11 +474,17 @@ impl PgCatalog {
             .max_connections(connections.max(2))
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with((*pool.connect_options()).clone().options(LISTING_SESSION));
-        Ok(PgCatalog { pool, listings })
+        let tokens = tokens::TokenCache::new((*pool.connect_options()).clone());
+        Ok(PgCatalog {
+            pool,
+            listings,
+            tokens,
+        })
     }
 
     /// Closes the pools.
     pub async fn close(&self) {
+        self.tokens.stop();
         self.listings.close().await;
         self.pool.close().await;
     }
@@ -490,6 +501,12 @@ impl PgCatalog {
 
     async fn begin(&self) -> Result<PgTx> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// How many token lookups this process would answer from its cache now
+    /// (see `postgres/tokens.rs`).
+    pub fn cached_tokens(&self) -> usize {
+        self.tokens.usable()
     }
 
     /// The plan a backup listing runs with on the listing pool, as EXPLAIN
@@ -818,12 +835,20 @@ impl Catalog for PgCatalog {
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>> {
-        sqlx::query(&format!("{TOKEN_SELECT} WHERE t.token_hash = $1"))
+        if let Some(token) = self.tokens.get(hash) {
+            return Ok(Some(token));
+        }
+        let generation = self.tokens.generation();
+        let token = sqlx::query(&format!("{TOKEN_SELECT} WHERE t.token_hash = $1"))
             .bind(&hash[..])
             .fetch_optional(&self.pool)
             .await?
             .map(|r| token_from_row(&r))
-            .transpose()
+            .transpose()?;
+        if let Some(token) = &token {
+            self.tokens.put(token, generation);
+        }
+        Ok(token)
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
