@@ -108,6 +108,22 @@ fn two_serves_on_one_postgres_database_answer_the_same() {
         .unwrap()
         .iter()
         .any(|x| x["id"] == id));
+
+    // Revoked by a third process: both replicas (which cache their token
+    // lookups) refuse it at once, not when their cache entries age out.
+    ok_pg(&dir_a, &db.url, &["token", "revoke", &tok]);
+    let t0 = std::time::Instant::now();
+    for serve in [&a, &b] {
+        loop {
+            let (code, _) = serve.call("GET", "/backups/", &tok, None);
+            if code == 401 {
+                break;
+            }
+            assert_eq!(code, 200);
+            assert!(t0.elapsed().as_secs() < 3, "the revoked token still works");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 #[test]
