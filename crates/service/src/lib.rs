@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::Request;
+use axum::serve::ListenerExt;
 use axum::ServiceExt;
 use tokio::net::TcpListener;
 use tower::Layer;
@@ -242,6 +243,13 @@ pub async fn run_with_ops(
     tracing::info!(addr = %listener.local_addr()?, data_dir = %settings.data_dir.display(), "serving");
     // With the peer's address: callers without a valid token are rate
     // limited by it.
+    // Each response goes out when written: with Nagle's algorithm the last
+    // segment of a response waits for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an API connection: {e}");
+        }
+    });
     let served = axum::serve(
         listener,
         ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app),
