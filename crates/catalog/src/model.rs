@@ -607,6 +607,30 @@ pub struct BackupFilter {
     pub backup_type: Option<BackupType>,
 }
 
+impl BackupFilter {
+    /// The counts table (kept exact by triggers) a listing's count sums for
+    /// this filter: a server's own rows, or without a server filter the
+    /// per-account rows, at most two per account however many servers it
+    /// has (migrations 0013 / pg 0004).
+    pub(crate) fn counts_table(&self) -> &'static str {
+        match self.server_id {
+            Some(_) => "backup_counts",
+            None => "account_backup_counts",
+        }
+    }
+}
+
+/// `" WHERE a AND b"` of a listing's conditions, or nothing without any.
+pub(crate) fn where_clause<S: AsRef<str>>(conds: &[S]) -> String {
+    match conds {
+        [] => String::new(),
+        _ => {
+            let conds: Vec<&str> = conds.iter().map(AsRef::as_ref).collect();
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    }
+}
+
 /// A deleted backup and what was running for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeletedBackup {

@@ -383,21 +383,10 @@ fn listing_sql(filter: &BackupFilter) -> (String, String) {
             format!("b.{column} = ${n}")
         });
     }
-    let where_of = |conds: &[String]| {
-        if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        }
-    };
-    let counts = if filter.server_id.is_some() {
-        "backup_counts"
-    } else {
-        "account_backup_counts"
-    };
     let count_sql = format!(
-        "SELECT COALESCE(SUM(n), 0)::BIGINT FROM {counts} bc{}",
-        where_of(&counted)
+        "SELECT COALESCE(SUM(n), 0)::BIGINT FROM {} bc{}",
+        filter.counts_table(),
+        where_clause(&counted)
     );
     let order: Vec<String> = keys
         .iter()
@@ -409,7 +398,7 @@ fn listing_sql(filter: &BackupFilter) -> (String, String) {
          FROM backups b LEFT JOIN servers s ON s.id = b.server_id{} \
          ORDER BY {} LIMIT ${} OFFSET ${}",
         backup_columns!(),
-        where_of(&paged),
+        where_clause(&paged),
         order.join(", "),
         n + 1,
         n + 2,

@@ -208,18 +208,8 @@ impl InlineReader {
             conds.push("backup_type = ?");
             params.push(t.as_str().to_owned().into());
         }
-        let where_sql = if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        };
-        // Without a server filter the per-account rows (migration 0013) are
-        // summed: at most two per account, however many servers it has.
-        let counts = if filter.server_id.is_some() {
-            "backup_counts"
-        } else {
-            "account_backup_counts"
-        };
+        let where_sql = where_clause(&conds);
+        let counts = filter.counts_table();
         let count_sql = format!("SELECT COALESCE(SUM(n), 0) FROM {counts}{where_sql}");
         let page_where = where_sql
             .replace(" WHERE ", " WHERE b.")
