@@ -138,6 +138,20 @@ impl AnyCatalog {
         }
     }
 
+    /// Calls `wake` when another process queues a job for `node`'s workers
+    /// (see [`PgCatalog::wake_on_queued_jobs`]), until the handle is
+    /// dropped. None on SQLite: its one process wakes its own workers.
+    pub fn wake_on_queued_jobs(
+        &self,
+        node: Option<String>,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Option<crate::Listening> {
+        match self {
+            AnyCatalog::Sqlite(_) => None,
+            AnyCatalog::Postgres(c) => Some(c.wake_on_queued_jobs(node, wake)),
+        }
+    }
+
     /// Closes the connections (SQLite: checkpoints the WAL).
     pub async fn close(&self) {
         match self {

@@ -39,12 +39,15 @@ mod idempotency;
 mod import;
 // The scheduler's queries.
 mod schedule;
+// Listening on a notification channel across lost connections.
+mod notify;
 // The cache of token lookups.
 mod tokens;
 // The webhook outbox.
 mod webhooks;
 
 pub(crate) use import::move_sequence_past;
+pub use notify::Listening;
 
 /// The catalog in a PostgreSQL database.
 #[derive(Clone, Debug)]
@@ -79,6 +82,10 @@ const LISTING_SESSION: [(&str, &str); 3] = [
 /// Connections per process unless the URL or caller says otherwise: the API's
 /// reads and the workers' writes share them.
 const DEFAULT_CONNECTIONS: u32 = 16;
+
+/// The channel of migration 0006's trigger: a job was queued; the payload
+/// is its server's node ('' for none).
+const JOBS_CHANNEL: &str = "vpsbackup_jobs";
 
 /// How long opening the catalog waits for the server's first answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -490,6 +497,38 @@ impl PgCatalog {
 
     async fn begin(&self) -> Result<PgTx> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// Calls `wake` whenever any process queues a job for a server on
+    /// `node` (`None`: on any node), or on no node yet, and whenever it
+    /// starts listening again after a lost connection (a notification may
+    /// have been missed). Until the returned handle is dropped.
+    pub fn wake_on_queued_jobs(
+        &self,
+        node: Option<String>,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> notify::Listening {
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name("vpsbackup job wakeups");
+        let task = tokio::spawn(async move {
+            notify::listen(options, JOBS_CHANNEL, |heard| {
+                let ours = match heard {
+                    notify::Heard::Listening => true,
+                    notify::Heard::Notified(on) => match &node {
+                        Some(node) => on.is_empty() || on == node,
+                        None => true,
+                    },
+                    notify::Heard::Lost => false,
+                };
+                if ours {
+                    wake();
+                }
+                true
+            })
+            .await
+        });
+        notify::Listening(task.abort_handle())
     }
 
     /// How many token lookups this process would answer from its cache now

@@ -46,7 +46,7 @@ pub async fn run_agent(
     let schedule = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = workers::Workers::start(
+    let mut workers = workers::Workers::start(
         catalog,
         schedule.clone(),
         clock.clone(),
@@ -56,6 +56,7 @@ pub async fn run_agent(
         &stop_rx,
     )
     .await?;
+    workers.wake_on_queued_jobs(&opened, settings.node.clone());
     let ops_task = ops_listener
         .map(|l| {
             let state = ops::OpsState::new(

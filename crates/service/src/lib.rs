@@ -151,7 +151,7 @@ pub async fn run_with_ops(
     let schedule_catalog = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = workers::Workers::start(
+    let mut workers = workers::Workers::start(
         catalog.clone(),
         schedule_catalog.clone(),
         clock.clone(),
@@ -161,6 +161,7 @@ pub async fn run_with_ops(
         &stop_rx,
     )
     .await?;
+    workers.wake_on_queued_jobs(&opened, settings.node.clone());
     let jobs = workers.jobs.clone();
     // Automatic backups, expiry, scheduled GC and verification (issue 4),
     // run by one process among those sharing the catalog: the leader. A

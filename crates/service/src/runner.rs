@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,8 +60,21 @@ pub struct JobRunner {
     outcomes: Arc<Notify>,
     running: Mutex<HashMap<JobId, Arc<JobControl>>>,
     stopping: AtomicBool,
+    /// How long an idle worker waits before it looks again unwoken, ms:
+    /// [`IDLE_POLL`], or [`IDLE_POLL_WOKEN`] once the catalog wakes them.
+    idle_poll_ms: AtomicU64,
     metrics: JobMetrics,
 }
+
+/// An idle worker's wait between looks for work when only this process
+/// wakes it (its API and scheduler do; jobs queued elsewhere are found so).
+pub const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// The wait once the catalog wakes workers for jobs queued by any process
+/// ([`JobRunner::woken_by_catalog`]): a fallback for a lost notification
+/// and for a retry whose time comes, without a claim statement per worker
+/// twice a second on a shared database.
+pub const IDLE_POLL_WOKEN: Duration = Duration::from_secs(5);
 
 impl JobRunner {
     pub fn new(
@@ -89,6 +102,7 @@ impl JobRunner {
             outcomes: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            idle_poll_ms: AtomicU64::new(IDLE_POLL.as_millis() as u64),
             metrics: match &settings.node {
                 Some(node) => JobMetrics::for_node(node),
                 None => JobMetrics::default(),
@@ -111,6 +125,13 @@ impl JobRunner {
     /// Tells idle workers there may be new work.
     pub fn wake(&self) {
         self.notify.notify_waiters();
+    }
+
+    /// The catalog now wakes the workers for jobs queued by any process:
+    /// idle workers look unwoken only every [`IDLE_POLL_WOKEN`].
+    pub fn woken_by_catalog(&self) {
+        let every = IDLE_POLL_WOKEN.as_millis() as u64;
+        self.idle_poll_ms.store(every, Ordering::Relaxed);
     }
 
     /// Cancels a job if it runs in this process (a deleted in-progress backup).
@@ -198,10 +219,14 @@ impl JobRunner {
             }
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(self.idle_poll()) => {}
                 _ = shutdown.changed() => {}
             }
         }
+    }
+
+    fn idle_poll(&self) -> Duration {
+        Duration::from_millis(self.idle_poll_ms.load(Ordering::Relaxed))
     }
 
     /// Runs a claimed job to its end; returns how it ended, for metrics:

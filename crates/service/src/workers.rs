@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vpsbackup_catalog::{Catalog, ScheduleCatalog};
+use vpsbackup_catalog::{AnyCatalog, Catalog, Listening, ScheduleCatalog};
 use vpsbackup_engine::Repository;
 
 use crate::clock::Clock;
@@ -31,6 +31,8 @@ pub(crate) struct Workers {
     workers: Vec<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
     heartbeat: Option<JoinHandle<()>>,
+    /// Wakes the workers for jobs queued by other processes (PostgreSQL).
+    wakeups: Option<Listening>,
 }
 
 impl Workers {
@@ -80,7 +82,19 @@ impl Workers {
             workers,
             sweeper,
             heartbeat,
+            wakeups: None,
         })
+    }
+
+    /// Has `catalog` wake the workers when any process queues a job for
+    /// this node, so they need not poll often (PostgreSQL; on SQLite the
+    /// one process wakes its own).
+    pub fn wake_on_queued_jobs(&mut self, catalog: &AnyCatalog, node: Option<String>) {
+        let jobs = self.jobs.clone();
+        self.wakeups = catalog.wake_on_queued_jobs(node, move || jobs.wake());
+        if self.wakeups.is_some() {
+            self.jobs.woken_by_catalog();
+        }
     }
 
     /// Hands running jobs back to the queue; call before the stop signal.
@@ -91,6 +105,7 @@ impl Workers {
     /// Waits, after the stop signal, for the workers (a minute each: a job
     /// stops at its next chunk), then the sweeper and the heartbeat.
     pub async fn join(self) {
+        drop(self.wakeups);
         for w in self.workers {
             if tokio::time::timeout(Duration::from_secs(60), w)
                 .await

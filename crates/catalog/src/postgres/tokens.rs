@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
+use super::notify::{self, Heard};
 use crate::ApiToken;
 
 /// The notification channel of migration 0005's triggers.
@@ -33,9 +34,6 @@ const FRESH: Duration = Duration::from_secs(30);
 /// Past this many entries the cache starts again empty: an account's tokens
 /// are few, and a flood of distinct valid tokens is not a case to optimise.
 const MAX_ENTRIES: usize = 10_000;
-
-/// Between attempts to listen again after the connection failed.
-const RETRY: Duration = Duration::from_secs(1);
 
 /// The `application_name` of the listening connection, as
 /// `pg_stat_activity` shows it.
@@ -131,46 +129,14 @@ impl TokenCache {
 }
 
 /// Listens on [`CHANNEL`] for as long as the cache lives, emptying it at
-/// every notification and every reconnection.
+/// every notification and every (re)start of listening.
 async fn listen(cache: Weak<TokenCache>, options: PgConnectOptions) {
-    // A pool of its own: the listener holds its connection for good.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(options);
-    loop {
-        let subscribed = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
+    notify::listen(options, CHANNEL, |heard| {
+        let Some(cache) = cache.upgrade() else {
+            return false;
         };
-        let mut listener = match subscribed.await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::debug!("token cache: cannot listen for token changes: {e}");
-                tokio::time::sleep(RETRY).await;
-                match cache.upgrade() {
-                    Some(_) => continue,
-                    None => return,
-                }
-            }
-        };
-        let Some(live) = cache.upgrade() else { return };
-        live.empty(true);
-        drop(live);
-        loop {
-            // Ok(None): the connection was lost and is back, listening again
-            // (sqlx re-subscribes before it returns); what was sent in
-            // between is lost, so empty the cache either way.
-            let received = listener.try_recv().await;
-            let Some(live) = cache.upgrade() else { return };
-            match received {
-                Ok(_) => live.empty(true),
-                Err(e) => {
-                    tracing::debug!("token cache: stopped listening for token changes: {e}");
-                    live.empty(false);
-                    break;
-                }
-            }
-        }
-    }
+        cache.empty(!matches!(heard, Heard::Lost));
+        true
+    })
+    .await
 }
