@@ -143,7 +143,7 @@ impl AnyCatalog {
     /// dropped. None on SQLite: its one process wakes its own workers.
     pub fn wake_on_queued_jobs(
         &self,
-        node: Option<String>,
+        node: &str,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> Option<crate::Listening> {
         match self {

@@ -83,9 +83,18 @@ const LISTING_SESSION: [(&str, &str); 3] = [
 /// reads and the workers' writes share them.
 const DEFAULT_CONNECTIONS: u32 = 16;
 
-/// The channel of migration 0006's trigger: a job was queued; the payload
-/// is its server's node ('' for none).
+/// The channel of migration 0006's trigger for a job queued for a server
+/// on no node yet; a node's own is [`jobs_channel`].
 const JOBS_CHANNEL: &str = "vpsbackup_jobs";
+
+/// The channel of migration 0006's trigger for a job queued for a server
+/// on `node`: `vpsbackup_jobs_` and the MD5 of the node's name.
+fn jobs_channel(node: &str) -> String {
+    use md5::{Digest, Md5};
+    let digest = Md5::digest(node.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{JOBS_CHANNEL}_{hex}")
+}
 
 /// How long opening the catalog waits for the server's first answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -500,28 +509,21 @@ impl PgCatalog {
     }
 
     /// Calls `wake` whenever any process queues a job for a server on
-    /// `node` (`None`: on any node), or on no node yet, and whenever it
+    /// `node` or on no node yet (which any node may adopt), and whenever it
     /// starts listening again after a lost connection (a notification may
     /// have been missed). Until the returned handle is dropped.
     pub fn wake_on_queued_jobs(
         &self,
-        node: Option<String>,
+        node: &str,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> notify::Listening {
         let options = (*self.pool.connect_options())
             .clone()
             .application_name("vpsbackup job wakeups");
+        let own = jobs_channel(node);
         let task = tokio::spawn(async move {
-            notify::listen(options, JOBS_CHANNEL, |heard| {
-                let ours = match heard {
-                    notify::Heard::Listening => true,
-                    notify::Heard::Notified(on) => match &node {
-                        Some(node) => on.is_empty() || on == node,
-                        None => true,
-                    },
-                    notify::Heard::Lost => false,
-                };
-                if ours {
+            notify::listen(options, &[JOBS_CHANNEL, &own], |heard| {
+                if !matches!(heard, notify::Heard::Lost) {
                     wake();
                 }
                 true

@@ -50,7 +50,7 @@ async fn a_job_queued_for_a_node_wakes_that_nodes_workers_only() {
     }
     let woken = Arc::new(AtomicUsize::new(0));
     let counter = woken.clone();
-    let listening = agent.wake_on_queued_jobs(Some("n1".into()), move || {
+    let listening = agent.wake_on_queued_jobs("n1", move || {
         counter.fetch_add(1, Ordering::SeqCst);
     });
     // Once when it starts listening (what came before was not heard).

@@ -56,7 +56,7 @@ pub async fn run_agent(
         &stop_rx,
     )
     .await?;
-    workers.wake_on_queued_jobs(&opened, settings.node.clone());
+    workers.wake_on_queued_jobs(&opened, settings.node.as_deref());
     let ops_task = ops_listener
         .map(|l| {
             let state = ops::OpsState::new(

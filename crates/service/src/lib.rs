@@ -161,7 +161,7 @@ pub async fn run_with_ops(
         &stop_rx,
     )
     .await?;
-    workers.wake_on_queued_jobs(&opened, settings.node.clone());
+    workers.wake_on_queued_jobs(&opened, settings.node.as_deref());
     let jobs = workers.jobs.clone();
     // Automatic backups, expiry, scheduled GC and verification (issue 4),
     // run by one process among those sharing the catalog: the leader. A

@@ -87,9 +87,10 @@ impl Workers {
     }
 
     /// Has `catalog` wake the workers when any process queues a job for
-    /// this node, so they need not poll often (PostgreSQL; on SQLite the
-    /// one process wakes its own).
-    pub fn wake_on_queued_jobs(&mut self, catalog: &AnyCatalog, node: Option<String>) {
+    /// their node, so they need not poll often (PostgreSQL; on SQLite the
+    /// one process wakes its own). Workers of any node (no `node`) poll.
+    pub fn wake_on_queued_jobs(&mut self, catalog: &AnyCatalog, node: Option<&str>) {
+        let Some(node) = node else { return };
         let jobs = self.jobs.clone();
         self.wakeups = catalog.wake_on_queued_jobs(node, move || jobs.wake());
         if self.wakeups.is_some() {

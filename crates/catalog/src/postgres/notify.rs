@@ -11,21 +11,21 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 const RETRY: Duration = Duration::from_secs(1);
 
 /// What a listener hears.
-pub(super) enum Heard<'a> {
+pub(super) enum Heard {
     /// Listening from now on; what was sent before is not heard.
     Listening,
-    /// A notification, with its payload.
-    Notified(&'a str),
+    /// A notification on one of the channels.
+    Notified,
     /// The connection is lost; nothing is heard until `Listening` again.
     Lost,
 }
 
-/// Listens on `channel` and hands `on` what it hears until `on` returns
+/// Listens on `channels` and hands `on` what it hears until `on` returns
 /// false. Runs on a connection of its own (`options`).
 pub(super) async fn listen(
     options: PgConnectOptions,
-    channel: &str,
-    mut on: impl FnMut(Heard<'_>) -> bool,
+    channels: &[&str],
+    mut on: impl FnMut(Heard) -> bool,
 ) {
     // A pool of its own: the listener holds its connection for good.
     let pool = PgPoolOptions::new()
@@ -34,13 +34,13 @@ pub(super) async fn listen(
     loop {
         let subscribed = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(channel).await?;
+            listener.listen_all(channels.iter().copied()).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let mut listener = match subscribed.await {
             Ok(listener) => listener,
             Err(e) => {
-                tracing::debug!("cannot listen on {channel}: {e}");
+                tracing::debug!("cannot listen on {channels:?}: {e}");
                 if !on(Heard::Lost) {
                     return;
                 }
@@ -56,10 +56,10 @@ pub(super) async fn listen(
             // (sqlx subscribes again before it returns), so what was sent in
             // between was not heard.
             let keep_going = match listener.try_recv().await {
-                Ok(Some(notification)) => on(Heard::Notified(notification.payload())),
+                Ok(Some(_)) => on(Heard::Notified),
                 Ok(None) => on(Heard::Listening),
                 Err(e) => {
-                    tracing::debug!("stopped listening on {channel}: {e}");
+                    tracing::debug!("stopped listening on {channels:?}: {e}");
                     if !on(Heard::Lost) {
                         return;
                     }

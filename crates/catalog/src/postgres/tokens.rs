@@ -131,7 +131,7 @@ impl TokenCache {
 /// Listens on [`CHANNEL`] for as long as the cache lives, emptying it at
 /// every notification and every (re)start of listening.
 async fn listen(cache: Weak<TokenCache>, options: PgConnectOptions) {
-    notify::listen(options, CHANNEL, |heard| {
+    notify::listen(options, &[CHANNEL], |heard| {
         let Some(cache) = cache.upgrade() else {
             return false;
         };
