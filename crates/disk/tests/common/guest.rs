@@ -61,7 +61,9 @@ impl Guest {
             .expect("qemu-storage-daemon (qemu-utils) is needed by the tests");
         let g = Guest { child, qmp, guests };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(g.qmp.exists()
+        // The monitor's socket file exists from its bind, a moment before
+        // it listens: wait until it accepts.
+        while !(std::os::unix::net::UnixStream::connect(&g.qmp).is_ok()
             && g.guests
                 .iter()
                 .all(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0)))

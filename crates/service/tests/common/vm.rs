@@ -265,7 +265,15 @@ impl Vm {
             assert!(Instant::now() < deadline, "qemu-system did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let test_qmp = Mutex::new(Qmp::connect(&test).unwrap());
+        // The socket file exists from QEMU's bind, a moment before it
+        // listens: a connect in between is refused.
+        let test_qmp = loop {
+            match Qmp::connect(&test) {
+                Ok(qmp) => break Mutex::new(qmp),
+                Err(e) => assert!(Instant::now() < deadline, "qemu-system's QMP: {e:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         Vm {
             child,
             qmp,
