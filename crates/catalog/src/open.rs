@@ -144,7 +144,7 @@ impl AnyCatalog {
     pub fn wake_on_queued_jobs(
         &self,
         node: &str,
-        wake: impl Fn() + Send + Sync + 'static,
+        wake: impl Fn() + Send + 'static,
     ) -> Option<crate::Listening> {
         match self {
             AnyCatalog::Sqlite(_) => None,

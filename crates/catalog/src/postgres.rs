@@ -91,9 +91,7 @@ const JOBS_CHANNEL: &str = "vpsbackup_jobs";
 /// on `node`: `vpsbackup_jobs_` and the MD5 of the node's name.
 fn jobs_channel(node: &str) -> String {
     use md5::{Digest, Md5};
-    let digest = Md5::digest(node.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{JOBS_CHANNEL}_{hex}")
+    format!("{JOBS_CHANNEL}_{:x}", Md5::digest(node.as_bytes()))
 }
 
 /// How long opening the catalog waits for the server's first answer.
@@ -515,22 +513,18 @@ impl PgCatalog {
     pub fn wake_on_queued_jobs(
         &self,
         node: &str,
-        wake: impl Fn() + Send + Sync + 'static,
+        wake: impl Fn() + Send + 'static,
     ) -> notify::Listening {
         let options = (*self.pool.connect_options())
             .clone()
             .application_name("vpsbackup job wakeups");
-        let own = jobs_channel(node);
-        let task = tokio::spawn(async move {
-            notify::listen(options, &[JOBS_CHANNEL, &own], |heard| {
-                if !matches!(heard, notify::Heard::Lost) {
-                    wake();
-                }
-                true
-            })
-            .await
-        });
-        notify::Listening(task.abort_handle())
+        let channels = vec![JOBS_CHANNEL.to_owned(), jobs_channel(node)];
+        notify::spawn(options, channels, move |heard| {
+            if !matches!(heard, notify::Heard::Lost) {
+                wake();
+            }
+            true
+        })
     }
 
     /// How many token lookups this process would answer from its cache now

@@ -20,13 +20,20 @@ pub(super) enum Heard {
     Lost,
 }
 
+/// Starts [`listen`] on a task of its own, stopped when the returned handle
+/// is dropped (or `on` returns false).
+pub(super) fn spawn(
+    options: PgConnectOptions,
+    channels: Vec<String>,
+    on: impl FnMut(Heard) -> bool + Send + 'static,
+) -> Listening {
+    let task = tokio::spawn(async move { listen(options, &channels, on).await });
+    Listening(task.abort_handle())
+}
+
 /// Listens on `channels` and hands `on` what it hears until `on` returns
 /// false. Runs on a connection of its own (`options`).
-pub(super) async fn listen(
-    options: PgConnectOptions,
-    channels: &[&str],
-    mut on: impl FnMut(Heard) -> bool,
-) {
+async fn listen(options: PgConnectOptions, channels: &[String], mut on: impl FnMut(Heard) -> bool) {
     // A pool of its own: the listener holds its connection for good.
     let pool = PgPoolOptions::new()
         .max_connections(1)
@@ -34,7 +41,9 @@ pub(super) async fn listen(
     loop {
         let subscribed = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen_all(channels.iter().copied()).await?;
+            listener
+                .listen_all(channels.iter().map(String::as_str))
+                .await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let mut listener = match subscribed.await {
@@ -75,10 +84,17 @@ pub(super) async fn listen(
 
 /// A listener started for a caller, stopped when this is dropped.
 #[derive(Debug)]
-pub struct Listening(pub(super) tokio::task::AbortHandle);
+pub struct Listening(tokio::task::AbortHandle);
+
+impl Listening {
+    /// Stops the listener now.
+    pub(super) fn stop(&self) {
+        self.0.abort();
+    }
+}
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.0.abort();
+        self.stop();
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 
-use super::notify::{self, Heard};
+use super::notify::{self, Heard, Listening};
 use crate::ApiToken;
 
 /// The notification channel of migration 0005's triggers.
@@ -37,7 +37,7 @@ const MAX_ENTRIES: usize = 10_000;
 
 /// The `application_name` of the listening connection, as
 /// `pg_stat_activity` shows it.
-pub(super) const LISTENER_NAME: &str = "vpsbackup token cache";
+const LISTENER_NAME: &str = "vpsbackup token cache";
 
 #[derive(Debug)]
 pub(super) struct TokenCache {
@@ -45,7 +45,7 @@ pub(super) struct TokenCache {
     /// Where to listen; the listener starts with the first lookup, so
     /// commands that never authenticate a request never open it.
     options: PgConnectOptions,
-    listener: OnceLock<tokio::task::AbortHandle>,
+    listener: OnceLock<Listening>,
 }
 
 #[derive(Debug, Default)]
@@ -77,9 +77,8 @@ impl TokenCache {
     /// What to hand [`TokenCache::put`] with a lookup's row: taken before
     /// the lookup. Starts the listener on first use.
     pub(super) fn generation(self: &Arc<Self>) -> u64 {
-        self.listener.get_or_init(|| {
-            tokio::spawn(listen(Arc::downgrade(self), self.options.clone())).abort_handle()
-        });
+        self.listener
+            .get_or_init(|| listen(Arc::downgrade(self), self.options.clone()));
         self.state.lock().unwrap().generation
     }
 
@@ -122,21 +121,21 @@ impl TokenCache {
     /// Stops the listener (the catalog is closing).
     pub(super) fn stop(&self) {
         if let Some(listener) = self.listener.get() {
-            listener.abort();
+            listener.stop();
         }
         self.empty(false);
     }
 }
 
-/// Listens on [`CHANNEL`] for as long as the cache lives, emptying it at
-/// every notification and every (re)start of listening.
-async fn listen(cache: Weak<TokenCache>, options: PgConnectOptions) {
-    notify::listen(options, &[CHANNEL], |heard| {
+/// Listens on [`CHANNEL`] for as long as the cache lives (it holds the
+/// returned handle), emptying it at every notification and every (re)start
+/// of listening.
+fn listen(cache: Weak<TokenCache>, options: PgConnectOptions) -> Listening {
+    notify::spawn(options, vec![CHANNEL.to_owned()], move |heard| {
         let Some(cache) = cache.upgrade() else {
             return false;
         };
         cache.empty(!matches!(heard, Heard::Lost));
         true
     })
-    .await
 }
