@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use vpsbackup_catalog::{Catalog, CatalogError};
+use vpsbackup_catalog::CatalogError;
 
 use crate::clock::Clock;
 use crate::settings::Settings;
@@ -44,19 +44,16 @@ pub async fn run_agent(
     }
     let repo = workers::open_store(&settings).await?;
     let schedule = opened.schedule();
-    let catalog: Arc<dyn Catalog> = opened.catalog();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut workers = workers::Workers::start(
-        catalog,
-        schedule.clone(),
+    let workers = workers::Workers::start(
+        &opened,
         clock.clone(),
         repo.clone(),
         settings.clone(),
-        (true, "agent"),
+        "agent",
         &stop_rx,
     )
     .await?;
-    workers.wake_on_queued_jobs(&opened, settings.node.as_deref());
     let ops_task = ops_listener
         .map(|l| {
             let state = ops::OpsState::new(

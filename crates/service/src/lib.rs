@@ -151,17 +151,15 @@ pub async fn run_with_ops(
     let schedule_catalog = opened.schedule();
     let catalog: Arc<dyn Catalog> = opened.catalog();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut workers = workers::Workers::start(
-        catalog.clone(),
-        schedule_catalog.clone(),
+    let workers = workers::Workers::start(
+        &opened,
         clock.clone(),
         repo.clone(),
         settings.clone(),
-        (opened.is_shared(), "serve"),
+        "serve",
         &stop_rx,
     )
     .await?;
-    workers.wake_on_queued_jobs(&opened, settings.node.as_deref());
     let jobs = workers.jobs.clone();
     // Automatic backups, expiry, scheduled GC and verification (issue 4),
     // run by one process among those sharing the catalog: the leader. A

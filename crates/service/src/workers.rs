@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vpsbackup_catalog::{AnyCatalog, Catalog, Listening, ScheduleCatalog};
+use vpsbackup_catalog::{AnyCatalog, Listening};
 use vpsbackup_engine::Repository;
 
 use crate::clock::Clock;
@@ -36,28 +36,39 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Finishes or fails what a previous run left (`shared`: only this
-    /// node's expired leases, as other processes may be running), then
+    /// Finishes or fails what a previous run left (on a shared catalog only
+    /// this node's expired leases, as other processes may be running), then
     /// starts `settings.workers` job workers, the sweeper of expired leases
     /// (any process's) and, when there are workers, the node's heartbeat
-    /// recorded as `role`. Everything stops when `stop` turns true.
+    /// recorded as `role`. On PostgreSQL the catalog wakes the workers when
+    /// any process queues a job for their node, so they need not poll often
+    /// (on SQLite the one process wakes its own; workers of any node, no
+    /// `settings.node`, poll). Everything stops when `stop` turns true.
     pub async fn start(
-        catalog: Arc<dyn Catalog>,
-        schedule: Arc<dyn ScheduleCatalog>,
+        opened: &AnyCatalog,
         clock: Arc<dyn Clock>,
         repo: Repository,
         settings: Arc<Settings>,
-        (shared, role): (bool, &'static str),
+        role: &'static str,
         stop: &watch::Receiver<bool>,
     ) -> Result<Workers, ServiceError> {
-        runner::recover_at_start(&*catalog, shared, &*clock, &settings).await?;
+        let catalog = opened.catalog();
+        runner::recover_at_start(&*catalog, opened.is_shared(), &*clock, &settings).await?;
         let workers_n = settings.workers;
+        let node = settings.node.clone();
         let jobs = Arc::new(JobRunner::new(
             catalog.clone(),
             clock.clone(),
             repo,
             settings,
         ));
+        let wakeups = node.and_then(|node| {
+            let woken = jobs.clone();
+            opened.wake_on_queued_jobs(&node, move || woken.wake())
+        });
+        if wakeups.is_some() {
+            jobs.woken_by_catalog();
+        }
         let workers = jobs.start(stop.clone());
         // Jobs whose lease ran out (their process died), whoever held them.
         let sweeper = tokio::spawn(runner::sweep_leases(
@@ -70,7 +81,7 @@ impl Workers {
         // API-only replica runs no node's jobs and records none).
         let heartbeat = (workers_n > 0).then(|| {
             tokio::spawn(node::record_heartbeats(
-                schedule,
+                opened.schedule(),
                 jobs.clone(),
                 clock,
                 (workers_n, role),
@@ -82,20 +93,8 @@ impl Workers {
             workers,
             sweeper,
             heartbeat,
-            wakeups: None,
+            wakeups,
         })
-    }
-
-    /// Has `catalog` wake the workers when any process queues a job for
-    /// their node, so they need not poll often (PostgreSQL; on SQLite the
-    /// one process wakes its own). Workers of any node (no `node`) poll.
-    pub fn wake_on_queued_jobs(&mut self, catalog: &AnyCatalog, node: Option<&str>) {
-        let Some(node) = node else { return };
-        let jobs = self.jobs.clone();
-        self.wakeups = catalog.wake_on_queued_jobs(node, move || jobs.wake());
-        if self.wakeups.is_some() {
-            self.jobs.woken_by_catalog();
-        }
     }
 
     /// Hands running jobs back to the queue; call before the stop signal.
