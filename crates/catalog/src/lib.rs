@@ -32,7 +32,7 @@ pub use idempotency::{IdempotencyClaim, IdempotentRequest, StoredResponse};
 pub use leader::{GcTurn, LeaderLock, GC_LOCK_KEY, SCHEDULER_LOCK_KEY};
 pub use model::*;
 pub use open::{redact, AnyCatalog, CatalogUrl};
-pub use postgres::{Listening, PgCatalog};
+pub use postgres::{Listening, PgCatalog, LISTING_APPLICATION};
 pub use schedule::*;
 pub use sqlite::SqliteCatalog;
 pub use webhook::*;

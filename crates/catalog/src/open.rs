@@ -99,10 +99,10 @@ impl AnyCatalog {
                 AnyCatalog::Sqlite(SqliteCatalog::open_with_readers(path, connections).await?)
             }
             CatalogUrl::Postgres(url) => {
-                // The pool also carries the workers' writes: a few more than
-                // the readers asked for.
+                // The listings get the readers asked for; the pool, which
+                // also carries the workers' writes, a few more.
                 let pool = connections.saturating_add(4);
-                AnyCatalog::Postgres(PgCatalog::open_with_connections(url, pool).await?)
+                AnyCatalog::Postgres(PgCatalog::open_with_pools(url, pool, connections).await?)
             }
         })
     }

@@ -66,7 +66,9 @@ pub struct Settings {
     /// space where `<data_dir>/scratch` lives. Past it the backup stops
     /// (and is retried) rather than let the scratch filesystem fill.
     pub scratch_limit_mb: Option<u64>,
-    /// Connections reading the catalog (listings scale with these).
+    /// Connections reading the catalog (listings scale with these): SQLite's
+    /// reader connections, or PostgreSQL's listing connections. About two
+    /// per core of the machine running the database; more only queue there.
     pub catalog_readers: u32,
     /// Global hooks; a server's own hooks override them one by one.
     pub hooks: HookCommands,
