@@ -66,11 +66,20 @@ impl SessionPool {
         }
     }
 
-    /// A connection: the warmest idle one that answers, else a new one.
+    /// A connection: the warmest idle one that answers, else a new one;
+    /// waiting for a slot, pings and connecting all within the acquire
+    /// timeout (a server that stopped answering must not hang a listing).
     pub(crate) async fn acquire(&self) -> Result<Leased<'_>, sqlx::Error> {
-        let slot = tokio::time::timeout(self.acquire_timeout, self.slots.acquire())
+        tokio::time::timeout(self.acquire_timeout, self.lease())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+
+    async fn lease(&self) -> Result<Leased<'_>, sqlx::Error> {
+        let slot = self
+            .slots
+            .acquire()
+            .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
         let conn = loop {
             let popped = self.idle.lock().expect("idle connections").pop();
@@ -147,5 +156,38 @@ impl Deref for Leased<'_> {
 impl DerefMut for Leased<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
         self.conn.as_mut().expect("a lease holds its connection")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that accepts connections and never answers (a hung host, a
+    /// network that drops everything): a lease gives up at the timeout.
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_the_lease_out() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let options = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username("nobody");
+        let pool = SessionPool::new(options, 1, Duration::from_millis(300));
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pool.acquire())
+            .await
+            .expect("the lease returns");
+        assert!(matches!(outcome, Err(sqlx::Error::PoolTimedOut)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The slot is free again for the next lease.
+        assert_eq!(pool.slots.available_permits(), 1);
+        held.abort();
     }
 }
