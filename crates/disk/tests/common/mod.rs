@@ -191,7 +191,10 @@ impl Qsd {
             .expect("qemu-storage-daemon (qemu-utils) is needed by the tests");
         let qsd = Qsd { child, qmp, nbd };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(qsd.qmp.exists() && qsd.nbd.exists()) {
+        // A socket file exists from its bind, a moment before it listens
+        // (a connect in between is refused): wait until both accept.
+        let accepts = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(accepts(&qsd.qmp) && accepts(&qsd.nbd)) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "qemu-storage-daemon did not start"
