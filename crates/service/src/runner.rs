@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,9 +60,10 @@ pub struct JobRunner {
     outcomes: Arc<Notify>,
     running: Mutex<HashMap<JobId, Arc<JobControl>>>,
     stopping: AtomicBool,
-    /// How long an idle worker waits before it looks again unwoken, ms:
-    /// [`IDLE_POLL`], or [`IDLE_POLL_WOKEN`] once the catalog wakes them.
-    idle_poll_ms: AtomicU64,
+    /// Whether the catalog wakes the workers for jobs queued by any
+    /// process: idle workers then look unwoken every [`IDLE_POLL_WOKEN`]
+    /// rather than every [`IDLE_POLL`].
+    woken_by_catalog: AtomicBool,
     metrics: JobMetrics,
 }
 
@@ -102,7 +103,7 @@ impl JobRunner {
             outcomes: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
-            idle_poll_ms: AtomicU64::new(IDLE_POLL.as_millis() as u64),
+            woken_by_catalog: AtomicBool::new(false),
             metrics: match &settings.node {
                 Some(node) => JobMetrics::for_node(node),
                 None => JobMetrics::default(),
@@ -130,8 +131,7 @@ impl JobRunner {
     /// The catalog now wakes the workers for jobs queued by any process:
     /// idle workers look unwoken only every [`IDLE_POLL_WOKEN`].
     pub fn woken_by_catalog(&self) {
-        let every = IDLE_POLL_WOKEN.as_millis() as u64;
-        self.idle_poll_ms.store(every, Ordering::Relaxed);
+        self.woken_by_catalog.store(true, Ordering::Relaxed);
     }
 
     /// Cancels a job if it runs in this process (a deleted in-progress backup).
@@ -226,7 +226,10 @@ impl JobRunner {
     }
 
     fn idle_poll(&self) -> Duration {
-        Duration::from_millis(self.idle_poll_ms.load(Ordering::Relaxed))
+        match self.woken_by_catalog.load(Ordering::Relaxed) {
+            true => IDLE_POLL_WOKEN,
+            false => IDLE_POLL,
+        }
     }
 
     /// Runs a claimed job to its end; returns how it ended, for metrics:
