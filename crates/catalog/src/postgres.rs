@@ -516,18 +516,18 @@ impl PgCatalog {
         first.close().await?;
         let pool = pool_options(connections)
             .min_connections(1)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let listings = Arc::new(session_pool::SessionPool::new(
-            (*pool.connect_options())
+            options
                 .clone()
                 .options(LISTING_SESSION)
                 .application_name(LISTING_APPLICATION),
             listing_connections.max(1),
             ACQUIRE_TIMEOUT,
         ));
-        let tokens = tokens::TokenCache::new((*pool.connect_options()).clone());
+        let tokens = tokens::TokenCache::new(options);
         Ok(PgCatalog {
             pool,
             listings,

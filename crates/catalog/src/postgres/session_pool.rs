@@ -9,7 +9,9 @@
 //! cancelled mid-read) closes its connection instead, so a half-read
 //! connection is never handed out again. A connection unused for
 //! [`TRUSTED_IDLE`] is pinged before reuse, and replaced if it does not
-//! answer (a restarted server).
+//! answer (a restarted server); one that died within that time fails its
+//! statement, which the listing then runs once more on a new connection
+//! ([`connection_lost`], [`SessionPool::discard_idle`]).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
