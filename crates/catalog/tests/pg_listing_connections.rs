@@ -10,7 +10,7 @@ use std::time::Duration;
 use vpsbackup_catalog::*;
 
 mod common;
-use common::{new_server, now, PgDatabase};
+use common::{insert_backups_sql, new_server, now, PgDatabase};
 
 /// Backups of the one server.
 const BACKUPS: i64 = 2000;
@@ -27,15 +27,8 @@ async fn seeded(listing_connections: u32) -> (PgDatabase, PgCatalog, AccountId) 
     cat.add_server(new_server(1, acme.id, plan.id), now())
         .await
         .unwrap();
-    cat.execute_raw(&format!(
-        "INSERT INTO backups (server_id, account_id, backup_type, status, description, \
-            created_at, completed_at, size_mb, progress) \
-         SELECT 1, {}, 'automatic', 'completed', repeat('x', 4000), 1000 + i, 1060 + i, 1, 100 \
-         FROM generate_series(1, {BACKUPS}) AS i",
-        acme.id.0
-    ))
-    .await
-    .unwrap();
+    let rows = insert_backups_sql(1, acme.id.0, "automatic", BACKUPS, "repeat('x', 4000)");
+    cat.execute_raw(&rows).await.unwrap();
     (db, cat, acme.id)
 }
 

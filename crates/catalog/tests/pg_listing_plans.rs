@@ -9,7 +9,7 @@
 use vpsbackup_catalog::*;
 
 mod common;
-use common::{new_server, now, PgDatabase};
+use common::{insert_backups_sql, new_server, now, PgDatabase};
 
 /// Backups the big account's busy server gets.
 const BIG: i64 = 3000;
@@ -28,14 +28,8 @@ async fn skewed() -> (PgDatabase, PgCatalog) {
             .await
             .unwrap();
     }
-    let insert = |server: i64, account: i64, kind: &str, count: i64| {
-        format!(
-            "INSERT INTO backups (server_id, account_id, backup_type, status, description, \
-                created_at, completed_at, size_mb, progress) \
-             SELECT {server}, {account}, '{kind}', 'completed', 'seeded', 1000 + i, 1060 + i, 1, 100 \
-             FROM generate_series(1, {count}) AS i"
-        )
-    };
+    let insert =
+        |server, account, kind, count| insert_backups_sql(server, account, kind, count, "'seeded'");
     for sql in [
         insert(2, big.id.0, "manual", 1),
         insert(1, big.id.0, "automatic", BIG),

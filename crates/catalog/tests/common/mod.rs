@@ -207,6 +207,25 @@ pub fn now() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
 }
 
+/// SQL inserting `count` completed backups of type `kind` for `server` of
+/// `account`, created one second apart, whose description is the SQL
+/// expression `description`: the rows the listing tests need, too many to
+/// create through the catalog.
+pub fn insert_backups_sql(
+    server: i64,
+    account: i64,
+    kind: &str,
+    count: i64,
+    description: &str,
+) -> String {
+    format!(
+        "INSERT INTO backups (server_id, account_id, backup_type, status, description, \
+            created_at, completed_at, size_mb, progress) \
+         SELECT {server}, {account}, '{kind}', 'completed', {description}, 1000 + i, 1060 + i, 1, 100 \
+         FROM generate_series(1, {count}) AS i"
+    )
+}
+
 /// Server `id` ("srv-<id>") of `account` on `plan`, with one raw disk.
 pub fn new_server(id: i64, account: AccountId, plan: PlanId) -> NewServer {
     NewServer {
