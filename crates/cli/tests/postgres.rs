@@ -7,7 +7,9 @@
 use std::path::Path;
 
 mod common;
-use common::{add_server, ext4_image, ok, vpsbackup, wait_for, PgDatabase, Serve};
+use common::{
+    add_server, ext4_image, ok, vpsbackup, vpsbackup_command, wait_for, PgDatabase, Serve,
+};
 
 /// `vpsbackup --data-dir DIR --database-url URL ARGS...`, which must succeed.
 fn ok_pg(dir: &Path, url: &str, args: &[&str]) -> String {
@@ -137,10 +139,7 @@ fn a_wrong_database_url_is_one_clear_error_without_the_password() {
         "mysql://root:hunter2@localhost/db",
     ] {
         // An operator's shell may have RUST_BACKTRACE set: still one line.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-            .arg("--data-dir")
-            .arg(tmp.path())
-            .args(["--database-url", url, "account", "list"])
+        let out = vpsbackup_command(tmp.path(), &["--database-url", url, "account", "list"])
             .env("RUST_BACKTRACE", "1")
             .output()
             .unwrap();

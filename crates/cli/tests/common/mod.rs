@@ -8,15 +8,19 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs `vpsbackup --data-dir DIR ARGS...` to completion.
-pub fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vpsbackup"))
-        .arg("--data-dir")
+/// `vpsbackup --data-dir DIR ARGS...`, not started.
+pub fn vpsbackup_command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vpsbackup"));
+    cmd.arg("--data-dir")
         .arg(dir)
         .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
+        .env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+/// Runs `vpsbackup --data-dir DIR ARGS...` to completion.
+pub fn vpsbackup(dir: &Path, args: &[&str]) -> Output {
+    vpsbackup_command(dir, args).output().unwrap()
 }
 
 /// Runs a command that must succeed; returns its stdout.
